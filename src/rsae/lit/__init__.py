@@ -1,0 +1,3 @@
+from rsae.lit.module import SAEModule
+
+__all__ = ["SAEModule"]

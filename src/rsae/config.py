@@ -1,0 +1,23 @@
+"""OmegaConf resolvers used by the YAML configs (registered once, on import)."""
+
+from __future__ import annotations
+
+from omegaconf import OmegaConf
+
+
+def _register(name: str, fn) -> None:
+    if not OmegaConf.has_resolver(name):
+        OmegaConf.register_new_resolver(name, fn)
+
+
+_register("rsae.mul", lambda a, b: a * b)
+
+
+def wandb_offline() -> bool:
+    """W&B stays offline unless WANDB_MODE=online is set explicitly."""
+    import os
+
+    return os.environ.get("WANDB_MODE", "offline") != "online"
+
+
+_register("rsae.wandb_offline", wandb_offline)

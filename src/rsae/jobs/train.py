@@ -1,0 +1,90 @@
+"""The training job that `train.py` calls: compose objects from the config, fit, export, report.
+
+This and the other modules in `rsae.jobs` are the only places that call `hydra.utils.instantiate`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from rsae.io.saelens import save_sae
+from rsae.jobs.common import finish_loggers, output_dir, run_guarded, write_json
+from rsae.sae.base import ConfigError, require
+
+log = logging.getLogger(__name__)
+
+
+def build_sae(cfg: DictConfig, d_in: int):
+    declared = cfg.sae.get("d_in")
+    if declared is not None and int(declared) != d_in:
+        raise ConfigError(f"sae.d_in={declared} does not match the data's d_in={d_in}")
+    return instantiate(cfg.sae, d_in=d_in)
+
+
+def build_trainer(cfg: DictConfig, run_dir: Path) -> L.Trainer:
+    callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
+    logger = instantiate(cfg.logger) if cfg.get("logger") else False
+    trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=logger)
+    if trainer.logger is not None:
+        trainer.logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+    return trainer
+
+
+def fit(cfg: DictConfig) -> dict[str, Any]:
+    run_dir = output_dir()
+    L.seed_everything(cfg.seed, workers=True)
+    dm = instantiate(cfg.data)
+    if cfg.get("cache_only"):
+        dm.prepare_data()
+        log.info("cache ready; exiting (cache_only=true)")
+        return {}
+    dm.prepare_data()
+    dm.setup("fit")
+    sae = build_sae(cfg, dm.d_in)
+    module = instantiate(cfg.module, sae=sae, ground_truth=getattr(dm, "ground_truth", None))
+    module.set_activation_scale(dm.norm_scale)  # a resumed run restores the checkpoint's value
+    trainer = build_trainer(cfg, run_dir)
+    ckpt_path = cfg.get("ckpt_path")
+    if ckpt_path is not None and not Path(ckpt_path).is_file():
+        raise FileNotFoundError(f"ckpt_path does not exist: {ckpt_path}")
+    try:
+        trainer.fit(module, datamodule=dm, ckpt_path=ckpt_path)
+        trainer.save_checkpoint(run_dir / "checkpoints" / "last.ckpt")
+        results = trainer.validate(module, datamodule=dm, verbose=False)
+        metrics = {k: float(v) for k, v in results[0].items()} if results else {}
+        metrics["train/steps"] = trainer.global_step
+        if trainer.is_global_zero:
+            save_sae(module.sae, run_dir / "sae", scale=float(module.act_scale), metadata=export_metadata(cfg, dm))
+            write_json(run_dir / "metrics.json", {"status": "ok", **metrics})
+            log.info("final metrics: %s", json.dumps({k: round(v, 5) for k, v in metrics.items()}))
+        return metrics
+    finally:
+        finish_loggers(trainer)
+
+
+def export_metadata(cfg: DictConfig, dm) -> dict[str, Any]:
+    meta = {"rsae_sae_config": OmegaConf.to_container(cfg.sae, resolve=True)}
+    for key in ("model_name", "hook_name", "hook_layer", "context_size"):
+        value = getattr(dm, key, None)
+        if value is not None:
+            meta[key] = value
+    return meta
+
+
+def main(cfg: DictConfig) -> float | None:
+    metrics = run_guarded(fit, cfg)
+    if not metrics:  # cache_only
+        return None
+    if metrics.get("status") == "failed":
+        return float("nan")
+    value = metrics.get(cfg.optimized_metric)
+    require(value is not None, f"optimized_metric {cfg.optimized_metric!r} not among {sorted(metrics)}")
+    return value if math.isfinite(value) else float("nan")

@@ -1,0 +1,177 @@
+"""Shared SAE skeleton: h = W_enc^T (x - b_dec) + b_enc, z = gate(h), x_hat = W_dec^T z + b_dec.
+
+Pure torch (no Lightning/Hydra/W&B). Each architecture subclasses `SAE` and supplies the gate
+(`activation`) and its extra loss terms (`aux_losses`). All inputs are in *normalised* units:
+the training module multiplies raw activations by `act_scale` (E||x|| = sqrt(d_in)) and the
+export folds that factor back into the weights so the saved SAE works on raw activations.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+
+class ConfigError(ValueError):
+    """An impossible hyperparameter or a shape that does not match; the message is one line."""
+
+
+def require(condition: bool, message: str) -> None:
+    if not condition:
+        raise ConfigError(message)
+
+
+def resolve_d_sae(d_in: int, d_sae: int | None, expansion_factor: int | None) -> int:
+    """Width from an explicit `d_sae` or from `expansion_factor * d_in` (exactly one of them)."""
+    require((d_sae is None) != (expansion_factor is None), "give exactly one of d_sae and expansion_factor")
+    if d_sae is None:
+        require(isinstance(expansion_factor, int) and expansion_factor >= 1, f"expansion_factor must be a positive integer, got {expansion_factor!r}")
+        d_sae = expansion_factor * d_in
+    return d_sae
+
+
+@dataclass
+class SAEOutput:
+    x_hat: Tensor  # reconstruction [B, d_in]
+    z: Tensor  # codes [B, d_sae]
+    h: Tensor  # pre-activations [B, d_sae]
+    losses: dict[str, Tensor] = field(default_factory=dict)  # weighted terms summed into `loss`
+
+    @property
+    def loss(self) -> Tensor:
+        return sum(self.losses.values())  # type: ignore[return-value]
+
+
+class SAE(nn.Module):
+    """Base class. Subclasses set `architecture` and override `activation` / `aux_losses`."""
+
+    architecture: str = "base"
+
+    def __init__(
+        self,
+        d_in: int,
+        d_sae: int | None = None,
+        expansion_factor: int | None = None,
+        unit_norm_decoder: bool = True,
+        init_seed: int | None = 0,
+        dead_after_tokens: int = 1_000_000,
+    ) -> None:
+        super().__init__()
+        require(isinstance(d_in, int) and d_in >= 1, f"d_in must be a positive integer, got {d_in!r}")
+        d_sae = resolve_d_sae(d_in, d_sae, expansion_factor)
+        require(isinstance(d_sae, int) and d_sae >= 1, f"d_sae must be a positive integer, got {d_sae!r}")
+        require(dead_after_tokens >= 1, f"dead_after_tokens must be >= 1, got {dead_after_tokens}")
+        self.d_in, self.d_sae = d_in, d_sae
+        self.unit_norm_decoder = unit_norm_decoder
+        self.dead_after_tokens = dead_after_tokens
+
+        gen = torch.Generator().manual_seed(init_seed) if init_seed is not None else None
+        w_dec = torch.randn(d_sae, d_in, generator=gen)
+        w_dec = w_dec / w_dec.norm(dim=1, keepdim=True) * 0.1  # small rows; unit-normed below if asked
+        if unit_norm_decoder:
+            w_dec = w_dec / w_dec.norm(dim=1, keepdim=True)
+        self.W_dec = nn.Parameter(w_dec)
+        self.W_enc = nn.Parameter(w_dec.t().clone())  # W_enc initialised as W_dec^T
+        self.b_enc = nn.Parameter(torch.zeros(d_sae))
+        self.b_dec = nn.Parameter(torch.zeros(d_in))
+        # Tokens since each latent last fired (dead-latent tracking; AuxK uses it). A buffer so
+        # checkpoints carry it and a resumed run continues identically.
+        self.register_buffer("tokens_since_fired", torch.zeros(d_sae, dtype=torch.long))
+
+    # --- the skeleton -------------------------------------------------------------------------
+    def pre_acts(self, x: Tensor) -> Tensor:
+        return (x - self.b_dec) @ self.W_enc + self.b_enc
+
+    def activation(self, h: Tensor) -> Tensor:  # the gate phi
+        raise NotImplementedError
+
+    def encode(self, x: Tensor) -> Tensor:
+        return self.activation(self.pre_acts(x))
+
+    def decode(self, z: Tensor) -> Tensor:
+        return z @ self.W_dec + self.b_dec
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.decode(self.encode(x))
+
+    # --- training -----------------------------------------------------------------------------
+    def training_output(self, x: Tensor, step: int = 0) -> SAEOutput:
+        """Forward pass plus the weighted loss terms (`mse` plus the architecture's own)."""
+        self._check_input(x)
+        h = self.pre_acts(x)
+        z = self.activation(h)
+        x_hat = self.decode(z)
+        out = SAEOutput(x_hat=x_hat, z=z, h=h)
+        out.losses["mse"] = (x_hat.float() - x.float()).pow(2).sum(-1).mean()
+        out.losses.update(self.aux_losses(x, out, step))
+        if self.training:
+            self._track_firing(z)
+        return out
+
+    def aux_losses(self, x: Tensor, out: SAEOutput, step: int) -> dict[str, Tensor]:
+        return {}
+
+    @torch.no_grad()
+    def _track_firing(self, z: Tensor) -> None:
+        fired = (z != 0).any(dim=0)
+        self.tokens_since_fired += z.shape[0]
+        self.tokens_since_fired[fired] = 0
+
+    def dead_mask(self) -> Tensor:
+        return self.tokens_since_fired >= self.dead_after_tokens
+
+    def _check_input(self, x: Tensor) -> None:
+        if x.ndim != 2 or x.shape[-1] != self.d_in:
+            raise ConfigError(f"expected activations of shape [batch, {self.d_in}], got {list(x.shape)}")
+
+    # --- decoder norm constraint --------------------------------------------------------------
+    @torch.no_grad()
+    def remove_parallel_decoder_grad(self) -> None:
+        """Project out the gradient component along each decoder row (keeps rows on the sphere)."""
+        if not self.unit_norm_decoder or self.W_dec.grad is None:
+            return
+        w = self.W_dec / self.W_dec.norm(dim=1, keepdim=True).clamp_min(1e-12)
+        g = self.W_dec.grad
+        g -= (g * w).sum(dim=1, keepdim=True) * w
+
+    @torch.no_grad()
+    def normalize_decoder(self) -> None:
+        if self.unit_norm_decoder:
+            self.W_dec /= self.W_dec.norm(dim=1, keepdim=True).clamp_min(1e-12)
+
+    def decoder_norms(self) -> Tensor:
+        return self.W_dec.norm(dim=1)
+
+    # --- export -------------------------------------------------------------------------------
+    def export_config(self) -> dict:
+        """Architecture-specific fields of the SAELens-layout `cfg.json` (besides d_in/d_sae)."""
+        return {"architecture": self.architecture}
+
+    def export_tensors(self, scale: float = 1.0) -> dict[str, Tensor]:
+        """Weights for raw activations: the model saw `scale * x`, so fold `scale` in.
+
+        h = W_enc^T (s x - b_dec) + b_enc = (s W_enc)^T (x - b_dec / s) + b_enc and
+        x_hat_raw = (W_dec^T z + b_dec) / s, so W_enc -> s W_enc, W_dec -> W_dec / s, b_dec -> b_dec / s.
+        """
+        return {
+            "W_enc": (self.W_enc.detach() * scale).float().contiguous(),
+            "b_enc": self.b_enc.detach().float().contiguous(),
+            "W_dec": (self.W_dec.detach() / scale).float().contiguous(),
+            "b_dec": (self.b_dec.detach() / scale).float().contiguous(),
+        }
+
+    @classmethod
+    def kwargs_from_export(cls, cfg: dict) -> dict:
+        """Constructor arguments (besides d_in/d_sae) recorded in an exported `cfg.json`."""
+        return {"k": int(cfg["k"])} if "k" in cfg else {}
+
+    def load_exported(self, tensors: dict[str, Tensor], cfg: dict) -> None:
+        """Inverse of `export_tensors` at scale 1 (exported weights already act on raw inputs)."""
+        with torch.no_grad():
+            for name in ("W_enc", "b_enc", "W_dec", "b_dec"):
+                t = tensors[name]
+                p = getattr(self, name)
+                require(t.shape == p.shape, f"{name}: expected shape {list(p.shape)}, got {list(t.shape)}")
+                p.copy_(t)

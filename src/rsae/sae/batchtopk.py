@@ -1,0 +1,60 @@
+"""BatchTopK SAE: keep the k*B largest activations over the whole batch during training.
+
+At inference a single global threshold replaces the batch selection (so a token's codes do not
+depend on its batch-mates): an EMA of the smallest activation kept in each training batch. The
+exported SAE is therefore a JumpReLU with that threshold on every latent.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from rsae.sae.base import require
+from rsae.sae.topk import TopKSAE
+
+
+class BatchTopKSAE(TopKSAE):
+    architecture = "batchtopk"
+
+    def __init__(self, d_in: int, d_sae: int | None = None, k: int = 32, threshold_ema: float = 0.01, **kw) -> None:
+        require(0 < threshold_ema <= 1, f"threshold_ema must be in (0, 1], got {threshold_ema}")
+        super().__init__(d_in, d_sae, k=k, **kw)
+        self.threshold_ema = threshold_ema
+        self.register_buffer("inference_threshold", torch.zeros(()))
+        self.register_buffer("threshold_initialised", torch.zeros((), dtype=torch.bool))
+
+    def activation(self, h: Tensor) -> Tensor:
+        if not self.training:
+            return h * (h > self.inference_threshold.to(h.dtype))
+        acts = h.relu()
+        flat = acts.flatten()
+        values, indices = torch.topk(flat, min(self.k * h.shape[0], flat.numel()), sorted=False)
+        self._update_threshold(values)
+        return torch.zeros_like(flat).scatter_(0, indices, values).view_as(h)
+
+    @torch.no_grad()
+    def _update_threshold(self, kept: Tensor) -> None:
+        positive = kept[kept > 0]
+        if positive.numel() == 0:
+            return
+        batch_min = positive.min().float()
+        if not bool(self.threshold_initialised):
+            self.inference_threshold.copy_(batch_min)
+            self.threshold_initialised.fill_(True)
+        else:
+            self.inference_threshold.lerp_(batch_min, self.threshold_ema)
+
+    def export_config(self) -> dict:
+        # SAELens loads it as a JumpReLU; `rsae_architecture` lets rsae restore the BatchTopK.
+        return {"architecture": "jumprelu", "rsae_architecture": "batchtopk", "k": self.k}
+
+    def export_tensors(self, scale: float = 1.0) -> dict[str, Tensor]:
+        thr = self.inference_threshold.detach().float().expand(self.d_sae).contiguous()
+        return {**super().export_tensors(scale), "threshold": thr}
+
+    def load_exported(self, tensors: dict[str, Tensor], cfg: dict) -> None:
+        super().load_exported(tensors, cfg)
+        with torch.no_grad():
+            self.inference_threshold.copy_(tensors["threshold"].float().mean())
+            self.threshold_initialised.fill_(True)

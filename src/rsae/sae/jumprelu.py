@@ -1,0 +1,109 @@
+"""JumpReLU SAE: z = h * H(h - theta), per-latent threshold theta = exp(log_threshold).
+
+The step H has zero gradient almost everywhere, so theta learns through a straight-through
+estimator with a rectangle kernel of width `bandwidth` (Rajamanoharan et al. 2024): the
+gradient of H(h - theta) w.r.t. theta is -K((h - theta)/eps)/eps. The sparsity penalty is the
+L0 count (step, same estimator) or a smooth tanh surrogate; either way thresholds respond to
+`l0_coefficient`, which is what makes L0 follow the coefficient.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+from rsae.sae.base import SAE, SAEOutput, require
+from rsae.sae.relu import linear_warmup
+
+
+def _rectangle(u: Tensor) -> Tensor:
+    return ((u > -0.5) & (u < 0.5)).to(u.dtype)
+
+
+class _Step(torch.autograd.Function):
+    """H(h - theta) with the rectangle-kernel pseudo-derivative for theta (none for h)."""
+
+    @staticmethod
+    def forward(ctx, h: Tensor, threshold: Tensor, bandwidth: float) -> Tensor:
+        ctx.save_for_backward(h, threshold)
+        ctx.bandwidth = bandwidth
+        return (h > threshold).to(h.dtype)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        h, threshold = ctx.saved_tensors
+        eps = ctx.bandwidth
+        g_theta = -(grad * _rectangle((h - threshold) / eps) / eps).sum(0)
+        return None, g_theta.to(threshold.dtype), None
+
+
+class _JumpReLU(torch.autograd.Function):
+    """h * H(h - theta): gradient H(h - theta) for h, -theta/eps * K for theta."""
+
+    @staticmethod
+    def forward(ctx, h: Tensor, threshold: Tensor, bandwidth: float) -> Tensor:
+        ctx.save_for_backward(h, threshold)
+        ctx.bandwidth = bandwidth
+        return h * (h > threshold).to(h.dtype)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        h, threshold = ctx.saved_tensors
+        eps = ctx.bandwidth
+        g_h = grad * (h > threshold).to(grad.dtype)
+        g_theta = -(grad * threshold / eps * _rectangle((h - threshold) / eps)).sum(0)
+        return g_h, g_theta.to(threshold.dtype), None
+
+
+class JumpReLUSAE(SAE):
+    architecture = "jumprelu"
+
+    def __init__(
+        self,
+        d_in: int,
+        d_sae: int | None = None,
+        l0_coefficient: float = 1e-3,
+        l0_warmup_steps: int = 0,
+        bandwidth: float = 0.05,
+        init_threshold: float = 0.1,
+        penalty: str = "step",
+        tanh_scale: float = 4.0,
+        **kw,
+    ) -> None:
+        require(l0_coefficient >= 0, f"l0_coefficient must be >= 0, got {l0_coefficient}")
+        require(bandwidth > 0, f"bandwidth must be > 0, got {bandwidth}")
+        require(init_threshold > 0, f"init_threshold must be > 0, got {init_threshold}")
+        require(penalty in ("step", "tanh"), f"penalty must be 'step' or 'tanh', got {penalty!r}")
+        super().__init__(d_in, d_sae, **kw)
+        self.l0_coefficient, self.l0_warmup_steps = l0_coefficient, l0_warmup_steps
+        self.bandwidth, self.penalty, self.tanh_scale = bandwidth, penalty, tanh_scale
+        self.log_threshold = nn.Parameter(torch.full((d_sae,), math.log(init_threshold)))
+
+    @property
+    def threshold(self) -> Tensor:
+        return self.log_threshold.exp()
+
+    def activation(self, h: Tensor) -> Tensor:
+        return _JumpReLU.apply(h, self.threshold.to(h.dtype), self.bandwidth)
+
+    def aux_losses(self, x: Tensor, out: SAEOutput, step: int) -> dict[str, Tensor]:
+        coef = self.l0_coefficient * linear_warmup(step, self.l0_warmup_steps)
+        if self.penalty == "step":
+            l0 = _Step.apply(out.h.float(), self.threshold.float(), self.bandwidth).sum(-1).mean()
+        else:  # smooth surrogate: tanh(c * |z| * ||W_dec||)
+            l0 = torch.tanh(self.tanh_scale * out.z.float().abs() * self.decoder_norms().float()).sum(-1).mean()
+        return {"l0": coef * l0}
+
+    def export_config(self) -> dict:
+        return {"architecture": "jumprelu"}
+
+    def export_tensors(self, scale: float = 1.0) -> dict[str, Tensor]:
+        # Thresholds live in pre-activation space, which the scale fold leaves unchanged.
+        return {**super().export_tensors(scale), "threshold": self.threshold.detach().float().contiguous()}
+
+    def load_exported(self, tensors: dict[str, Tensor], cfg: dict) -> None:
+        super().load_exported(tensors, cfg)
+        with torch.no_grad():
+            self.log_threshold.copy_(tensors["threshold"].clamp_min(1e-12).log())
