@@ -1,0 +1,176 @@
+"""LightningDataModule streaming LM activations from a cache it builds on first use.
+
+Contract relied on by training and evaluation:
+
+* `prepare_data()` harvests the cache when missing, else checks it matches the request and is intact.
+* after `setup("fit")`: `d_in` (int), `norm_scale` (float: E||norm_scale * x|| = sqrt(d_in) over
+  the training rows), `ground_truth = None` (real data has no known features).
+* `train_dataloader()`: endless deterministic stream of raw float32 `[batch_size, d_in]` batches.
+* `val_dataloader()`: the held-out split in fixed order (finite).
+* `state_dict()` / `load_state_dict()`: the stream position (batches the trainer consumed).
+* `eval_tokens()`: held-out token ids and keep-mask; `lm_kwargs`, `hook`, `layer`: how to load and
+  hook the LM for spliced evaluation.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from pathlib import Path
+from typing import Sequence
+
+import lightning as L
+import torch
+
+from rsae.data.cache import Manifest, load_eval_tokens
+from rsae.data.harvest import build_request, harvest
+from rsae.data.stream import StreamLoader, TrainStream, ValStream
+
+_STREAM_KEYS = ("seed", "batch_size", "block_rows", "shuffle_buffer", "world_size", "num_workers")
+
+
+class ActivationDataModule(L.LightningDataModule):
+    """Activations of `name_or_path` at `hook`/`layer` on `text_files` (or hub `dataset`).
+
+    Args:
+        name_or_path, gguf_file, revision, lm_dtype: the LM (see `rsae.data.lm.load_lm`).
+        hook, layer: hook point (`resid_post`, `resid_pre`, `mlp_out`, `attn_out`, or a module path).
+        text_files: local `.txt`/`.md`/`.parquet` files or directories; or `dataset` (+ `dataset_config`,
+            `dataset_split`, `text_column`): a hub dataset, streamed.
+        n_tokens: token positions to harvest (train + val), cut into `context_size` sequences.
+        val_fraction: last fraction of the sequences held out for validation/evaluation.
+        cache_dir: cache directory (reused across runs; a mismatching cache is an error).
+        storage_dtype: `bfloat16` or `float32` on disk; batches are always float32.
+        exclude_special_tokens, prepend_bos: which positions are kept, and BOS at sequence starts.
+        batch_size: rows per batch; seed: stream order; shuffle_buffer: rows shuffled together;
+            block_rows: rows read contiguously (unit of the per-epoch shuffle and of the split
+            across ranks and workers); num_workers, pin_memory (None: when CUDA is available).
+        harvest_batch_size: sequences per forward pass; harvest_device: `auto`, `cpu`, `cuda`;
+        shard_mb: shard size; verify_checksums: sha256 every shard when reusing a cache.
+        d_in: expected width (None: read from the cache).
+    """
+
+    def __init__(self, name_or_path: str, cache_dir: str, hook: str = "resid_post", layer: int | None = 0,
+                 gguf_file: str | None = None, revision: str | None = None, lm_dtype: str = "float32",
+                 text_files: Sequence[str] | None = None, dataset: str | None = None,
+                 dataset_config: str | None = None, dataset_split: str = "train", text_column: str = "text",
+                 n_tokens: int = 200_000, context_size: int = 128, val_fraction: float = 0.05,
+                 storage_dtype: str = "bfloat16", exclude_special_tokens: bool = True, prepend_bos: bool = True,
+                 batch_size: int = 4096, shuffle_buffer: int = 65536, block_rows: int = 1024, seed: int = 0,
+                 num_workers: int = 0, pin_memory: bool | None = None, harvest_batch_size: int = 16,
+                 harvest_device: str = "auto", shard_mb: float = 64, verify_checksums: bool = True,
+                 d_in: int | None = None, progress: bool = True):
+        super().__init__()
+        self.cache_dir = Path(str(cache_dir))
+        self.hook, self.layer = hook, layer
+        self.lm_kwargs = {"name_or_path": str(name_or_path), "gguf_file": gguf_file, "revision": revision,
+                          "dtype": lm_dtype}
+        self.source = {"text_files": None if text_files is None else [str(f) for f in text_files],
+                       "dataset": dataset, "dataset_config": dataset_config, "dataset_split": dataset_split,
+                       "text_column": text_column}
+        self.shape = {"n_tokens": int(n_tokens), "context_size": int(context_size), "val_fraction": float(val_fraction),
+                      "storage_dtype": storage_dtype, "exclude_special_tokens": exclude_special_tokens,
+                      "prepend_bos": prepend_bos}
+        self.batch_size, self.seed = int(batch_size), int(seed)
+        self.shuffle_buffer, self.block_rows = int(shuffle_buffer), int(block_rows)
+        self.num_workers = int(num_workers)
+        self.pin_memory = torch.cuda.is_available() if pin_memory is None else bool(pin_memory)
+        self.harvest_args = {"batch_size": int(harvest_batch_size), "device": harvest_device,
+                             "shard_mb": float(shard_mb), "verify_checksums": bool(verify_checksums),
+                             "progress": bool(progress)}
+        self.d_in: int | None = None if d_in is None else int(d_in)
+        self.norm_scale: float | None = None
+        self.ground_truth = None
+        self.manifest: Manifest | None = None
+        self._request: dict | None = None
+        self._restored_position = 0
+
+    # ---- cache ---------------------------------------------------------------------------------
+    def _lm_request_args(self) -> dict:
+        lm = self.lm_kwargs
+        return dict(name_or_path=lm["name_or_path"], gguf_file=lm["gguf_file"], revision=lm["revision"],
+                    lm_dtype=lm["dtype"], hook=self.hook, layer=self.layer, **self.source, **self.shape)
+
+    def request(self) -> dict:
+        """The manifest's `request` this module needs (hashes the model and text files once)."""
+        if self._request is None:
+            self._request = build_request(**self._lm_request_args())
+        return self._request
+
+    def prepare_data(self) -> None:
+        """Harvest the cache if missing; otherwise validate it (mismatch or corruption is an error)."""
+        self.manifest = harvest(self.cache_dir, d_in=self.d_in, **self._lm_request_args(), **self.harvest_args)
+        self.d_in = self.manifest.d_in
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.manifest is None:  # ranks other than the one that ran prepare_data
+            manifest = Manifest.load(self.cache_dir)
+            manifest.check_request(self.request(), self.d_in)
+            manifest.verify(checksums=False)
+            self.manifest = manifest
+        self.d_in = self.manifest.d_in
+        self.norm_scale = math.sqrt(self.d_in) / self.manifest.data["stats"]["mean_norm"]
+
+    def _split(self, split: str) -> tuple[list[Path], list[int]]:
+        if self.manifest is None:
+            raise RuntimeError("call prepare_data() and setup() before asking for data")
+        return self.manifest.shard_paths(split), [s["rows"] for s in self.manifest.shards(split)]
+
+    # ---- loaders -------------------------------------------------------------------------------
+    def _rank_world(self) -> tuple[int, int]:
+        trainer = self._trainer_or_none()
+        return (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
+
+    def _trainer_or_none(self):
+        return getattr(self, "trainer", None)
+
+    def train_dataloader(self) -> StreamLoader:
+        rank, world = self._rank_world()
+        stream = TrainStream(*self._split("train"), batch_size=self.batch_size, seed=self.seed,
+                             block_rows=self.block_rows, shuffle_buffer=self.shuffle_buffer, rank=rank,
+                             world_size=world, start_batch=self.position())
+        loader = StreamLoader(stream, batch_size=None, num_workers=self.num_workers, pin_memory=self.pin_memory)
+        loader.position_fn = self.position
+        return loader
+
+    def val_dataloader(self):
+        rank, world = self._rank_world()
+        stream = ValStream(*self._split("val"), batch_size=self.batch_size, rank=rank, world_size=world)
+        return torch.utils.data.DataLoader(stream, batch_size=None, num_workers=0, pin_memory=self.pin_memory)
+
+    # ---- resumption ----------------------------------------------------------------------------
+    def position(self) -> int:
+        """Training batches consumed so far on this rank.
+
+        Taken from the trainer's count of processed batches, not from the loader: Lightning
+        fetches a batch ahead (and workers prefetch more), so what the iterator produced overshoots.
+        The trainer restores this count from a checkpoint, and it equals `load_state_dict`'s value.
+        """
+        trainer = self._trainer_or_none()
+        if trainer is not None:
+            try:
+                return int(trainer.fit_loop.epoch_loop.batch_progress.total.processed)
+            except AttributeError:
+                pass
+        return self._restored_position
+
+    def _stream_config(self) -> dict:
+        _, world = self._rank_world()
+        return {"seed": self.seed, "batch_size": self.batch_size, "block_rows": self.block_rows,
+                "shuffle_buffer": self.shuffle_buffer, "world_size": world, "num_workers": self.num_workers}
+
+    def state_dict(self) -> dict:
+        return {"batches_consumed": self.position(), **self._stream_config()}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self._restored_position = int(state_dict.get("batches_consumed", 0))
+        current = self._stream_config()
+        changed = [k for k in _STREAM_KEYS if k in state_dict and state_dict[k] != current[k]]
+        if changed:
+            warnings.warn(f"resuming the activation stream with changed {', '.join(changed)}: the data order "
+                          "from here on differs from an uninterrupted run", stacklevel=2)
+
+    # ---- evaluation ----------------------------------------------------------------------------
+    def eval_tokens(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Held-out token ids `[n_seq, context_size]` (int64) and keep-mask (bool, False at BOS etc.)."""
+        return load_eval_tokens(self.cache_dir)

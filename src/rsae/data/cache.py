@@ -1,0 +1,234 @@
+"""The activation cache: a directory with `manifest.json` and safetensors shards per split.
+
+Layout::
+
+    <cache_dir>/manifest.json            written last, atomically: the cache is complete
+    <cache_dir>/progress.json            while harvesting: the request and the shards done so far
+    <cache_dir>/train/00000.safetensors  "acts" [n, d_in] (bf16 or fp32), "tokens" [n] int32,
+                                         "seq" [n] int32 (sequence index), "pos" [n] int32
+    <cache_dir>/val/00000.safetensors    same, held-out sequences
+    <cache_dir>/eval_tokens.safetensors  "input_ids" [n_val_seq, ctx] int64, "keep" [.., ..] bool
+
+Rows are the kept positions (no BOS / padding / special tokens) of consecutive sequences; a shard
+always holds whole sequences, so a harvest can resume at the first sequence of the next shard.
+Every file is written to a temporary name and renamed; each shard's byte count and sha256 are in
+the manifest, so truncation and corruption are detected and reported with the file's name.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import json
+import os
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import save as safetensors_bytes
+
+SCHEMA_VERSION = 1
+MANIFEST = "manifest.json"
+PROGRESS = "progress.json"
+EVAL_TOKENS = "eval_tokens.safetensors"
+SPLITS = ("train", "val")
+STORAGE_DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float32": torch.float32, "fp32": torch.float32}
+_NUMPY_VIEW = {"BF16": (np.uint16, torch.bfloat16), "F32": (np.float32, torch.float32)}
+
+# Request fields that must match for a cache to be reused (name -> what to call it in errors).
+IDENTITY_KEYS = ("model", "lm_dtype", "hook", "layer", "text", "context_size", "n_tokens", "val_fraction",
+                 "storage_dtype", "prepend_bos", "exclude_special_tokens")
+
+
+class CacheError(RuntimeError):
+    """Base class for cache problems."""
+
+
+class CacheMismatchError(CacheError):
+    """The cache on disk was built for a different request."""
+
+
+class CacheCorruptError(CacheError):
+    """A cache file is missing, truncated or fails its checksum."""
+
+
+class NonFiniteActivationError(CacheError):
+    """The model produced NaN/Inf activations; nothing is written."""
+
+
+def storage_dtype(name: str) -> torch.dtype:
+    try:
+        return STORAGE_DTYPES[str(name).lower()]
+    except KeyError:
+        raise ValueError(f"storage_dtype must be bfloat16 or float32, got {name!r}") from None
+
+
+def canonical_storage_dtype(name: str) -> str:
+    return "bfloat16" if storage_dtype(name) == torch.bfloat16 else "float32"
+
+
+def now_iso() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    """Write to `<path>.tmp`, fsync, then rename: readers never see a partial file."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as handle:
+        handle.write(data)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+
+
+def write_json_atomic(path: Path, obj: dict) -> None:
+    write_atomic(path, (json.dumps(obj, indent=1, sort_keys=False) + "\n").encode())
+
+
+def read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise CacheCorruptError(f"cannot read {path}: {err}; delete the cache directory to rebuild it") from None
+
+
+def write_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> dict:
+    """Write a safetensors file atomically; returns its size and sha256."""
+    data = safetensors_bytes({k: v.contiguous() for k, v in tensors.items()})
+    write_atomic(path, data)
+    return {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+
+
+def write_shard(path: Path, tensors: dict[str, torch.Tensor]) -> dict:
+    """Write one shard (`acts` plus per-row metadata); returns its manifest entry minus the file name."""
+    return {"rows": int(tensors["acts"].shape[0]), **write_tensors(path, tensors)}
+
+
+def check_finite(acts: torch.Tensor, where: str) -> None:
+    if not torch.isfinite(acts).all():
+        bad = (~torch.isfinite(acts)).sum().item()
+        raise NonFiniteActivationError(f"{bad} NaN/Inf activation values in {where}; refusing to write them to the cache")
+
+
+def verify_file(path: Path, expected_bytes: int, expected_sha256: str | None) -> None:
+    """Raise CacheCorruptError naming `path` if it is missing, has the wrong size, or wrong hash."""
+    hint = "delete the cache directory to rebuild it"
+    if not path.is_file():
+        raise CacheCorruptError(f"cache file missing: {path}; {hint}")
+    size = path.stat().st_size
+    if size != expected_bytes:
+        raise CacheCorruptError(f"cache file {path} is truncated or altered: {size} bytes, manifest says {expected_bytes}; {hint}")
+    if expected_sha256 is not None:
+        digest = hashlib.sha256()
+        with open(path, "rb") as handle:
+            while block := handle.read(1 << 22):
+                digest.update(block)
+        if digest.hexdigest() != expected_sha256:
+            raise CacheCorruptError(f"cache file {path} fails its sha256 checksum; {hint}")
+
+
+def describe_mismatch(cached: dict, requested: dict) -> str | None:
+    """One-line description of identity fields that differ, or None when the cache fits."""
+    diffs = []
+    for key in IDENTITY_KEYS:
+        if cached.get(key) != requested.get(key):
+            diffs.append(f"{key}: cache has {_short(cached.get(key))}, requested {_short(requested.get(key))}")
+    return "; ".join(diffs) or None
+
+
+def _short(value) -> str:
+    if isinstance(value, dict):
+        value = {k: (v[:12] if k == "sha256" and isinstance(v, str) else v) for k, v in value.items() if k != "files"}
+    return json.dumps(value, sort_keys=True)
+
+
+@dataclass
+class Manifest:
+    """The parsed `manifest.json` of a complete cache."""
+
+    root: Path
+    data: dict
+
+    @classmethod
+    def load(cls, cache_dir: str | Path) -> "Manifest":
+        root = Path(cache_dir)
+        path = root / MANIFEST
+        if not path.is_file():
+            raise CacheError(f"no complete activation cache at {root} (missing {MANIFEST})")
+        data = read_json(path)
+        if data.get("schema_version") != SCHEMA_VERSION:
+            raise CacheMismatchError(f"cache {root} has schema version {data.get('schema_version')}, "
+                                     f"this code reads {SCHEMA_VERSION}; rebuild it")
+        return cls(root, data)
+
+    @property
+    def d_in(self) -> int:
+        return int(self.data["d_in"])
+
+    @property
+    def storage_dtype(self) -> str:
+        return self.data["request"]["storage_dtype"]
+
+    def shards(self, split: str) -> list[dict]:
+        return self.data["splits"][split]["shards"]
+
+    def rows(self, split: str) -> int:
+        return sum(s["rows"] for s in self.shards(split))
+
+    def shard_paths(self, split: str) -> list[Path]:
+        return [self.root / s["file"] for s in self.shards(split)]
+
+    def verify(self, checksums: bool = True) -> None:
+        """Every file present with its recorded size (and sha256 when `checksums`)."""
+        for split in SPLITS:
+            for shard in self.shards(split):
+                verify_file(self.root / shard["file"], shard["bytes"], shard["sha256"] if checksums else None)
+        tokens = self.data["eval_tokens"]
+        verify_file(self.root / tokens["file"], tokens["bytes"], tokens["sha256"] if checksums else None)
+
+    def check_request(self, request: dict, d_in: int | None = None) -> None:
+        problem = describe_mismatch(self.data["request"], request)
+        if d_in is not None and int(d_in) != self.d_in:
+            problem = "; ".join(filter(None, [problem, f"d_in: cache has {self.d_in}, requested {d_in}"]))
+        if problem:
+            raise CacheMismatchError(f"activation cache {self.root} does not match this run ({problem}); "
+                                     "use another cache_dir or delete that one")
+
+
+class ShardReader:
+    """Zero-copy row access to one safetensors shard through a memory map."""
+
+    def __init__(self, path: str | Path, rows: int | None = None):
+        self.path = Path(path)
+        try:
+            with open(self.path, "rb") as handle:
+                (header_len,) = struct.unpack("<Q", handle.read(8))
+                header = json.loads(handle.read(header_len))
+            info = header["acts"]
+            np_dtype, self.torch_dtype = _NUMPY_VIEW[info["dtype"]]
+            n, d = info["shape"]
+            start = 8 + header_len + info["data_offsets"][0]
+            self.array = np.memmap(self.path, dtype=np_dtype, mode="r", offset=start, shape=(n, d))
+        except (OSError, ValueError, KeyError, struct.error) as err:
+            raise CacheCorruptError(f"cannot read shard {self.path}: {err}; delete the cache directory to rebuild it") from None
+        if rows is not None and n != rows:
+            raise CacheCorruptError(f"shard {self.path} has {n} rows, manifest says {rows}")
+        self.rows, self.d = n, d
+
+    def read(self, start: int, stop: int) -> torch.Tensor:
+        """Rows [start, stop) as a new tensor in the storage dtype."""
+        block = np.array(self.array[start:stop])  # one sequential copy out of the page cache
+        return torch.from_numpy(block).view(self.torch_dtype)
+
+
+def load_eval_tokens(cache_dir: str | Path) -> tuple[torch.Tensor, torch.Tensor]:
+    """Held-out token ids `[n_seq, ctx]` (int64) and keep-mask `[n_seq, ctx]` (bool)."""
+    from safetensors.torch import load_file
+
+    manifest = Manifest.load(cache_dir)
+    path = manifest.root / manifest.data["eval_tokens"]["file"]
+    verify_file(path, manifest.data["eval_tokens"]["bytes"], None)
+    tensors = load_file(path)
+    return tensors["input_ids"].long(), tensors["keep"].bool()

@@ -1,0 +1,214 @@
+"""Fill an activation cache: tokenise text, run the LM up to the hook point, write shards.
+
+    harvest("/data/cache/smollm2-L6", name_or_path=..., gguf_file=..., hook="resid_post", layer=6,
+            text_files=["plays/"], n_tokens=200_000, context_size=128)
+
+An existing complete cache is validated against the request and returned; an interrupted harvest
+(`progress.json` present) resumes at the first shard not yet written.
+"""
+
+from __future__ import annotations
+
+import time
+from array import array
+from pathlib import Path
+from typing import Sequence
+
+import torch
+from tqdm.auto import tqdm
+
+from rsae.data import cache as C
+from rsae.data.hooks import resolve_hook, run_to_hook
+from rsae.data.lm import check_lm_source, lm_identity, load_lm, resolve_device, tokenizer_sha256, torch_dtype
+from rsae.data.text import (
+    expand_text_files,
+    iter_file_documents,
+    iter_hub_documents,
+    keep_mask,
+    split_sizes,
+    text_files_sha256,
+    tokenize_sequences,
+)
+
+
+def build_request(*, name_or_path: str, gguf_file: str | None = None, revision: str | None = None,
+                  lm_dtype: str = "float32", hook: str = "resid_post", layer: int | None = 0,
+                  text_files: Sequence[str] | None = None, dataset: str | None = None,
+                  dataset_config: str | None = None, dataset_split: str = "train", text_column: str = "text",
+                  context_size: int = 128, n_tokens: int = 100_000, val_fraction: float = 0.1,
+                  storage_dtype: str = "bfloat16", prepend_bos: bool = True,
+                  exclude_special_tokens: bool = True) -> dict:
+    """Everything that determines the cache's contents, in the form stored in the manifest."""
+    if (text_files is None) == (dataset is None):
+        raise ValueError("give exactly one text source: text_files (local files) or dataset (hub name)")
+    if dataset is not None:
+        text = {"source": "hub", "name": dataset, "config": dataset_config, "split": dataset_split, "column": text_column}
+    else:
+        text = {"source": "files", "sha256": text_files_sha256(expand_text_files(list(text_files)))}
+    check_lm_source(name_or_path, gguf_file)
+    return {
+        "model": lm_identity(name_or_path, gguf_file, revision),
+        "lm_dtype": str(torch_dtype(lm_dtype)).removeprefix("torch."),
+        "hook": hook,
+        "layer": None if layer is None else int(layer),
+        "text": text,
+        "context_size": int(context_size),
+        "n_tokens": int(n_tokens),
+        "val_fraction": float(val_fraction),
+        "storage_dtype": C.canonical_storage_dtype(storage_dtype),
+        "prepend_bos": bool(prepend_bos),
+        "exclude_special_tokens": bool(exclude_special_tokens),
+    }
+
+
+def harvest(cache_dir: str | Path, *, name_or_path: str, hook: str = "resid_post", layer: int | None = 0,
+            gguf_file: str | None = None, revision: str | None = None, lm_dtype: str = "float32",
+            text_files: Sequence[str] | None = None, dataset: str | None = None, dataset_config: str | None = None,
+            dataset_split: str = "train", text_column: str = "text", n_tokens: int = 100_000,
+            context_size: int = 128, val_fraction: float = 0.1, storage_dtype: str = "bfloat16",
+            prepend_bos: bool = True, exclude_special_tokens: bool = True, batch_size: int = 16,
+            shard_mb: float = 64, device: str = "auto", verify_checksums: bool = True, d_in: int | None = None,
+            progress: bool = True, lm: tuple | None = None) -> C.Manifest:
+    """Build (or validate and reuse) the activation cache at `cache_dir`; returns its Manifest.
+
+    `batch_size` is in sequences per forward pass; `shard_mb` is the target shard size; `lm` is an
+    optional already-loaded `(model, tokenizer)` matching `name_or_path`.
+    """
+    root = Path(cache_dir)
+    text_source = dict(text_files=None if text_files is None else [str(f) for f in text_files], dataset=dataset,
+                       dataset_config=dataset_config, dataset_split=dataset_split, text_column=text_column)
+    request = build_request(name_or_path=name_or_path, gguf_file=gguf_file, revision=revision, lm_dtype=lm_dtype,
+                            hook=hook, layer=layer, context_size=context_size, n_tokens=n_tokens,
+                            val_fraction=val_fraction, storage_dtype=storage_dtype, prepend_bos=prepend_bos,
+                            exclude_special_tokens=exclude_special_tokens, **text_source)
+    if (root / C.MANIFEST).is_file():
+        manifest = C.Manifest.load(root)
+        manifest.check_request(request, d_in)
+        manifest.verify(checksums=verify_checksums)
+        return manifest
+
+    done = _resume_state(root, request)
+    started = time.perf_counter()
+    model, tokenizer = lm if lm is not None else load_lm(name_or_path, gguf_file, lm_dtype, device, revision)
+    device_ = next(model.parameters()).device
+    resolve_hook(model, hook, layer)  # fail on a bad hook before tokenising
+    max_positions = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", None)
+    if max_positions is not None and context_size > max_positions:
+        raise ValueError(f"context_size {context_size} exceeds the model's {max_positions} positions")
+
+    if dataset is not None:
+        documents = iter_hub_documents(dataset, dataset_config, dataset_split, text_column)
+    else:
+        documents = iter_file_documents(expand_text_files(list(text_files)))
+    tokens = tokenize_sequences(tokenizer, documents, context_size, n_tokens, prepend_bos, eos_between=dataset is not None)
+    keep = keep_mask(tokens, tokenizer, exclude_special_tokens)
+    n_train, n_val = split_sizes(len(tokens), val_fraction)
+    if len(tokens) < n_tokens // context_size:
+        print(f"[rsae] note: the text gives only {len(tokens) * context_size} tokens (n_tokens={n_tokens})")
+
+    with torch.inference_mode():
+        probe = run_to_hook(model, hook, layer, input_ids=tokens[:1].to(device_))
+    if probe.ndim != 3:
+        raise ValueError(f"hook {hook!r} gives a {probe.ndim}-d activation {tuple(probe.shape)}; expected [batch, seq, d]")
+    width = probe.shape[-1]
+    if d_in is not None and int(d_in) != width:
+        raise C.CacheMismatchError(f"hook {hook!r} at layer {layer} has d_in={width}, but d_in={d_in} was requested")
+    itemsize = torch.empty((), dtype=C.storage_dtype(storage_dtype)).element_size()
+    seqs_per_shard = done.get("seqs_per_shard") or max(1, int(shard_mb * 2**20 / (width * itemsize * context_size)))
+
+    state = {
+        "request": request,
+        "seqs_per_shard": seqs_per_shard,
+        "splits": done.get("splits", {"train": [], "val": []}),
+    }
+    (root / "train").mkdir(parents=True, exist_ok=True)
+    (root / "val").mkdir(parents=True, exist_ok=True)
+    C.write_json_atomic(root / C.PROGRESS, state)
+    eval_tokens = C.write_tensors(root / C.EVAL_TOKENS, {"input_ids": tokens[n_train:], "keep": keep[n_train:]})
+
+    ranges = {"train": (0, n_train), "val": (n_train, n_train + n_val)}
+    todo = sum(hi - lo for lo, hi in ranges.values()) * context_size
+    already = sum(_shard_seqs(s) for shards in state["splits"].values() for s in shards) * context_size
+    bar = tqdm(total=todo, initial=already, unit="tok", unit_scale=True, disable=not progress,
+               desc=f"harvest {hook}@{layer}", dynamic_ncols=True)
+    store = C.storage_dtype(storage_dtype)
+    for split, (lo, hi) in ranges.items():
+        shards = state["splits"][split]
+        for first in range(lo + sum(_shard_seqs(s) for s in shards), hi, seqs_per_shard):
+            last = min(first + seqs_per_shard, hi)
+            rows = _harvest_rows(model, hook, layer, tokens, keep, first, last, batch_size, device_, bar)
+            rows["acts"] = rows["acts"].to(store)
+            C.check_finite(rows["acts"], f"sequences {first}-{last - 1} ({hook} at layer {layer})")
+            name = f"{split}/{len(shards):05d}.safetensors"
+            entry = C.write_shard(root / name, rows)
+            entry = {"file": name, **entry, "sequences": [first, last],
+                     "norm_sum": float(rows["acts"].float().norm(dim=1).double().sum())}
+            shards.append(entry)
+            C.write_json_atomic(root / C.PROGRESS, state)
+    bar.close()
+
+    train_rows = sum(s["rows"] for s in state["splits"]["train"])
+    if train_rows == 0:
+        raise ValueError("no training rows: every position was masked out or the text is too short")
+    manifest = {
+        "schema_version": C.SCHEMA_VERSION,
+        "created": C.now_iso(),
+        "request": request,
+        "d_in": int(width),
+        "lm": {"name_or_path": str(name_or_path), "gguf_file": gguf_file, "revision": revision,
+               "architecture": type(model).__name__, "commit": getattr(model.config, "_commit_hash", None),
+               "module": resolve_hook(model, hook, layer).path},
+        "tokenizer": {"sha256": tokenizer_sha256(tokenizer), "bos_token_id": tokenizer.bos_token_id,
+                      "vocab_size": len(tokenizer)},
+        "text_files": text_source["text_files"] and [str(f) for f in expand_text_files(text_source["text_files"])],
+        "tokens": {"sequences": len(tokens), "train_sequences": n_train, "val_sequences": n_val,
+                   "positions": len(tokens) * context_size},
+        "splits": {split: {"rows": sum(s["rows"] for s in shards), "shards": shards}
+                   for split, shards in state["splits"].items()},
+        "eval_tokens": {"file": C.EVAL_TOKENS, **eval_tokens},
+        "stats": {"mean_norm": sum(s["norm_sum"] for s in state["splits"]["train"]) / train_rows},
+        "args": {"batch_size": batch_size, "shard_mb": shard_mb, "device": str(device_), "seqs_per_shard": seqs_per_shard,
+                 **text_source},
+        "harvest_seconds": round(time.perf_counter() - started, 2),
+    }
+    C.write_json_atomic(root / C.MANIFEST, manifest)
+    (root / C.PROGRESS).unlink(missing_ok=True)
+    return C.Manifest(root, manifest)
+
+
+def _shard_seqs(entry: dict) -> int:
+    return entry["sequences"][1] - entry["sequences"][0]
+
+
+def _resume_state(root: Path, request: dict) -> dict:
+    """Progress of an interrupted harvest for the same request (shards verified), or {}."""
+    path = root / C.PROGRESS
+    if not path.is_file():
+        return {}
+    state = C.read_json(path)
+    problem = C.describe_mismatch(state.get("request", {}), request)
+    if problem:
+        raise C.CacheMismatchError(f"unfinished harvest in {root} was for another request ({problem}); "
+                                   "use another cache_dir or delete that one")
+    for shards in state["splits"].values():
+        for shard in shards:
+            C.verify_file(root / shard["file"], shard["bytes"], shard["sha256"])
+    return state
+
+
+def _harvest_rows(model, hook, layer, tokens, keep, first, last, batch_size, device, bar) -> dict:
+    """Activations at kept positions of sequences [first, last), with their token ids and places."""
+    acts, ids, seqs, positions = [], [], [], []
+    context = tokens.shape[1]
+    with torch.inference_mode():
+        for lo in range(first, last, batch_size):
+            hi = min(lo + batch_size, last)
+            batch = tokens[lo:hi]
+            out = run_to_hook(model, hook, layer, input_ids=batch.to(device))
+            mask = keep[lo:hi]
+            acts.append(out[mask.to(out.device)].float().cpu())
+            ids.append(batch[mask].to(torch.int32))
+            seqs.append(torch.arange(lo, hi, dtype=torch.int32)[:, None].expand(-1, context)[mask])
+            positions.append(torch.arange(context, dtype=torch.int32)[None, :].expand(hi - lo, -1)[mask])
+            bar.update((hi - lo) * context)
+    return {"acts": torch.cat(acts), "tokens": torch.cat(ids), "seq": torch.cat(seqs), "pos": torch.cat(positions)}

@@ -1,0 +1,188 @@
+"""Streaming readers over cache shards: a shuffled endless training stream and a fixed val stream.
+
+Training order ("block shuffle"), a pure function of (seed, world size, workers, batch index):
+
+1. The training rows are cut into blocks of `block_rows` consecutive rows of one shard.
+2. Epoch e visits every block once in the order `permutation_e` (seeded by (seed, e)); the epochs
+   concatenated form one endless block sequence q = 0, 1, 2, ...
+3. Block q goes to slot `q mod S`, where S = world_size * num_workers and slot = rank * W + worker:
+   ranks and workers read disjoint blocks and never the same bytes.
+4. Each slot groups its blocks into windows of about `shuffle_buffer` rows, shuffles the rows of a
+   window (seeded by (seed, S, slot, window)) and cuts its row stream into batches.
+5. The DataLoader takes batches from workers in turn, so a rank's batch b is batch b // W of the
+   worker that plays role b mod W.
+
+Every rank's stream is endless, so all ranks get the same number of batches (training is by
+steps). Resuming at batch P needs no earlier data: window sizes follow from the manifest's row
+counts, so a worker jumps to the window holding its next row and reads only that.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from rsae.data.cache import ShardReader
+
+
+def batches_before(position: int, role: int, n_workers: int) -> int:
+    """How many of a rank's first `position` batches came from the worker playing `role`."""
+    return max(0, (position - role + n_workers - 1) // n_workers)
+
+
+class _Shards:
+    """Lazily opened memory maps of a split's shards (opened inside each worker process)."""
+
+    def __init__(self, files: Sequence[str | Path], rows: Sequence[int]):
+        self.files = [Path(f) for f in files]
+        self.rows = [int(r) for r in rows]
+        self._readers: dict[int, ShardReader] = {}
+
+    def read(self, shard: int, start: int, stop: int) -> torch.Tensor:
+        if shard not in self._readers:
+            self._readers[shard] = ShardReader(self.files[shard], self.rows[shard])
+        return self._readers[shard].read(start, stop)
+
+    def __getstate__(self):  # memory maps are reopened in each worker, not pickled
+        return {**self.__dict__, "_readers": {}}
+
+
+class TrainStream(IterableDataset):
+    """Endless, shuffled, resumable stream of float32 `[batch_size, d]` training batches."""
+
+    def __init__(self, files: Sequence[str | Path], rows: Sequence[int], batch_size: int, seed: int = 0,
+                 block_rows: int = 1024, shuffle_buffer: int = 65536, rank: int = 0, world_size: int = 1,
+                 start_batch: int = 0):
+        if sum(rows) == 0:
+            raise ValueError("the training split has no rows")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} out of range for world size {world_size}")
+        self.shards = _Shards(files, rows)
+        self.batch_size, self.seed, self.rank, self.world_size = int(batch_size), int(seed), rank, world_size
+        self.block_rows, self.shuffle_buffer = int(block_rows), int(shuffle_buffer)
+        self.start_batch = int(start_batch)
+        starts = [(s, lo, min(lo + self.block_rows, n)) for s, n in enumerate(self.shards.rows)
+                  for lo in range(0, n, self.block_rows)]
+        self.blocks = np.array(starts, dtype=np.int64).reshape(-1, 3)  # (shard, start, stop)
+        self.block_sizes = self.blocks[:, 2] - self.blocks[:, 1]
+        self._perms: dict[int, np.ndarray] = {}
+
+    # ---- the order -------------------------------------------------------------------------
+    def _epoch_order(self, epoch: int) -> np.ndarray:
+        if epoch not in self._perms:
+            if len(self._perms) > 4:
+                self._perms.clear()
+            self._perms[epoch] = np.random.default_rng([self.seed, epoch]).permutation(len(self.blocks))
+        return self._perms[epoch]
+
+    def _window_blocks(self, n_slots: int) -> int:
+        per_window = math.ceil(self.shuffle_buffer / self.block_rows)
+        return max(1, min(per_window, len(self.blocks) // n_slots))  # a window spans at most one epoch's share
+
+    def window(self, slot: int, n_slots: int, index: int) -> np.ndarray:
+        """Block ids of window `index` of `slot`."""
+        per = self._window_blocks(n_slots)
+        q = slot + n_slots * np.arange(index * per, (index + 1) * per, dtype=np.int64)
+        n = len(self.blocks)
+        epochs, within = np.divmod(q, n)
+        return np.array([self._epoch_order(int(e))[i] for e, i in zip(epochs, within)], dtype=np.int64)
+
+    def _window_permutation(self, slot: int, n_slots: int, index: int, n_rows: int) -> torch.Tensor:
+        rng = np.random.default_rng([self.seed, n_slots, slot, index, 1])
+        return torch.from_numpy(rng.permutation(n_rows))
+
+    def _read_window(self, blocks: np.ndarray) -> torch.Tensor:
+        return torch.cat([self.shards.read(*map(int, self.blocks[b])) for b in blocks])
+
+    # ---- iteration ---------------------------------------------------------------------------
+    def worker_role(self) -> tuple[int, int, int]:
+        """(slot, number of slots, batches this worker skips) for the calling worker process."""
+        info = get_worker_info()
+        n_workers, worker = (info.num_workers, info.id) if info is not None else (1, 0)
+        role = (worker + self.start_batch) % n_workers  # the loader polls worker 0 first
+        slot = self.rank * n_workers + role
+        return slot, self.world_size * n_workers, batches_before(self.start_batch, role, n_workers)
+
+    def __iter__(self) -> Iterator[torch.Tensor]:
+        slot, n_slots, skip = self.worker_role()
+        return self.slot_batches(slot, n_slots, skip)
+
+    def slot_batches(self, slot: int, n_slots: int, skip: int = 0) -> Iterator[torch.Tensor]:
+        """Batches of one slot from its batch number `skip` on."""
+        offset, index = skip * self.batch_size, 0
+        while True:  # jump over whole windows using sizes alone
+            size = int(self.block_sizes[self.window(slot, n_slots, index)].sum())
+            if offset < size:
+                break
+            offset -= size
+            index += 1
+        carry: torch.Tensor | None = None
+        while True:
+            rows = self._read_window(self.window(slot, n_slots, index))
+            order = self._window_permutation(slot, n_slots, index, len(rows))[offset:]
+            offset, index = 0, index + 1
+            if carry is not None:
+                need = self.batch_size - len(carry)
+                if len(order) < need:
+                    carry = torch.cat([carry, rows.index_select(0, order).float()])
+                    continue
+                yield torch.cat([carry, rows.index_select(0, order[:need]).float()])
+                order, carry = order[need:], None
+            full = len(order) - len(order) % self.batch_size
+            for lo in range(0, full, self.batch_size):
+                yield rows.index_select(0, order[lo:lo + self.batch_size]).float()
+            if full < len(order):
+                carry = rows.index_select(0, order[full:]).float()
+
+
+class ValStream(IterableDataset):
+    """The held-out rows in file order as float32 `[batch_size, d]` batches (the last may be short).
+
+    Under DDP each rank takes every world_size-th batch; ranks short of a batch repeat one from the
+    start (as DistributedSampler pads), so all ranks run the same number of validation steps.
+    """
+
+    def __init__(self, files: Sequence[str | Path], rows: Sequence[int], batch_size: int, rank: int = 0,
+                 world_size: int = 1):
+        self.shards = _Shards(files, rows)
+        self.batch_size, self.rank, self.world_size = int(batch_size), rank, world_size
+        self.offsets = np.concatenate([[0], np.cumsum(self.shards.rows)]).astype(np.int64)
+        self.total = int(self.offsets[-1])
+        self.n_batches = math.ceil(self.total / self.batch_size)
+
+    def __len__(self) -> int:
+        return math.ceil(self.n_batches / self.world_size) if self.n_batches else 0
+
+    def rows(self, start: int, stop: int) -> torch.Tensor:
+        """Rows [start, stop) of the concatenated split."""
+        pieces = []
+        for shard in range(len(self.shards.rows)):
+            lo, hi = max(start, self.offsets[shard]), min(stop, self.offsets[shard + 1])
+            if lo < hi:
+                base = self.offsets[shard]
+                pieces.append(self.shards.read(shard, int(lo - base), int(hi - base)))
+        return torch.cat(pieces).float()
+
+    def __iter__(self) -> Iterator[torch.Tensor]:
+        info = get_worker_info()
+        n_workers, worker = (info.num_workers, info.id) if info is not None else (1, 0)
+        for i in range(worker, len(self), n_workers):
+            g = (self.rank + i * self.world_size) % self.n_batches
+            yield self.rows(g * self.batch_size, min((g + 1) * self.batch_size, self.total))
+
+
+class StreamLoader(DataLoader):
+    """DataLoader that restarts its TrainStream at the current position each time it is iterated
+    (a new Lightning epoch or a resumed run), read from `position_fn` set after construction."""
+
+    position_fn = None
+
+    def __iter__(self):
+        if self.position_fn is not None:
+            self.dataset.start_batch = int(self.position_fn())
+        return super().__iter__()
