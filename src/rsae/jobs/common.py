@@ -44,7 +44,8 @@ def run_guarded(job: Callable[[DictConfig], dict[str, Any]], cfg: DictConfig) ->
     try:
         return job(cfg)
     except Exception as exc:  # noqa: BLE001 - every failure is recorded, then re-raised or reported
-        line = f"{type(exc).__name__}: {exc}".splitlines()[0]
+        cause = root_cause(exc)
+        line = str(cause).splitlines()[0] if isinstance(cause, ConfigError) else f"{type(cause).__name__}: {cause}".splitlines()[0]
         try:
             write_json(output_dir() / "metrics.json", {"status": "failed", "error": line})
             (output_dir() / "error.log").write_text(traceback.format_exc())
@@ -53,10 +54,17 @@ def run_guarded(job: Callable[[DictConfig], dict[str, Any]], cfg: DictConfig) ->
         if is_multirun():
             log.error("trial failed: %s", line)
             return {"status": "failed"}
-        if isinstance(exc, USER_ERRORS):
+        if isinstance(cause, USER_ERRORS):
             print(f"error: {line}", file=sys.stderr)
             raise SystemExit(1) from None
         raise
+
+
+def root_cause(exc: BaseException) -> BaseException:
+    """The user's error behind Hydra's InstantiationException wrappers."""
+    while type(exc).__name__ == "InstantiationException" and exc.__cause__ is not None:
+        exc = exc.__cause__
+    return exc
 
 
 def finish_loggers(trainer) -> None:

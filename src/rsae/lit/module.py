@@ -71,7 +71,9 @@ class SAEModule(L.LightningModule):
     def on_before_optimizer_step(self, optimizer) -> None:
         self.sae.remove_parallel_decoder_grad()
 
-    def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
+    def optimizer_step(self, *args, **kwargs) -> None:
+        # Re-normalise right after the update, before any callback (e.g. a checkpoint) sees it.
+        super().optimizer_step(*args, **kwargs)
         self.sae.normalize_decoder()
 
     def _lr_mult(self, step: int) -> float:

@@ -79,7 +79,7 @@ class JumpReLUSAE(SAE):
         super().__init__(d_in, d_sae, **kw)
         self.l0_coefficient, self.l0_warmup_steps = l0_coefficient, l0_warmup_steps
         self.bandwidth, self.penalty, self.tanh_scale = bandwidth, penalty, tanh_scale
-        self.log_threshold = nn.Parameter(torch.full((d_sae,), math.log(init_threshold)))
+        self.log_threshold = nn.Parameter(torch.full((self.d_sae,), math.log(init_threshold)))
 
     @property
     def threshold(self) -> Tensor:
