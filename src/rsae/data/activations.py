@@ -15,6 +15,8 @@ Contract relied on by training and evaluation:
 from __future__ import annotations
 
 import math
+import os
+import re
 import warnings
 from pathlib import Path
 from typing import Sequence
@@ -24,9 +26,19 @@ import torch
 
 from rsae.data.cache import Manifest, load_eval_tokens
 from rsae.data.harvest import build_request, harvest
+from rsae.data.hooks import HOOK_NAMES
 from rsae.data.stream import StreamLoader, TrainStream, ValStream
 
 _STREAM_KEYS = ("seed", "batch_size", "block_rows", "shuffle_buffer", "world_size", "num_workers")
+
+
+def default_cache_dir(root: str, name_or_path: str, gguf_file: str | None, hook: str, layer, n_tokens: int,
+                      context_size: int, storage_dtype: str) -> Path:
+    """`<root>/<model>/<hook>.<layer>-<n_tokens>x<context_size>-<storage_dtype>`, model named after
+    the last part of its path or hub id (a mismatching cache found there is still an error)."""
+    model = str(gguf_file or name_or_path).rstrip("/").split("/")[-1].removesuffix(".gguf")
+    model = re.sub(r"[^A-Za-z0-9._-]+", "-", model) or "model"
+    return Path(os.path.expanduser(str(root))) / model / f"{hook}.{layer}-{n_tokens}x{context_size}-{storage_dtype}"
 
 
 class ActivationDataModule(L.LightningDataModule):
@@ -35,11 +47,13 @@ class ActivationDataModule(L.LightningDataModule):
     Args:
         name_or_path, gguf_file, revision, lm_dtype: the LM (see `rsae.data.lm.load_lm`).
         hook, layer: hook point (`resid_post`, `resid_pre`, `mlp_out`, `attn_out`, or a module path).
-        text_files: local `.txt`/`.md`/`.parquet` files or directories; or `dataset` (+ `dataset_config`,
-            `dataset_split`, `text_column`): a hub dataset, streamed.
+        text_files: local `.txt`/`.md`/`.parquet` files or directories (`pkg://` allowed); or
+            `dataset` (+ `dataset_config`, `dataset_split`, `text_column`): a hub dataset, streamed,
+            which takes precedence over `text_files` when given.
         n_tokens: token positions to harvest (train + val), cut into `context_size` sequences.
         val_fraction: last fraction of the sequences held out for validation/evaluation.
-        cache_dir: cache directory (reused across runs; a mismatching cache is an error).
+        cache_dir: cache directory (reused across runs; a mismatching cache is an error); None:
+            derived from the model, hook, layer and sizes under `cache_root`.
         storage_dtype: `bfloat16` or `float32` on disk; batches are always float32.
         exclude_special_tokens, prepend_bos: which positions are kept, and BOS at sequence starts.
         batch_size: rows per batch; seed: stream order; shuffle_buffer: rows shuffled together;
@@ -50,7 +64,7 @@ class ActivationDataModule(L.LightningDataModule):
         d_in: expected width (None: read from the cache).
     """
 
-    def __init__(self, name_or_path: str, cache_dir: str, hook: str = "resid_post", layer: int | None = 0,
+    def __init__(self, name_or_path: str, cache_dir: str | None = None, hook: str = "resid_post", layer: int | None = 0,
                  gguf_file: str | None = None, revision: str | None = None, lm_dtype: str = "float32",
                  text_files: Sequence[str] | None = None, dataset: str | None = None,
                  dataset_config: str | None = None, dataset_split: str = "train", text_column: str = "text",
@@ -59,10 +73,22 @@ class ActivationDataModule(L.LightningDataModule):
                  batch_size: int = 4096, shuffle_buffer: int = 65536, block_rows: int = 1024, seed: int = 0,
                  num_workers: int = 0, pin_memory: bool | None = None, harvest_batch_size: int = 16,
                  harvest_device: str = "auto", shard_mb: float = 64, verify_checksums: bool = True,
-                 d_in: int | None = None, progress: bool = True):
+                 d_in: int | None = None, progress: bool = True, cache_root: str = ".cache/rsae"):
         super().__init__()
-        self.cache_dir = Path(str(cache_dir))
+        if dataset is not None:
+            text_files = None
+        elif not text_files:
+            raise ValueError("no text source: give text_files (local files) or dataset (a hub dataset name)")
+        if cache_dir is None:
+            cache_dir = default_cache_dir(cache_root, name_or_path, gguf_file, hook, layer, n_tokens, context_size,
+                                          storage_dtype)
+        self.cache_dir = Path(os.path.expanduser(str(cache_dir)))
         self.hook, self.layer = hook, layer
+        # Names the SAE export records (SAELens / TransformerLens conventions).
+        self.model_name = str(name_or_path)
+        self.hook_name = f"blocks.{layer}.hook_{hook}" if hook in HOOK_NAMES else hook
+        self.hook_layer = layer
+        self.context_size = int(context_size)
         self.lm_kwargs = {"name_or_path": str(name_or_path), "gguf_file": gguf_file, "revision": revision,
                           "dtype": lm_dtype}
         self.source = {"text_files": None if text_files is None else [str(f) for f in text_files],
@@ -99,6 +125,8 @@ class ActivationDataModule(L.LightningDataModule):
 
     def prepare_data(self) -> None:
         """Harvest the cache if missing; otherwise validate it (mismatch or corruption is an error)."""
+        if self.manifest is not None:  # already built or validated by this process
+            return
         self.manifest = harvest(self.cache_dir, d_in=self.d_in, **self._lm_request_args(), **self.harvest_args)
         self.d_in = self.manifest.d_in
 

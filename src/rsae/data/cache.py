@@ -42,7 +42,7 @@ IDENTITY_KEYS = ("model", "lm_dtype", "hook", "layer", "text", "context_size", "
                  "storage_dtype", "prepend_bos", "exclude_special_tokens")
 
 
-class CacheError(RuntimeError):
+class CacheError(ValueError):
     """Base class for cache problems."""
 
 

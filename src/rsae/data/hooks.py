@@ -138,7 +138,7 @@ def capture(model: nn.Module, hook: str, layer: int | None = None, stop: bool = 
     """Record the activation at a hook point during a forward pass run inside the block.
 
     With `stop=True` the forward pass is abandoned right after the hook fires (the layers above
-    and the unembedding are never computed) and the model call inside the block returns nothing.
+    and the unembedding are never computed): the model call is cut short and the block exits.
 
         with capture(model, "resid_post", 6) as cap:
             model(input_ids)

