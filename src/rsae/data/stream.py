@@ -6,15 +6,16 @@ Training order ("block shuffle"), a pure function of (seed, world size, workers,
 2. Epoch e visits every block once in the order `permutation_e` (seeded by (seed, e)); the epochs
    concatenated form one endless block sequence q = 0, 1, 2, ...
 3. Block q goes to slot `q mod S`, where S = world_size * num_workers and slot = rank * W + worker:
-   ranks and workers read disjoint blocks and never the same bytes.
-4. Each slot groups its blocks into windows of about `shuffle_buffer` rows, shuffles the rows of a
-   window (seeded by (seed, S, slot, window)) and cuts its row stream into batches.
+   in each epoch, ranks and workers read disjoint blocks that together cover every row once.
+4. Each slot groups its blocks of an epoch into windows of about `shuffle_buffer` rows, shuffles
+   the rows of a window (seeded by (seed, S, slot, epoch, window)) and cuts its row stream (all
+   windows, epoch after epoch) into batches.
 5. The DataLoader takes batches from workers in turn, so a rank's batch b is batch b // W of the
    worker that plays role b mod W.
 
 Every rank's stream is endless, so all ranks get the same number of batches (training is by
-steps). Resuming at batch P needs no earlier data: window sizes follow from the manifest's row
-counts, so a worker jumps to the window holding its next row and reads only that.
+steps). Resuming at batch P needs no earlier data: epoch and window sizes follow from the
+manifest's row counts, so a worker jumps to the window holding its next row and reads only that.
 """
 
 from __future__ import annotations
@@ -82,21 +83,19 @@ class TrainStream(IterableDataset):
 
     def _window_blocks(self, n_slots: int) -> int:
         per_window = math.ceil(self.shuffle_buffer / self.block_rows)
-        return max(1, min(per_window, len(self.blocks) // n_slots))  # a window spans at most one epoch's share
+        return max(1, min(per_window, len(self.blocks) // n_slots))
 
-    def window(self, slot: int, n_slots: int, index: int) -> np.ndarray:
-        """Block ids of window `index` of `slot`."""
-        per = self._window_blocks(n_slots)
-        q = slot + n_slots * np.arange(index * per, (index + 1) * per, dtype=np.int64)
-        n = len(self.blocks)
-        epochs, within = np.divmod(q, n)
-        return np.array([self._epoch_order(int(e))[i] for e, i in zip(epochs, within)], dtype=np.int64)
+    def epoch_blocks(self, slot: int, n_slots: int, epoch: int) -> np.ndarray:
+        """Block ids `slot` reads in `epoch`, in order: the epoch's permutation dealt round-robin,
+        continuing the deal across epochs so that every slot gets blocks even if blocks < slots."""
+        first = (slot - epoch * len(self.blocks)) % n_slots
+        return self._epoch_order(epoch)[first::n_slots]
 
-    def _window_permutation(self, slot: int, n_slots: int, index: int, n_rows: int) -> torch.Tensor:
-        rng = np.random.default_rng([self.seed, n_slots, slot, index, 1])
+    def _window_permutation(self, slot: int, n_slots: int, epoch: int, index: int, n_rows: int) -> torch.Tensor:
+        rng = np.random.default_rng([self.seed, n_slots, slot, epoch, index])
         return torch.from_numpy(rng.permutation(n_rows))
 
-    def _read_window(self, blocks: np.ndarray) -> torch.Tensor:
+    def _read_blocks(self, blocks: np.ndarray) -> torch.Tensor:
         return torch.cat([self.shards.read(*map(int, self.blocks[b])) for b in blocks])
 
     # ---- iteration ---------------------------------------------------------------------------
@@ -114,30 +113,39 @@ class TrainStream(IterableDataset):
 
     def slot_batches(self, slot: int, n_slots: int, skip: int = 0) -> Iterator[torch.Tensor]:
         """Batches of one slot from its batch number `skip` on."""
-        offset, index = skip * self.batch_size, 0
-        while True:  # jump over whole windows using sizes alone
-            size = int(self.block_sizes[self.window(slot, n_slots, index)].sum())
+        offset, epoch = skip * self.batch_size, 0
+        while True:  # skip whole epochs using block sizes alone
+            size = int(self.block_sizes[self.epoch_blocks(slot, n_slots, epoch)].sum())
             if offset < size:
                 break
-            offset -= size
-            index += 1
+            offset, epoch = offset - size, epoch + 1
+        per_window = self._window_blocks(n_slots)
         carry: torch.Tensor | None = None
         while True:
-            rows = self._read_window(self.window(slot, n_slots, index))
-            order = self._window_permutation(slot, n_slots, index, len(rows))[offset:]
-            offset, index = 0, index + 1
-            if carry is not None:
-                need = self.batch_size - len(carry)
-                if len(order) < need:
-                    carry = torch.cat([carry, rows.index_select(0, order).float()])
+            blocks = self.epoch_blocks(slot, n_slots, epoch)
+            for index in range(math.ceil(len(blocks) / per_window)):
+                window = blocks[index * per_window:(index + 1) * per_window]
+                size = int(self.block_sizes[window].sum())
+                if offset >= size:  # skip whole windows of the epoch we resume in
+                    offset -= size
                     continue
-                yield torch.cat([carry, rows.index_select(0, order[:need]).float()])
-                order, carry = order[need:], None
-            full = len(order) - len(order) % self.batch_size
-            for lo in range(0, full, self.batch_size):
-                yield rows.index_select(0, order[lo:lo + self.batch_size]).float()
-            if full < len(order):
-                carry = rows.index_select(0, order[full:]).float()
+                rows = self._read_blocks(window)
+                order = self._window_permutation(slot, n_slots, epoch, index, size)[offset:]
+                offset = 0
+                if carry is not None:  # complete the batch begun in the previous window
+                    need = self.batch_size - len(carry)
+                    carry = torch.cat([carry, rows.index_select(0, order[:need]).float()])
+                    order = order[need:]
+                    if len(carry) < self.batch_size:
+                        continue
+                    yield carry
+                    carry = None
+                full = len(order) - len(order) % self.batch_size
+                for lo in range(0, full, self.batch_size):
+                    yield rows.index_select(0, order[lo:lo + self.batch_size]).float()
+                if full < len(order):
+                    carry = rows.index_select(0, order[full:]).float()
+            epoch += 1
 
 
 class ValStream(IterableDataset):

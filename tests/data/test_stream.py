@@ -1,0 +1,154 @@
+"""The training stream's order: coverage per epoch, rank/worker split, determinism, resume."""
+
+import itertools
+
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+from rsae.data.cache import write_shard
+from rsae.data.stream import StreamLoader, TrainStream, ValStream, batches_before
+
+D = 4
+
+
+def make_shards(directory, rows_per_shard):
+    """Shards whose row r (counting across shards) is the vector (r, r, r, r), so ids are exact."""
+    directory.mkdir(parents=True, exist_ok=True)
+    files, start = [], 0
+    for i, n in enumerate(rows_per_shard):
+        ids = torch.arange(start, start + n, dtype=torch.float32)
+        path = directory / f"{i:05d}.safetensors"
+        write_shard(path, {"acts": ids[:, None].expand(n, D).contiguous()})
+        files.append(path)
+        start += n
+    return files, list(rows_per_shard)
+
+
+def ids(batch):
+    return batch[:, 0].long().tolist()
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    return make_shards(tmp_path_factory.mktemp("shards"), [300, 170, 250, 64, 400])  # 1184 rows
+
+
+def stream(shards, **kw):
+    args = dict(batch_size=32, seed=0, block_rows=50, shuffle_buffer=200)
+    return TrainStream(*shards, **{**args, **kw})
+
+
+def take(iterable, n):
+    return list(itertools.islice(iterable, n))
+
+
+def test_batches_are_float32_and_deterministic(shards):
+    first = take(iter(stream(shards)), 10)
+    assert all(b.shape == (32, D) and b.dtype == torch.float32 for b in first)
+    assert all(torch.equal(a, b) for a, b in zip(first, take(iter(stream(shards)), 10)))
+    other = take(iter(stream(shards, seed=1)), 10)
+    assert not all(torch.equal(a, b) for a, b in zip(first, other))
+
+
+def test_each_epoch_visits_every_row_once_across_slots(shards):
+    n_rows, n_slots = sum(shards[1]), 6  # e.g. 3 ranks x 2 workers
+    s = stream(shards, batch_size=1)
+    seen = []
+    for epoch in range(3):
+        seen, skip = [], 0
+        for slot in range(n_slots):
+            skip = sum(int(s.block_sizes[s.epoch_blocks(slot, n_slots, e)].sum()) for e in range(epoch))
+            mine = int(s.block_sizes[s.epoch_blocks(slot, n_slots, epoch)].sum())
+            seen += [i for b in take(s.slot_batches(slot, n_slots, skip), mine) for i in ids(b)]
+        assert sorted(seen) == list(range(n_rows))
+
+
+def test_ranks_read_disjoint_rows_and_never_run_dry(shards):
+    ranks = [take(iter(stream(shards, rank=r, world_size=2)), 15) for r in range(2)]
+    assert all(len(r) == 15 for r in ranks)  # endless: any number of steps, same on every rank
+    rows = [set(i for b in r for i in ids(b)) for r in ranks]
+    assert not rows[0] & rows[1]  # 15 * 32 * 2 = 960 < 1184 rows: within the first epoch
+
+
+def test_stream_continues_across_epochs(shards):
+    rows = [i for b in take(iter(stream(shards)), 3 * 1184 // 32) for i in ids(b)]
+    counts = torch.bincount(torch.tensor(rows), minlength=1184)
+    assert counts.min() >= 2 and counts.max() <= 4  # ~3 epochs, each a fresh permutation
+    assert rows[:1184] != rows[1184:2368]
+
+
+def test_shuffle_mixes_blocks_from_several_shards(shards):
+    rows = ids(next(iter(stream(shards, batch_size=200, shuffle_buffer=400))))
+    shard_of = torch.bucketize(torch.tensor(rows), torch.tensor([300, 470, 720, 784]), right=True)
+    assert len(set(shard_of.tolist())) >= 3
+
+
+def test_worker_role_after_resume():
+    # with 3 workers the rank's batch b comes from role b % 3; after 7 batches role 1 is next
+    assert [batches_before(7, role, 3) for role in range(3)] == [3, 2, 2]
+    assert [batches_before(0, role, 3) for role in range(3)] == [0, 0, 0]
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_loader_with_workers_matches_the_definition_and_resumes_exactly(shards, workers):
+    def loader(start):
+        return DataLoader(stream(shards, start_batch=start, world_size=2, rank=1), batch_size=None,
+                          num_workers=workers)
+
+    full = take(iter(loader(0)), 12)
+    n_workers = max(workers, 1)
+    s = stream(shards, world_size=2, rank=1)
+    by_role = [take(s.slot_batches(1 * n_workers + role, 2 * n_workers), 12) for role in range(n_workers)]
+    for b, batch in enumerate(full):
+        assert torch.equal(batch, by_role[b % n_workers][b // n_workers])
+    for start in (5, 6):
+        resumed = take(iter(loader(start)), 12 - start)
+        assert all(torch.equal(a, b) for a, b in zip(resumed, full[start:]))
+
+
+def test_resume_far_ahead_reads_only_the_needed_window(shards, monkeypatch):
+    s = stream(shards, start_batch=10_000)
+    reads = []
+    real = s.shards.read
+    monkeypatch.setattr(s.shards, "read", lambda *a: reads.append(a) or real(*a))
+    expected = take(stream(shards).slot_batches(0, 1, 10_000), 1)[0]
+    reads.clear()
+    assert torch.equal(next(iter(s)), expected)
+    assert len(reads) <= 2 * 4  # one or two windows of 4 blocks, not 10k batches of data
+
+
+def test_stream_loader_restarts_at_the_current_position(shards):
+    position = {"value": 0}
+    loader = StreamLoader(stream(shards), batch_size=None)
+    loader.position_fn = lambda: position["value"]
+    first = take(iter(loader), 4)
+    position["value"] = 4
+    second = take(iter(loader), 2)
+    assert torch.equal(second[0], take(iter(stream(shards)), 5)[4])
+    assert not torch.equal(second[0], first[0])
+
+
+def test_val_stream_is_ordered_and_complete(shards):
+    batches = list(ValStream(*shards, batch_size=100))
+    assert [len(b) for b in batches] == [100] * 11 + [84]
+    assert [i for b in batches for i in ids(b)] == list(range(1184))
+
+
+def test_val_stream_gives_every_rank_the_same_count(shards):
+    per_rank = [list(ValStream(*shards, batch_size=100, rank=r, world_size=5)) for r in range(5)]
+    assert {len(p) for p in per_rank} == {3}  # 12 batches over 5 ranks: padded to 15 with repeats
+    seen = {i for p in per_rank for b in p for i in ids(b)}
+    assert seen == set(range(1184))
+
+
+def test_val_stream_with_workers_keeps_the_order(shards):
+    batches = list(DataLoader(ValStream(*shards, batch_size=100), batch_size=None, num_workers=2))
+    assert [i for b in batches for i in ids(b)] == list(range(1184))
+
+
+def test_bad_stream_arguments(shards, tmp_path):
+    with pytest.raises(ValueError, match="rank"):
+        stream(shards, rank=2, world_size=2)
+    with pytest.raises(ValueError, match="no rows"):
+        TrainStream([], [], batch_size=4)
