@@ -135,7 +135,11 @@ def class_mean_difference(batches: Iterable[Tensor], labels: Tensor, train: Tens
 def fit_logistic(x: Tensor, y: Tensor, l2: float = 1e-3, max_iter: int = 200) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Balanced-weight L2 logistic regression on standardised `x` `[n, k]`; returns
     `(weight, bias, mean, std)` so that `logit = ((x - mean) / std) @ weight + bias`."""
-    x, y = x.double(), y.double()
+    with torch.inference_mode(False), torch.enable_grad():  # also callable from inference mode
+        return _fit_logistic(x.double().clone(), y.double().clone(), l2, max_iter)
+
+
+def _fit_logistic(x: Tensor, y: Tensor, l2: float, max_iter: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     mean, std = x.mean(0), x.std(0, unbiased=False).clamp_min(1e-8)
     xs = (x - mean) / std
     n_pos = y.sum().clamp_min(1)
@@ -153,8 +157,7 @@ def fit_logistic(x: Tensor, y: Tensor, l2: float = 1e-3, max_iter: int = 200) ->
         loss.backward()
         return loss
 
-    with torch.enable_grad():
-        opt.step(closure)
+    opt.step(closure)
     return w.detach(), b.detach(), mean, std
 
 

@@ -58,7 +58,7 @@ def _latent_batches(sae: SAE, held: HeldOut, opts: EvalOptions, device, desc: st
         yield x, sae.encode(x)
 
 
-@torch.inference_mode()
+@torch.no_grad()
 def evaluate_sae(sae: SAE, held: HeldOut, opts: EvalOptions, out_dir: Path | None = None, lm=None,
                  hook: str | None = None, layer: int | None = None, tokenizer=None,
                  ground_truth: torch.Tensor | None = None, report_meta: dict | None = None) -> tuple[dict[str, float], dict]:

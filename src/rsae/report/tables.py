@@ -166,11 +166,11 @@ def markdown_upgrade(runs: Sequence[Run]) -> str:
             cells.append(f"**{fmt(v)}**" if best else fmt(v))
         lines.append("| " + " | ".join(_md_escape(c) for c in cells) + " |")
     w = wins(runs)
-    notes = [f"RSAE beats the teacher in {a}/{b} {name} cells" for name, (a, b) in w.items() if b]
+    notes = [f"{a}/{b} {name}" for name, (a, b) in w.items() if b]
     failed = [f"{r.name}: {r.error}" for r in runs if r.status != "ok"]
     text = "\n".join(lines) + "\n"
     if notes:
-        text += "\n" + "; ".join(notes) + ".\n"
+        text += "\nRSAE beats the teacher in " + " and ".join(notes) + " cells.\n"
     if failed:
         text += "\nFailed: " + "; ".join(failed) + "\n"
     return text
