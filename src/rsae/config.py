@@ -21,3 +21,15 @@ def wandb_offline() -> bool:
 
 
 _register("rsae.wandb_offline", wandb_offline)
+
+
+def run_group(default: str) -> str:
+    """W&B group: the sweep a trial belongs to (set by the subprocess launcher), else `default`."""
+    import os
+    from pathlib import Path
+
+    sweep = os.environ.get("RSAE_SWEEP_DIR")
+    return f"{default}/{Path(sweep).parent.name}-{Path(sweep).name}" if sweep else default
+
+
+_register("rsae.run_group", run_group)

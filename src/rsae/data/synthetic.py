@@ -52,13 +52,16 @@ class SyntheticFeatures:
 
 
 class _Stream(IterableDataset):
-    def __init__(self, source: SyntheticFeatures, batch_size: int, start: int, stop: int | None) -> None:
+    """Batches start, start+1, ... of this rank: global index i * world + rank (ranks never overlap)."""
+
+    def __init__(self, source: SyntheticFeatures, batch_size: int, start: int, stop: int | None, rank: int = 0, world: int = 1) -> None:
         self.source, self.batch_size, self.start, self.stop = source, batch_size, start, stop
+        self.rank, self.world = rank, world
 
     def __iter__(self):
         i = self.start
         while self.stop is None or i < self.stop:
-            yield self.source.batch(i, self.batch_size)
+            yield self.source.batch(i * self.world + self.rank, self.batch_size)
             i += 1
 
 
@@ -88,11 +91,18 @@ class SyntheticDataModule(L.LightningDataModule):
         sample = torch.cat([self.source.batch(_VAL_OFFSET - 1 - i, self.batch_size) for i in range(4)])
         self.norm_scale = float(self.d_in**0.5 / sample.norm(dim=-1).mean().clamp_min(1e-12))
 
+    def _rank_world(self) -> tuple[int, int]:
+        trainer = self.trainer
+        return (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
+
     def train_dataloader(self) -> DataLoader:
-        return DataLoader(_Stream(self.source, self.batch_size, self._start, None), batch_size=None)
+        return DataLoader(_Stream(self.source, self.batch_size, self._start, None, *self._rank_world()), batch_size=None)
 
     def val_dataloader(self) -> DataLoader:
-        return DataLoader(_Stream(self.source, self.batch_size, _VAL_OFFSET, _VAL_OFFSET + self.val_batches), batch_size=None)
+        # Validation batches are split across ranks too; the metrics are summed over ranks.
+        rank, world = self._rank_world()
+        stream = _Stream(self.source, self.batch_size, _VAL_OFFSET // world, _VAL_OFFSET // world + self.val_batches // world, rank, world)
+        return DataLoader(stream, batch_size=None)
 
     def state_dict(self) -> dict:
         # Batches the trainer has consumed (not what the loader prefetched): one batch per step.

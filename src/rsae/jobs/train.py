@@ -61,6 +61,7 @@ def fit(cfg: DictConfig) -> dict[str, Any]:
         results = trainer.validate(module, datamodule=dm, verbose=False)
         metrics = {k: float(v) for k, v in results[0].items()} if results else {}
         metrics["train/steps"] = trainer.global_step
+        metrics.update(target_l0_objective(metrics, cfg.get("target_l0"), cfg.get("target_l0_weight", 0.1)))
         if trainer.is_global_zero:
             save_sae(module.sae, run_dir / "sae", scale=float(module.act_scale), metadata=export_metadata(cfg, dm))
             write_json(run_dir / "metrics.json", {"status": "ok", **metrics})
@@ -68,6 +69,14 @@ def fit(cfg: DictConfig) -> dict[str, Any]:
         return metrics
     finally:
         finish_loggers(trainer)
+
+
+def target_l0_objective(metrics: dict[str, float], target_l0: float | None, weight: float) -> dict[str, float]:
+    if target_l0 is None or "val/fvu" not in metrics:
+        return {}
+    require(target_l0 > 0, f"target_l0 must be > 0, got {target_l0}")
+    l0 = max(metrics.get("val/l0", 0.0), 1e-6)
+    return {"objective/fvu_at_target_l0": metrics["val/fvu"] + weight * abs(math.log(l0 / target_l0))}
 
 
 def export_metadata(cfg: DictConfig, dm) -> dict[str, Any]:
