@@ -177,8 +177,202 @@ def _differential_correction(A, B, lower, upper, a, b, denominator, bound, tol, 
             break
         a_new, b_new = res.x[:p1], res.x[p1:-1]
         d_new = float(_envelope_error(A, B, a_new, b_new, lower, upper).max())
-        if d_new < d:
-            a, b, d = a_new, b_new, d_new
-        if res.x[-1] >= -tol or d_new >= d:
+        if d_new >= d:
+            break
+        a, b, d = a_new, b_new, d_new
+        if res.x[-1] >= -tol:
             break
     return a, b, d
+
+
+# --- fits of the three gates ---------------------------------------------------------------------
+@dataclass
+class FitResult:
+    """One fitted gate: coefficients (ascending a_0..a_p, b_1..b_q) and their measured errors."""
+
+    gate: str
+    degrees: tuple[int, int]
+    cutoff: float
+    method: str
+    denominator: str
+    a: list[float]
+    b: list[float]
+    max_error: float
+    mse: float
+    max_error_outside_window: float | None = None
+    window: float = 0.0
+    n_points: int = N_POINTS
+    bound: float = BOUND
+    extra: dict = field(default_factory=dict)
+
+
+def envelopes(gate: str, t: np.ndarray, cutoff: float, window: float) -> tuple[np.ndarray, np.ndarray]:
+    """Lower / upper targets: f itself, except inside a jump's window where r may lie anywhere
+    between the two branches (0 and t)."""
+    f = gate_target(gate, t, cutoff)
+    lower, upper = f.copy(), f.copy()
+    if gate != "relu" and window > 0:
+        inside = np.abs(t - cutoff) < window
+        lower[inside] = np.minimum(0.0, t[inside])
+        upper[inside] = np.maximum(0.0, t[inside])
+    return lower, upper
+
+
+def least_squares_fit(t: np.ndarray, f: np.ndarray, a0, b0, denominator: str = "B", bound: float = BOUND, steps: int = 500) -> tuple[np.ndarray, np.ndarray]:
+    """Minimise mean (r(t_i) - f_i)^2 over the gate's own form, from (a0, b0), by L-BFGS in float64."""
+    tt, ff = torch.as_tensor(t, dtype=torch.float64), torch.as_tensor(f, dtype=torch.float64)
+
+    def raw(c):
+        c = torch.as_tensor(np.asarray(c, dtype=np.float64)).clamp(-0.999 * bound, 0.999 * bound)
+        return (torch.atanh(c / bound) * bound).requires_grad_(True)
+
+    ra, rb = raw(a0), raw(b0)
+    opt = torch.optim.LBFGS([ra, rb], lr=1, max_iter=steps, tolerance_grad=1e-14, tolerance_change=1e-16, history_size=50, line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        loss = (rational(tt, bound * torch.tanh(ra / bound), bound * torch.tanh(rb / bound), denominator) - ff).pow(2).mean()
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    with torch.no_grad():
+        a, b = bound * torch.tanh(ra / bound), bound * torch.tanh(rb / bound)
+    if denominator == "A":
+        b = b.abs()  # the sign of b_j is irrelevant in version A; store |b_j|
+    return a.numpy(), b.numpy()
+
+
+def fit_gate(
+    gate: str,
+    degrees: tuple[int, int],
+    cutoff: float | None = None,
+    method: str = "minimax",
+    denominator: str = "B",
+    n_points: int = N_POINTS,
+    window: float | None = None,
+    bound: float = BOUND,
+) -> FitResult:
+    """Fit r of type `degrees` = (p, q) to `gate` on `n_points` equispaced points of [-1, 1].
+
+    gate: relu | jumprelu | topk; cutoff: t0 / tau for jumps (normalised units; 0 for relu).
+    method: minimax | lsq (least squares, started from the minimax fit).
+    window: half-width of the transition window around a jump excluded from the minimax
+    criterion (default `JUMP_WINDOW`; 0 gives the plain minimax fit, error >= cutoff / 2).
+    """
+    if gate not in GATES:
+        raise ValueError(f"gate must be one of {GATES}, got {gate!r}")
+    if method not in ("minimax", "lsq"):
+        raise ValueError(f"method must be 'minimax' or 'lsq', got {method!r}")
+    p, q = (int(x) for x in degrees)
+    if p < 0 or q < 0:
+        raise ValueError(f"degrees must be non-negative, got {degrees}")
+    if gate == "relu":
+        cutoff, window = 0.0, 0.0
+    else:
+        if cutoff is None or not -1 < cutoff < 1:
+            raise ValueError(f"{gate} needs a cutoff in (-1, 1), got {cutoff}")
+        window = JUMP_WINDOW if window is None else float(window)
+    t = grid(n_points)
+    lower, upper = envelopes(gate, t, cutoff, window)
+    a, b, _ = minimax_fit(t, lower, upper, (p, q), denominator, bound)
+    if method == "lsq":
+        a, b = least_squares_fit(t, gate_target(gate, t, cutoff), a, b, denominator, bound)
+    m = measure(a, b, gate, cutoff, denominator, n_points, window)
+    return FitResult(
+        gate=gate, degrees=(p, q), cutoff=float(cutoff), method=method, denominator=denominator,
+        a=[float(x) for x in a], b=[float(x) for x in b], max_error=m["max_error"], mse=m["mse"],
+        max_error_outside_window=m.get("max_error_outside_window"), window=window, n_points=n_points, bound=bound,
+    )
+
+
+# --- shipped tables ------------------------------------------------------------------------------
+REGENERATE_COMMAND = "python -m rsae.rational.fit --regenerate"
+
+# name -> (gate, degrees, cutoff). All minimax, version B, 4001 points, |coef| <= 1e3; jumps with
+# the transition window JUMP_WINDOW. The TopK table's canonical cut-off is tau = 0.2: a TopK
+# teacher is calibrated with C_in = tau_hat / 0.2 (tau_hat = mean k-th largest pre-activation,
+# the BatchTopK-style inference threshold), which keeps pre-activations up to 5 tau_hat inside
+# [-1, 1]; JumpReLU teachers use C_in_j = theta_j / t0 with the table's t0.
+TABLE_SPECS: dict[str, tuple[str, tuple[int, int], float]] = {
+    "relu_3_2": ("relu", (3, 2), 0.0),
+    "relu_5_4": ("relu", (5, 4), 0.0),
+    "jumprelu_9_8_t0.1": ("jumprelu", (9, 8), 0.1),
+    "jumprelu_9_8_t0.2": ("jumprelu", (9, 8), 0.2),
+    "jumprelu_9_8_t0.3": ("jumprelu", (9, 8), 0.3),
+    "jumprelu_9_8_t0.5": ("jumprelu", (9, 8), 0.5),
+    "topk_9_8": ("topk", (9, 8), 0.2),
+}
+
+
+def table_record(name: str, result: FitResult) -> dict:
+    rec = {"name": name, **asdict(result), "command": REGENERATE_COMMAND}
+    rec["degrees"] = list(result.degrees)
+    rec.pop("extra")
+    if result.gate == "relu":
+        rec.pop("max_error_outside_window")
+    return rec
+
+
+def regenerate(out_dir: Path = TABLE_DIR, names: list[str] | None = None) -> list[dict]:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    records = []
+    for name in names or list(TABLE_SPECS):
+        gate, degrees, cutoff = TABLE_SPECS[name]
+        rec = table_record(name, fit_gate(gate, degrees, cutoff or None, method="minimax"))
+        tmp = out_dir / f"{name}.json.tmp"
+        tmp.write_text(json.dumps(rec, indent=2) + "\n")
+        tmp.replace(out_dir / f"{name}.json")
+        records.append(rec)
+    return records
+
+
+def check_table(table: dict) -> dict[str, float]:
+    """Recompute a table's errors with the gate's own code; returns the recomputed values."""
+    return measure(table["a"], table["b"], table["gate"], table["cutoff"], table["denominator"], table["n_points"], table.get("window", 0.0))
+
+
+def _summary(rec: dict) -> str:
+    p, q = rec["degrees"]
+    s = f"{rec['name']:<20} {rec['gate']:<9} ({p},{q}) cutoff={rec['cutoff']:<4g} max={rec['max_error']:.6f} mse={rec['mse']:.3e}"
+    if rec.get("max_error_outside_window") is not None:
+        s += f" max(|t-cutoff|>={rec['window']:g})={rec['max_error_outside_window']:.6f}"
+    return s
+
+
+def main(argv: list[str] | None = None) -> int:
+    from rsae.rational.coefficients import available_tables, load_table
+
+    ap = argparse.ArgumentParser(prog="python -m rsae.rational.fit", description=__doc__.splitlines()[0])
+    ap.add_argument("--regenerate", action="store_true", help=f"refit and rewrite every table in {TABLE_DIR}")
+    ap.add_argument("--check", action="store_true", help="recompute the recorded errors of the shipped tables")
+    ap.add_argument("--gate", choices=GATES, help="fit one gate and print it (no table written)")
+    ap.add_argument("--degrees", type=int, nargs=2, default=(5, 4), metavar=("P", "Q"))
+    ap.add_argument("--cutoff", type=float, default=None)
+    ap.add_argument("--method", choices=("minimax", "lsq"), default="minimax")
+    ap.add_argument("--denominator", choices=DENOMINATORS, default="B")
+    ap.add_argument("--window", type=float, default=None)
+    args = ap.parse_args(argv)
+    if args.regenerate:
+        for rec in regenerate():
+            print(_summary(rec))
+    if args.check:
+        bad = 0
+        for name in available_tables():
+            table = load_table(name)
+            got = check_table(table)
+            ok = all(math.isclose(got[k], table[k], rel_tol=1e-6, abs_tol=1e-12) for k in got)
+            bad += not ok
+            print(("ok   " if ok else "DIFF ") + _summary(table))
+        if bad:
+            return 1
+    if args.gate:
+        res = fit_gate(args.gate, tuple(args.degrees), args.cutoff, args.method, args.denominator, window=args.window)
+        print(json.dumps(table_record(f"{args.gate}_{args.degrees[0]}_{args.degrees[1]}", res), indent=2))
+    if not (args.regenerate or args.check or args.gate):
+        ap.print_help()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

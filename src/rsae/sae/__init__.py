@@ -21,3 +21,4 @@ def register(name: str, cls: type[SAE]) -> None:
 
 
 __all__ = ["SAE", "SAEOutput", "ConfigError", "ReLUSAE", "JumpReLUSAE", "TopKSAE", "BatchTopKSAE", "ARCHITECTURES", "register"]
+from rsae.sae.rational import RationalSAE; register("rational", RationalSAE); __all__ += ["RationalSAE"]  # noqa: E402, E702
