@@ -147,26 +147,27 @@ def downstream_metrics(
         else:
             scored = torch.ones_like(ids[:, 1:], dtype=torch.bool)
         targets = ids[:, 1:]
-        with _autocast(device, autocast_dtype):
-            logp_clean = torch.log_softmax(_logits(model, ids, am), dim=-1)
-            with splice(model, hook, layer, _masked_replace(keep, reconstruct_fn)):
-                logp_spliced = torch.log_softmax(_logits(model, ids, am), dim=-1)
-            with splice(model, hook, layer, _masked_replace(keep, torch.zeros_like)):
-                logp_zero = torch.log_softmax(_logits(model, ids, am), dim=-1)
 
         def nll_sum(logp: Tensor) -> Tensor:
             nll = -logp.gather(-1, targets[..., None]).squeeze(-1)
             return nll.double()[scored].sum()
 
-        sums["clean"] += nll_sum(logp_clean)
+        # At most two [B, T-1, vocab] float32 tensors alive at a time.
+        with _autocast(device, autocast_dtype):
+            with splice(model, hook, layer, _masked_replace(keep, torch.zeros_like)):
+                sums["zero"] += nll_sum(torch.log_softmax(_logits(model, ids, am), dim=-1))
+            logp_clean = torch.log_softmax(_logits(model, ids, am), dim=-1)
+            sums["clean"] += nll_sum(logp_clean)
+            with splice(model, hook, layer, _masked_replace(keep, reconstruct_fn)):
+                logp_spliced = torch.log_softmax(_logits(model, ids, am), dim=-1)
         sums["spliced"] += nll_sum(logp_spliced)
-        sums["zero"] += nll_sum(logp_zero)
-        # KL(p_clean || p_spliced) per position, summed over the vocabulary.
-        kl = (logp_clean.exp() * (logp_clean - logp_spliced)).sum(-1)
+        # KL(p_clean || p_spliced) per position, summed over the vocabulary (in place: no third copy).
+        diff = logp_spliced.neg_().add_(logp_clean)  # log p_clean - log p_spliced
+        kl = diff.mul_(logp_clean.exp_()).sum(-1)
         sums["kl"] += kl.double()[scored].sum()
         n_scored += int(scored.sum())
         n_spliced += int(keep.sum())
-        del logp_clean, logp_spliced, logp_zero
+        del logp_clean, logp_spliced, diff
         bar.update(ids.shape[0])
     bar.close()
     if n_scored == 0:
@@ -188,4 +189,4 @@ def downstream_metrics(
 def loss_recovered(ce_clean: float, ce_spliced: float, ce_zero: float) -> float:
     """`(ce_zero - ce_spliced) / (ce_zero - ce_clean)`; NaN when zero ablation changes nothing."""
     denom = ce_zero - ce_clean
-    return (ce_zero - ce_spliced) / denom if denom != 0 else float("nan")
+    return (ce_zero - ce_spliced) / denom + 0.0 if denom != 0 else float("nan")
