@@ -1,15 +1,16 @@
-"""Train an SAE: `python train.py sae=topk data=synthetic trainer.max_steps=300`."""
+"""Train an SAE (`python train.py sae=topk data=synthetic`) or upgrade one to an RSAE
+(`python train.py experiment=rsae_upgrade teacher.path=<exported SAE dir>`)."""
 
 import hydra
 from omegaconf import DictConfig
 
 import rsae.config  # noqa: F401  (registers the config resolvers)
-from rsae.jobs.train import main as train
+from rsae.jobs import run
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
 def main(cfg: DictConfig) -> float | None:
-    return train(cfg)
+    return run(cfg)
 
 
 if __name__ == "__main__":

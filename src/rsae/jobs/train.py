@@ -63,7 +63,7 @@ def fit(cfg: DictConfig) -> dict[str, Any]:
         metrics["train/steps"] = trainer.global_step
         metrics.update(target_l0_objective(metrics, cfg.get("target_l0"), cfg.get("target_l0_weight", 0.1)))
         if trainer.is_global_zero:
-            save_sae(module.sae, run_dir / "sae", scale=float(module.act_scale), metadata=export_metadata(cfg, dm))
+            save_sae(module.sae, run_dir / "sae", scale=float(module.act_scale), metadata=export_metadata(cfg, dm, trainer.global_step))
             write_json(run_dir / "metrics.json", {"status": "ok", **metrics})
             log.info("final metrics: %s", json.dumps({k: round(v, 5) for k, v in metrics.items()}))
         return metrics
@@ -79,8 +79,8 @@ def target_l0_objective(metrics: dict[str, float], target_l0: float | None, weig
     return {"objective/fvu_at_target_l0": metrics["val/fvu"] + weight * abs(math.log(l0 / target_l0))}
 
 
-def export_metadata(cfg: DictConfig, dm) -> dict[str, Any]:
-    meta = {"rsae_sae_config": OmegaConf.to_container(cfg.sae, resolve=True)}
+def export_metadata(cfg: DictConfig, dm, steps: int) -> dict[str, Any]:
+    meta = {"rsae_sae_config": OmegaConf.to_container(cfg.sae, resolve=True), "rsae_train_steps": int(steps)}
     for key in ("model_name", "hook_name", "hook_layer", "context_size"):
         value = getattr(dm, key, None)
         if value is not None:

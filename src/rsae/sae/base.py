@@ -8,6 +8,7 @@ export folds that factor back into the weights so the saved SAE works on raw act
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field
 
 import torch
@@ -161,6 +162,13 @@ class SAE(nn.Module):
             "W_dec": (self.W_dec.detach() / scale).float().contiguous(),
             "b_dec": (self.b_dec.detach() / scale).float().contiguous(),
         }
+
+    def rescaled(self, scale: float) -> "SAE":
+        """A copy that acts on `x` as this SAE acts on `scale * x` (outputs divided by `scale`):
+        `rescaled(s)` turns a normalised-unit SAE into a raw-unit one, `rescaled(1 / s)` back."""
+        out = copy.deepcopy(self)
+        out.load_exported(self.export_tensors(scale), self.export_config())
+        return out
 
     @classmethod
     def kwargs_from_export(cls, cfg: dict) -> dict:

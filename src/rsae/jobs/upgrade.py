@@ -1,0 +1,231 @@
+"""The RSAE upgrade of a trained teacher SAE (`python train.py experiment=rsae_upgrade teacher.path=...`).
+
+1. init: copy the teacher's W_enc, b_enc, W_dec, b_dec exactly, start the gate from a fitted
+   table, then calibrate (a, b, C_in, C_out) with an L2 objective on the teacher's real
+   pre-activations (weights frozen): RSAE-init.
+2. fine-tune: unfreeze everything, minimise ||x - x_hat||^2 + lambda ||z||_1 with Adam; with
+   `upgrade.hold_l0` lambda adapts so that L0 stays at the teacher's.
+Control: the teacher fine-tuned with its own gate and loss for the same steps and tokens
+(`teacher_ft`), so that "beats the teacher" is not just "trained longer".
+
+All four models are evaluated on the same held-out tokens; `upgrade.json` holds their metrics,
+and `teacher_ft/`, `rsae_init/`, `rsae/` their exports. Each finished phase is saved at once, and
+a rerun in the same run directory skips it, so a crash loses at most the phase in flight.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, open_dict
+
+from rsae.eval.heldout import load_heldout
+from rsae.eval.suite import EvalOptions, evaluate_sae
+from rsae.io.saelens import CFG_FILE, load_sae, save_sae
+from rsae.io.teachers import load_teacher
+from rsae.lit.l0_control import HoldL0
+from rsae.sae import SAE, JumpReLUSAE, ReLUSAE
+from rsae.sae.base import require
+from rsae.sae.rational import RationalSAE, teacher_mechanism
+from rsae.jobs.common import finish_loggers, output_dir, run_guarded, write_json
+
+log = logging.getLogger(__name__)
+
+PHASES = ("teacher", "rsae_init", "rsae", "teacher_ft")
+
+
+def collect_rows(dm, n_rows: int) -> torch.Tensor:
+    """The first `n_rows` raw training activations of the stream (for calibration)."""
+    rows, n = [], 0
+    for batch in dm.train_dataloader():
+        rows.append(batch[: n_rows - n])
+        n += rows[-1].shape[0]
+        if n >= n_rows:
+            break
+    return torch.cat(rows).float()
+
+
+def sparsity_lever(sae: SAE) -> str | None:
+    """The coefficient HoldL0 adapts for this SAE (None: L0 is fixed by construction)."""
+    if isinstance(sae, RationalSAE):
+        return None if sae.gate == "topk" else "l1_coefficient"
+    if isinstance(sae, JumpReLUSAE):
+        return "l0_coefficient"
+    if isinstance(sae, ReLUSAE):
+        return "l1_coefficient"
+    return None  # TopK / BatchTopK
+
+
+def finetune(cfg: DictConfig, sae: SAE, dm, scale: float, phase: str, run_dir: Path, target_l0: float) -> SAE:
+    up = cfg.upgrade
+    module = instantiate(cfg.module, sae=sae, lr=up.lr, warmup_steps=up.warmup_steps)
+    module.set_activation_scale(scale)
+    callbacks = []
+    lever = sparsity_lever(sae)
+    if up.hold_l0 and lever is not None:
+        callbacks.append(HoldL0(target_l0, attribute=lever, rate=up.hold_l0_rate))
+    logger = instantiate(cfg.logger, **_logger_phase_kwargs(cfg, phase)) if cfg.get("logger") else False
+    trainer = instantiate(cfg.trainer, max_steps=int(up.steps), callbacks=callbacks, logger=logger,
+                          limit_val_batches=0, enable_checkpointing=False, default_root_dir=str(run_dir / phase))
+    try:
+        trainer.fit(module, datamodule=dm)
+    finally:
+        finish_loggers(trainer)
+    return module.sae.eval()
+
+
+def _logger_phase_kwargs(cfg: DictConfig, phase: str) -> dict:
+    target = str(cfg.logger.get("_target_", ""))
+    if target.endswith("CSVLogger"):
+        return {"version": phase}
+    if target.endswith("WandbLogger"):
+        return {"name": f"{cfg.task_name}-{phase}"}
+    return {}
+
+
+def teacher_metadata(teacher_dir: Path) -> dict:
+    path = teacher_dir / CFG_FILE
+    return json.loads(path.read_text()).get("metadata", {}) if path.is_file() else {}
+
+
+def fine_tune_steps(cfg: DictConfig, meta: dict) -> int:
+    """`upgrade.steps`, or (null) as many steps as an rsae-trained teacher had, else the paper's 22K."""
+    if cfg.upgrade.steps is not None:
+        return int(cfg.upgrade.steps)
+    return int(meta.get("rsae_train_steps", 22_000))
+
+
+def teacher_coefficient(meta: dict, name: str, fallback: float) -> float:
+    """The sparsity coefficient an rsae-trained teacher used (the control keeps it), else `fallback`."""
+    value = (meta.get("rsae_sae_config") or {}).get(name)
+    return float(value) if isinstance(value, (int, float)) else float(fallback)
+
+
+def upgrade(cfg: DictConfig) -> dict[str, Any]:
+    run_dir = output_dir()
+    up = cfg.upgrade
+    teacher_dir = Path(str(cfg.teacher.path))
+    dm = instantiate(cfg.data)
+    dm.prepare_data()
+    dm.setup("fit")
+    scale = float(dm.norm_scale)
+    teacher_raw = load_teacher(teacher_dir, d_in=dm.d_in)
+    mech = teacher_mechanism(teacher_raw)
+    teacher = teacher_raw.rescaled(1.0 / scale)  # normalised units, like every training run
+    meta = teacher_metadata(teacher_dir)
+    with open_dict(cfg):
+        cfg.upgrade.steps = fine_tune_steps(cfg, meta)
+        if cfg.upgrade.l1_coefficient is None:
+            cfg.upgrade.l1_coefficient = teacher_coefficient(meta, "l1_coefficient", 5.0)
+        cfg.upgrade.control_l0_coefficient = teacher_coefficient(meta, "l0_coefficient", cfg.upgrade.control_l0_coefficient)
+    require(cfg.upgrade.steps >= 1, f"upgrade.steps must be >= 1, got {cfg.upgrade.steps}")
+    torch.manual_seed(cfg.seed)
+
+    held = load_heldout(dm, int(up.eval_tokens))
+    opts = EvalOptions(batch_size=int(up.eval_batch_size), downstream=bool(up.downstream), probing=False, features=False,
+                       l0_tolerances=tuple(up.l0_tolerances))
+    lm = _load_lm(dm) if up.downstream and held.has_tokens else None
+    results_path = run_dir / "upgrade.json"
+    results: dict[str, Any] = json.loads(results_path.read_text()) if results_path.is_file() else {}
+
+    def evaluate(name: str, sae_norm: SAE) -> None:
+        raw = sae_norm.rescaled(scale).eval()
+        metrics, _ = evaluate_sae(raw, held, opts, lm=lm, hook=getattr(dm, "hook", None), layer=getattr(dm, "layer", None))
+        results[name] = metrics
+        results["settings"] = settings
+        write_json(results_path, results)
+        log.info("%s: %s", name, {k: round(v, 5) for k, v in metrics.items() if isinstance(v, float)})
+
+    settings = {
+        "teacher_path": str(teacher_dir), "teacher_mechanism": mech, "gate": None, "degrees": list(up.degrees) if up.degrees else None,
+        "l0_counting": "exact non-zero count" + (f"; l0_tol_<eps>: |z| > eps (raw units) for eps in {list(up.l0_tolerances)}" if up.l0_tolerances else ""),
+        "steps": int(cfg.upgrade.steps), "batch_size": int(cfg.data.batch_size), "hold_l0": bool(up.hold_l0),
+        "calibration_tokens": int(up.calibration_tokens), "eval_tokens": held.n_rows,
+    }
+
+    # Teacher
+    if "teacher" not in results:
+        evaluate("teacher", teacher)
+
+    # 1. RSAE-init: copy, fit the gate, calibrate on the teacher's real pre-activations.
+    init_dir = run_dir / "rsae_init"
+    if "rsae_init" in results and (init_dir / CFG_FILE).is_file():
+        rsae = load_sae(init_dir).rescaled(1.0 / scale)
+    else:
+        rsae = RationalSAE.from_teacher(
+            teacher, degrees=up.degrees, gate=up.gate, init_table=up.init_table, denominator=up.denominator,
+            sharing=up.sharing, n_groups=up.n_groups, scale_mode=up.scale_mode, l1_coefficient=up.l1_coefficient,
+            l0_coefficient=up.l0_coefficient, unit_norm_decoder=False,
+        )
+        x = collect_rows(dm, int(up.calibration_tokens)) * scale
+        with torch.no_grad():
+            h = teacher.pre_acts(x)
+            z_teacher = teacher.activation(h)
+        stats = rsae.calibrate(h, z_teacher, steps=int(up.calibration_steps))
+        settings["calibration"] = stats
+        save_sae(rsae, init_dir, scale=scale, metadata={"phase": "rsae_init", **settings})
+        evaluate("rsae_init", rsae)
+    settings["gate"] = rsae.gate
+    target_l0 = float(results["teacher"]["l0"])
+
+    # 2. Fine-tune the RSAE.
+    if "rsae" not in results or not (run_dir / "rsae" / CFG_FILE).is_file():
+        rsae.train()
+        for p in rsae.parameters():
+            p.requires_grad_(True)
+        rsae = finetune(cfg, rsae, dm, scale, "rsae", run_dir, target_l0)
+        save_sae(rsae, run_dir / "rsae", scale=scale, metadata={"phase": "rsae", **settings})
+        evaluate("rsae", rsae)
+
+    # Control: the teacher fine-tuned with its own gate for the same steps and tokens.
+    if up.control and ("teacher_ft" not in results or not (run_dir / "teacher_ft" / CFG_FILE).is_file()):
+        control = teacher_raw.rescaled(1.0 / scale).train()
+        _set_control_coefficients(control, up)
+        control = finetune(cfg, control, dm, scale, "teacher_ft", run_dir, target_l0)
+        save_sae(control, run_dir / "teacher_ft", scale=scale, metadata={"phase": "teacher_ft", **settings})
+        evaluate("teacher_ft", control)
+
+    summary = {f"upgrade/{phase}/{k}": v for phase in PHASES if phase in results for k, v in results[phase].items()
+               if isinstance(v, (int, float))}
+    _log_summary(cfg, summary)
+    write_json(run_dir / "metrics.json", {"status": "ok", **summary})
+    return summary
+
+
+def _set_control_coefficients(sae: SAE, up: DictConfig) -> None:
+    if isinstance(sae, JumpReLUSAE):
+        sae.l0_coefficient = float(up.control_l0_coefficient)
+    elif isinstance(sae, ReLUSAE):
+        sae.l1_coefficient = float(up.l1_coefficient)
+
+
+def _load_lm(dm):
+    from rsae.data.lm import load_lm
+
+    kwargs = getattr(dm, "lm_kwargs", None)
+    if kwargs is None:
+        return None
+    model, _ = load_lm(**kwargs)
+    return model.eval()
+
+
+def _log_summary(cfg: DictConfig, summary: dict) -> None:
+    if not cfg.get("logger") or not str(cfg.logger.get("_target_", "")).endswith("WandbLogger"):
+        return
+    logger = instantiate(cfg.logger, name=f"{cfg.task_name}-summary")
+    logger.log_metrics(summary)
+    logger.experiment.finish()
+
+
+def main(cfg: DictConfig) -> float | None:
+    summary = run_guarded(upgrade, cfg)
+    if summary.get("status") == "failed":
+        return float("nan")
+    value = summary.get(cfg.optimized_metric)
+    return float(value) if isinstance(value, (int, float)) and math.isfinite(value) else float("nan")
