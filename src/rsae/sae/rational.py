@@ -74,7 +74,7 @@ def contribution_l0(z: Tensor, decoder_norms: Tensor, tolerances: Sequence[float
     c = z.detach().abs().float() * decoder_norms.detach().float()
     if reference is None:
         reference = mean_contribution(z, decoder_norms)
-    n = max(1, c.shape[0] if c.ndim > 1 else 1)
+    n = max(1, c.numel() // max(1, c.shape[-1]))  # tokens
     return {float(eps): float((c > eps * reference).sum()) / n for eps in tolerances}
 
 
@@ -160,7 +160,8 @@ class RationalSAE(SAE):
     # --- gate ----------------------------------------------------------------------------------
     @property
     def threshold(self) -> Tensor:
-        require(self.gate == "jumprelu", f"gate={self.gate} has no thresholds")
+        if self.gate != "jumprelu":  # AttributeError keeps hasattr(sae, "threshold") meaningful
+            raise AttributeError(f"a rational SAE with gate={self.gate} has no thresholds")
         return self.log_threshold.exp()
 
     def gate_mask(self, h: Tensor) -> Tensor | None:
@@ -207,7 +208,7 @@ class RationalSAE(SAE):
         `l0_tolerances`)."""
         if relative:
             return contribution_l0(z, self.decoder_norms(), tolerances, reference)
-        n = max(1, z.shape[0] if z.ndim > 1 else 1)
+        n = max(1, z.numel() // max(1, z.shape[-1]))
         return {float(eps): float((z.detach().abs() > eps).sum()) / n for eps in tolerances}
 
     def mean_contribution(self, z: Tensor) -> float:
@@ -231,9 +232,10 @@ class RationalSAE(SAE):
 
         gate: teacher (its own mechanism, stored concretely) or none | relu | jumprelu | topk.
         init_table: default per teacher mechanism (`DEFAULT_TEACHER_TABLES`; with `degrees`
-        given, the table of that gate with those degrees, e.g. relu_3_2). For JumpReLU and
-        BatchTopK teachers C_in_j = theta_j / t0 (t0 = the table's cut-off) and C_out = C_in
-        are set here; other teachers need `calibrate` on data to set C_in from max|h_j|.
+        given, the table of that gate with those degrees, e.g. relu_3_2). Data-free start for
+        the scales: C_in_j = C_out_j = theta_j / t0 (t0 = the table's cut-off) for JumpReLU and
+        BatchTopK teachers with a jump table, else 1; `calibrate` on the teacher's
+        pre-activations then sets them from data (see `init_scales`) and fits the gate.
         Remaining keywords go to the constructor (loss weights, t_max, ...)."""
         mech = teacher_mechanism(teacher)
         base_mech = {"batchtopk": "jumprelu"}.get(mech, mech)
@@ -282,29 +284,35 @@ class RationalSAE(SAE):
 
     @torch.no_grad()
     def init_scales(self, h: Tensor) -> Tensor:
-        """C_in (and C_out = C_in) from data, as DESIGN prescribes:
-        * thresholds known (gate=jumprelu, or a JumpReLU/BatchTopK teacher) and a jump table:
-          C_in_j = theta_j / t0, which puts every latent's jump at the table's t0;
-        * a TopK teacher with gate=none and a jump table: C_in = tau_hat / tau, where tau_hat is
-          the mean over tokens of the k-th largest pre-activation (BatchTopK-style cut-off);
-        * otherwise C_in_j = max_i |h_ij| (latents never seen non-zero get the median).
-        scale_mode=scalar uses the mean threshold / the global max instead. Returns C_in."""
+        """C_in (and C_out = C_in) from data h [N, d_sae]; returns C_in.
+
+        * A mask decides which latents fire (gate relu / jumprelu / topk), or the table is a ReLU
+          fit: C_in_j = max_i |h_ij|, so every pre-activation lies in [-1, 1] where the table
+          was fitted (latents never seen non-zero get the median). With a mask the jump need not
+          come from the rational, and theta_j / t0 would push latents whose activations reach
+          far above their threshold past the clamp t_max (the gate saturates there).
+        * Pure rational gate (none) with a jump table: align every latent's jump with the
+          table's cut-off t0: C_in_j = theta_j / t0 for JumpReLU / BatchTopK teachers; for a
+          TopK teacher C_in = tau_hat / t0 with tau_hat the mean over tokens of the k-th largest
+          pre-activation (the BatchTopK-style estimate of the cut-off). C_in_j is raised where
+          needed to keep |h_ij| / C_in_j <= t_max / 2 on the data.
+        scale_mode=scalar: the global max / the mean threshold."""
         h = h.detach().float()
         g = self.rational_gate
-        thr = self.threshold.detach() if self.gate == "jumprelu" else self.teacher_threshold
-        if thr is not None and g.cutoff > 0:
-            c = self._scales_from_thresholds(thr.to(h.device))
-        elif self.teacher_k is not None and self.gate == "none" and g.cutoff > 0:
-            tau = torch.topk(h, self.teacher_k, dim=-1).values[:, -1].mean().clamp_min(1e-12)
-            c = (tau / g.cutoff).reshape(1).expand(g.log_c_in.numel()).clone()
-        else:
-            m = h.abs().amax(0)
-            if g.scale_mode == "scalar":
-                c = m.max().reshape(1)
-            else:
-                pos = m[m > 0]
-                fill = pos.median() if pos.numel() else torch.tensor(1.0)
-                c = torch.where(m > 0, m, fill)
+        latent = g.scale_mode == "latent"
+        m = h.abs().amax(0)
+        if not latent:
+            m = m.max().reshape(1)
+        pos = m[m > 0]
+        m = torch.where(m > 0, m, pos.median() if pos.numel() else torch.ones(()))
+        c = m
+        if self.gate == "none" and g.cutoff > 0:
+            if self.teacher_threshold is not None:
+                c = self._scales_from_thresholds(self.teacher_threshold.to(h.device))
+            elif self.teacher_k is not None:
+                tau = torch.topk(h, self.teacher_k, dim=-1).values[:, -1].mean().clamp_min(1e-12)
+                c = (tau / g.cutoff).reshape(1).expand_as(m).clone()
+            c = torch.maximum(c, m / (0.5 * g.t_max))
         c = c.clamp_min(1e-12)
         g.set_scales(c, c)
         return c
@@ -324,10 +332,11 @@ class RationalSAE(SAE):
         """Fit the gate's (a, b, C_in, C_out) so that phi(h) * mask ~ z_teacher (L2), with the
         SAE's weights and thresholds frozen. h_samples: [N, d_sae] pre-activations (normalised
         units, e.g. `self.pre_acts(x)`); teacher_z_samples: the teacher's codes on them.
-        init_scales: first set C_in, C_out from the data (`init_scales`). steps / lr / optimizer /
+        init_scales: first set C_in, C_out from the data (`init_scales`; otherwise the current
+        scales, e.g. from_teacher's theta_j / t0, are the start). steps / lr / optimizer /
         batch_size / max_entries: see `rsae.rational.calibrate_gate` (default: full-batch L-BFGS,
-        200 iterations). Returns the relative L2 error of the codes before / after and the
-        resulting C_in range."""
+        200 iterations). Returns the relative L2 error of the codes before / after, the resulting
+        C_in range and the fraction of sample entries beyond the clamp (|h / C_in| > t_max)."""
         require(h_samples.shape == teacher_z_samples.shape and h_samples.shape[-1] == self.d_sae,
                 f"h and teacher codes must both be [N, {self.d_sae}], got {list(h_samples.shape)} and {list(teacher_z_samples.shape)}")
         h = h_samples.detach().to(self.W_enc.device).float()
@@ -346,8 +355,10 @@ class RationalSAE(SAE):
         finally:
             for p, f in zip(frozen, flags):
                 p.requires_grad_(f)
-        c = self.rational_gate.c_in.detach()
-        return {**stats, "c_in_min": float(c.min()), "c_in_max": float(c.max())}
+        with torch.no_grad():
+            c = self.rational_gate.c_in.detach()
+            clamped = float(((h / c).abs() > self.rational_gate.t_max).float().mean())
+        return {**stats, "c_in_min": float(c.min()), "c_in_max": float(c.max()), "fraction_clamped": clamped}
 
     @torch.no_grad()
     def codes_error(self, h_samples: Tensor, teacher_z_samples: Tensor) -> float:
