@@ -8,13 +8,14 @@ import torch
 from conftest import run_train
 from rsae.io.saelens import load_sae
 
-COMMON = ("data=synthetic", "logger=csv", "data.batch_size=256")
+COMMON = ("data=synthetic", "logger=csv", "data.batch_size=256", "data.d_in=16", "data.n_features=64")
 
 
 @pytest.mark.parametrize("sae", ["relu", "jumprelu", "topk"])
 def test_upgrade_reproduces_teacher_then_fine_tunes(tmp_path, sae):
     teacher, up = tmp_path / "teacher", tmp_path / "upgrade"
-    run_train(f"sae={sae}", "trainer.max_steps=150", "trainer.val_check_interval=150", f"hydra.run.dir={teacher}", *COMMON)
+    k = ("sae.k=4",) if sae == "topk" else ()
+    run_train(f"sae={sae}", *k, "trainer.max_steps=150", "trainer.val_check_interval=150", f"hydra.run.dir={teacher}", *COMMON)
     run_train("experiment=rsae_upgrade", f"teacher.path={teacher}/sae", "upgrade.steps=40",
               "upgrade.calibration_tokens=4096", "upgrade.calibration_steps=50", f"hydra.run.dir={up}", *COMMON)
     res = json.loads((up / "upgrade.json").read_text())
