@@ -269,3 +269,22 @@ def test_few_training_steps_reduce_the_loss():
         opt.step()
         losses.append(float(out.loss.detach()))
     assert losses[-1] < 0.5 * losses[0]
+
+
+@pytest.mark.parametrize("sharing,scale_mode", [("latent", "latent"), ("group", "scalar")])
+def test_calibration_with_coefficient_sets(sharing, scale_mode):
+    teacher = _teacher("relu")
+    x = _synthetic_acts()
+    with torch.no_grad():
+        h = teacher.pre_acts(x)
+        z_t = teacher.activation(h)
+    sae = RationalSAE.from_teacher(teacher, degrees=(3, 2), sharing=sharing, n_groups=4, scale_mode=scale_mode)
+    stats = sae.calibrate(h, z_t, steps=20)
+    assert stats["rel_l2_before"] > 0.01 and stats["rel_l2_after"] < 1e-3
+    assert stats["fraction_clamped"] == 0.0
+
+
+def test_calibrate_rejects_mismatched_shapes():
+    sae = RationalSAE.from_teacher(_teacher("relu"))
+    with pytest.raises(ConfigError):
+        sae.calibrate(torch.randn(8, D_SAE), torch.randn(8, D_SAE - 1))

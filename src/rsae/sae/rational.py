@@ -98,7 +98,7 @@ class RationalSAE(SAE):
         n_groups: int = 1,
         scale_mode: str = "latent",
         init_table: str | None = "relu_5_4",
-        c_in_init: float = 1.0,
+        c_in_init: float = 4.0,
         c_out_init: float | None = None,
         t_max: float = T_MAX,
         gate: str = "relu",
