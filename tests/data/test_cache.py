@@ -176,3 +176,17 @@ def test_bf16_storage_halves_the_bytes(setup, built, tmp_path):
     full = sum(s["bytes"] for s in built.shards("train"))
     assert sum(s["bytes"] for s in half.shards("train")) < 0.6 * full
     assert load_file(half.shard_paths("train")[0])["acts"].dtype == torch.bfloat16
+
+
+def test_concurrent_harvests_wait_for_the_lock(setup, tmp_path):
+    import threading
+
+    cache_dir = tmp_path / "shared"
+    result = {}
+    with C.cache_lock(cache_dir):
+        worker = threading.Thread(target=lambda: result.setdefault("m", _harvest(cache_dir, setup)))
+        worker.start()
+        worker.join(timeout=0.5)
+        assert worker.is_alive() and not (cache_dir / C.PROGRESS).exists()  # waiting, not writing
+    worker.join()
+    assert result["m"].rows("train") > 0

@@ -99,3 +99,21 @@ def test_split_holds_out_the_last_fraction():
     assert split_sizes(10, 0.0) == (10, 0)
     with pytest.raises(ValueError):
         split_sizes(10, 1.0)
+
+
+def test_hub_dataset_documents_are_streamed(monkeypatch, tokenizer):
+    import datasets
+
+    from rsae.data.text import iter_hub_documents
+
+    calls = {}
+
+    def fake_load_dataset(name, config, split, streaming, revision):
+        calls.update(name=name, config=config, split=split, streaming=streaming)
+        return iter([{"text": "alpha beta"}, {"text": ""}, {"text": "gamma"}])
+
+    monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
+    docs = list(iter_hub_documents("org/corpus", "en", "train"))
+    assert docs == ["alpha beta", "gamma"] and calls["streaming"] is True
+    tokens = tokenize_sequences(tokenizer, iter(docs * 20), context_size=8, n_tokens=32, eos_between=True)
+    assert (tokens[:, 1:] == tokenizer.eos_token_id).any()  # distinct documents are separated by EOS

@@ -17,11 +17,14 @@ the manifest, so truncation and corruption are detected and reported with the fi
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
+import fcntl
 import hashlib
 import json
 import os
 import struct
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -85,6 +88,23 @@ def write_atomic(path: Path, data: bytes) -> None:
 
 def write_json_atomic(path: Path, obj: dict) -> None:
     write_atomic(path, (json.dumps(obj, indent=1, sort_keys=False) + "\n").encode())
+
+
+@contextlib.contextmanager
+def cache_lock(root: Path):
+    """Exclusive lock on a cache directory while it is being built: concurrent runs (DDP ranks,
+    parallel sweep trials) sharing a cache wait, then find it complete instead of racing."""
+    root.mkdir(parents=True, exist_ok=True)
+    with open(root / ".lock", "w") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            print(f"[rsae] waiting for another process building the activation cache {root}", file=sys.stderr)
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def read_json(path: Path) -> dict:

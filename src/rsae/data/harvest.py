@@ -81,12 +81,28 @@ def harvest(cache_dir: str | Path, *, name_or_path: str, hook: str = "resid_post
                             hook=hook, layer=layer, context_size=context_size, n_tokens=n_tokens,
                             val_fraction=val_fraction, storage_dtype=storage_dtype, prepend_bos=prepend_bos,
                             exclude_special_tokens=exclude_special_tokens, **text_source)
-    if (root / C.MANIFEST).is_file():
-        manifest = C.Manifest.load(root)
-        manifest.check_request(request, d_in)
-        manifest.verify(checksums=verify_checksums)
-        return manifest
+    if not (root / C.MANIFEST).is_file():
+        with C.cache_lock(root):
+            if not (root / C.MANIFEST).is_file():  # nobody finished it while we waited
+                return _build(root, request, text_source, name_or_path=name_or_path, hook=hook, layer=layer,
+                              gguf_file=gguf_file, revision=revision, lm_dtype=lm_dtype, n_tokens=n_tokens,
+                              context_size=context_size, val_fraction=val_fraction, storage_dtype=storage_dtype,
+                              prepend_bos=prepend_bos, exclude_special_tokens=exclude_special_tokens,
+                              batch_size=batch_size, shard_mb=shard_mb, device=device, d_in=d_in,
+                              progress=progress, lm=lm)
+    manifest = C.Manifest.load(root)
+    manifest.check_request(request, d_in)
+    manifest.verify(checksums=verify_checksums)
+    return manifest
 
+
+def _build(root: Path, request: dict, text_source: dict, *, name_or_path, hook, layer, gguf_file, revision, lm_dtype,
+           n_tokens, context_size, val_fraction, storage_dtype, prepend_bos, exclude_special_tokens, batch_size,
+           shard_mb, device, d_in, progress, lm) -> C.Manifest:
+    """Harvest into `root` (resuming an interrupted harvest of the same request)."""
+    dataset, dataset_config = text_source["dataset"], text_source["dataset_config"]
+    dataset_split, text_column, text_files = (text_source["dataset_split"], text_source["text_column"],
+                                              text_source["text_files"])
     done = _resume_state(root, request)
     started = time.perf_counter()
     model, tokenizer = lm if lm is not None else load_lm(name_or_path, gguf_file, lm_dtype, device, revision)
