@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 
 from rsae.data import cache as C
 from rsae.data.hooks import resolve_hook, run_to_hook
-from rsae.data.lm import check_lm_source, lm_identity, load_lm, resolve_device, tokenizer_sha256, torch_dtype
+from rsae.data.lm import check_lm_source, lm_identity, load_lm, tokenizer_sha256, torch_dtype
 from rsae.data.text import (
     expand_text_files,
     iter_file_documents,
@@ -152,9 +152,7 @@ def _build(root: Path, request: dict, text_source: dict, *, name_or_path, hook, 
         shards = state["splits"][split]
         for first in range(lo + sum(_shard_seqs(s) for s in shards), hi, seqs_per_shard):
             last = min(first + seqs_per_shard, hi)
-            rows = _harvest_rows(model, hook, layer, tokens, keep, first, last, batch_size, device_, bar)
-            rows["acts"] = rows["acts"].to(store)
-            C.check_finite(rows["acts"], f"sequences {first}-{last - 1} ({hook} at layer {layer})")
+            rows = _harvest_rows(model, hook, layer, tokens, keep, first, last, batch_size, store, bar)
             name = f"{split}/{len(shards):05d}.safetensors"
             entry = C.write_shard(root / name, rows)
             entry = {"file": name, **entry, "sequences": [first, last],
@@ -212,17 +210,21 @@ def _resume_state(root: Path, request: dict) -> dict:
     return state
 
 
-def _harvest_rows(model, hook, layer, tokens, keep, first, last, batch_size, device, bar) -> dict:
-    """Activations at kept positions of sequences [first, last), with their token ids and places."""
+def _harvest_rows(model, hook, layer, tokens, keep, first, last, batch_size, store, bar) -> dict:
+    """Activations at kept positions of sequences [first, last) in the storage dtype, with their
+    token ids and places. Selection, conversion and the NaN check happen on the model's device."""
     acts, ids, seqs, positions = [], [], [], []
     context = tokens.shape[1]
+    device = next(model.parameters()).device
     with torch.inference_mode():
         for lo in range(first, last, batch_size):
             hi = min(lo + batch_size, last)
             batch = tokens[lo:hi]
             out = run_to_hook(model, hook, layer, input_ids=batch.to(device))
             mask = keep[lo:hi]
-            acts.append(out[mask.to(out.device)].float().cpu())
+            selected = out[mask.to(out.device)].to(store)
+            C.check_finite(selected, f"sequences {lo}-{hi - 1} ({hook} at layer {layer})")
+            acts.append(selected.cpu())
             ids.append(batch[mask].to(torch.int32))
             seqs.append(torch.arange(lo, hi, dtype=torch.int32)[:, None].expand(-1, context)[mask])
             positions.append(torch.arange(context, dtype=torch.int32)[None, :].expand(hi - lo, -1)[mask])
