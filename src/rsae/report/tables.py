@@ -36,6 +36,15 @@ LABELS = {"mse": "MSE", "fvu": "FVU", "explained_variance": "expl. var.", "l0": 
 LATEX_LABELS = {**LABELS, "delta_ce": r"$\Delta$CE", "explained_variance": "expl.\\ var."}
 
 
+def label(key: str, latex: bool = False) -> str:
+    """Column label: `probe_f1_k5` -> `probe F1@5`, `probe_raw_f1_k5` -> `raw F1@5`."""
+    if key.startswith("probe_") and "_k" in key:
+        k = key.rsplit("_k", 1)[1]
+        name = f"raw F1@{k}" if key.startswith("probe_raw_") else f"probe F1@{k}"
+        return name
+    return (LATEX_LABELS if latex else LABELS).get(key, _tex(key) if latex else key)
+
+
 def fmt(value: float | None) -> str:
     if value is None:
         return ""
@@ -79,6 +88,7 @@ def runs_rows(runs: Sequence[Run]) -> tuple[list[str], list[list[str]], list[str
     """Header, formatted rows and the overrides shared by all runs."""
     shared, own = split_overrides(runs)
     cols = metric_columns(runs)
+    several_models = len({r.info.get("model") for r in runs}) > 1
     header = ["run", "kind", "architecture", "overrides", "status", *cols]
     rows = []
     for i, r in enumerate(runs):
@@ -87,7 +97,8 @@ def runs_rows(runs: Sequence[Run]) -> tuple[list[str], list[list[str]], list[str
         vals = [r.metrics.get(c) for c in cols]
         if r.status != "ok":
             over = (over + " " if over else "") + f"({r.error})"
-        rows.append([r.name, r.kind, r.architecture, over, status, *[fmt(v) for v in vals]])
+        arch = f"{r.architecture} @ {r.info.get('model') or '?'}" if several_models else r.architecture
+        rows.append([r.name, r.kind, arch, over, status, *[fmt(v) for v in vals]])
     return header, rows, shared
 
 
@@ -100,7 +111,7 @@ def markdown_runs(runs: Sequence[Run]) -> str:
     lines = []
     if shared:
         lines.append("Shared overrides: `" + " ".join(shared) + "`\n")
-    lines.append("| " + " | ".join(LABELS.get(h, h) for h in header) + " |")
+    lines.append("| " + " | ".join(label(h) for h in header) + " |")
     lines.append("|" + "|".join("---" if i < 5 else "---:" for i in range(len(header))) + "|")
     for row in rows:
         cells = [_md_escape(c) for c in row]
@@ -190,7 +201,7 @@ def latex_runs(runs: Sequence[Run]) -> str:
     ncols = len(header)
     lines = [r"% shared overrides: " + " ".join(shared) if shared else "% runs table",
              r"\begin{tabular}{" + "l" * 5 + "r" * (ncols - 5) + "}", r"\toprule",
-             " & ".join(LATEX_LABELS.get(h, _tex(h)) for h in header) + r" \\", r"\midrule"]
+             " & ".join(label(h, latex=True) for h in header) + r" \\", r"\midrule"]
     for row in rows:
         cells = [_tex(c) for c in row]
         if row[4] == "failed":
