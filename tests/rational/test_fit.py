@@ -45,10 +45,15 @@ def test_version_a_denominator_fit():
     assert res.max_error < 0.03
 
 
-@pytest.mark.parametrize("gate", ["jumprelu", "topk"])
-def test_jump_fit_is_bounded_and_accurate_away_from_the_jump(gate):
+def test_topk_target_is_the_gate_at_its_cutoff():
+    t = grid()
+    np.testing.assert_array_equal(gate_target("topk", t, 0.2), np.where(t > 0.2, t, 0.0))
+    np.testing.assert_array_equal(gate_target("topk", t, 0.2), gate_target("jumprelu", t, 0.2))
+
+
+def test_jump_fit_is_bounded_and_accurate_away_from_the_jump():
     t0 = 0.3
-    res = fit_gate(gate, (9, 8), cutoff=t0)
+    res = fit_gate("jumprelu", (9, 8), cutoff=t0)
     coefs = np.abs(np.r_[res.a, res.b])
     assert coefs.max() <= BOUND * (1 + 1e-9)
     assert res.max_error >= 0.45 * t0  # no continuous r beats half the jump height (grid: ~)

@@ -198,8 +198,11 @@ def test_exact_log_round_trip():
         exact_log(torch.tensor([1.0, 0.0]))
 
 
-def test_identity_initialisation():
-    gate = RationalGate(3, degrees=(2, 2))
-    h = torch.randn(5, 3)
-    torch.testing.assert_close(gate(h), h)
+@pytest.mark.parametrize("denominator", ["B", "A"])
+def test_identity_initialisation_is_trainable(denominator):
+    gate = RationalGate(3, degrees=(2, 2), denominator=denominator)
+    h = torch.rand(5, 3) * 2 - 1
+    torch.testing.assert_close(gate(h), h, rtol=0, atol=3e-4)
     assert math.isclose(float(gate.c_in.detach()), 1.0)
+    (gate(h) - 2 * h).pow(2).sum().backward()
+    assert (gate.b.grad != 0).all() and (gate.a.grad != 0).any()  # |.| at 0 would block b

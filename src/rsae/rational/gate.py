@@ -49,11 +49,18 @@ def exact_log(c: Tensor) -> Tensor:
     return best
 
 
+IDENTITY_B = 1e-4
+
+
 def identity_coefficients(p: int, q: int) -> tuple[list[float], list[float]]:
-    """r(t) = t (needs p >= 1)."""
+    """r(t) ~ t (needs p >= 1): a = (0, 1, 0, ...), b_j = 1e-4.
+
+    b is not exactly 0: the denominator goes through |.|, whose derivative torch takes as 0 at
+    0, so b = 0 would never receive a gradient. With b_j = 1e-4, |r(t) - t| <= q 1e-4 |t| on
+    [-1, 1]."""
     if p < 1:
         raise ValueError("the identity needs a numerator of degree >= 1")
-    return [0.0, 1.0] + [0.0] * (p - 1), [0.0] * q
+    return [0.0, 1.0] + [0.0] * (p - 1), [IDENTITY_B] * q
 
 
 class RationalGate(nn.Module):
@@ -73,7 +80,7 @@ class RationalGate(nn.Module):
         """d: number of latents (size of the last dimension of h).
         degrees: (p, q); None takes them from `init_table`.
         init_table: name of a fitted table (see `rsae.rational.coefficients`) copied into every
-        coefficient set; None starts from r(t) = t.
+        coefficient set; None starts from r(t) ~ t (`identity_coefficients`).
         c_in, c_out: initial scales (c_out defaults to c_in, so phi(h) ~ gate(h) for the table's gate).
         t_max: clamp of t = h / C_in before the powers (see `rsae.rational.function`)."""
         super().__init__()

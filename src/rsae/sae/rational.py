@@ -116,7 +116,7 @@ class RationalSAE(SAE):
         """degrees: (p, q), or None to take them from init_table. denominator: B (1 + |sum b_j t^j|)
         or A (1 + sum |b_j| |t|^j). sharing: shared | group | latent coefficient sets (n_groups
         for group). scale_mode: scalar | latent C_in, C_out. init_table: fitted table the gate
-        starts from (`rsae.rational.available_tables()`; None: r(t) = t). c_in_init / c_out_init:
+        starts from (`rsae.rational.available_tables()`; None: r(t) ~ t). c_in_init / c_out_init:
         initial scales (c_out defaults to c_in, so phi ~ the table's gate on |h| <= c_in).
         t_max: clamp of h / C_in. gate: none | relu | jumprelu | topk (see the module docstring);
         k for topk; init_threshold and bandwidth for jumprelu. Loss weights as described above.
