@@ -42,7 +42,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=4096, help="rows per training batch")
     p.add_argument("--num-workers", type=int, nargs="+", default=[0, 1])
     p.add_argument("--epochs", type=float, default=1.0, help="passes over the training rows per timed segment")
-    p.add_argument("--cache-dir", default=None, help="default: a temporary directory, removed afterwards")
+    p.add_argument("--cache-dir", default=None,
+                   help="where to harvest (must not hold a cache yet); default: a temporary directory, removed afterwards")
     p.add_argument("--json", default=None, help="also write the results to this JSON file")
     return p.parse_args(argv)
 
@@ -167,6 +168,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv or [])
     with tempfile.TemporaryDirectory(prefix="rsae-bench-") as tmp:
         cache_dir = Path(args.cache_dir) if args.cache_dir else Path(tmp) / "cache"
+        if (cache_dir / "manifest.json").exists():
+            raise SystemExit(f"error: {cache_dir} already holds a cache; the harvest timing needs a fresh directory")
         results = {
             "date": time.strftime("%Y-%m-%d"),
             "machine": f"{platform.machine()} CPU, {torch.get_num_threads()} torch threads, "
