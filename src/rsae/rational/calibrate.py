@@ -60,7 +60,7 @@ def calibrate_gate(
     target: Tensor,
     mask: Tensor | None = None,
     steps: int = 200,
-    lr: float = 1.0,
+    lr: float | None = None,
     optimizer: str = "lbfgs",
     batch_size: int | None = None,
     max_entries: int | None = 4_000_000,
@@ -72,7 +72,8 @@ def calibrate_gate(
     (over the sample) before and after.
 
     h, target, mask: [N, d] pre-activations, teacher codes and the fixed 0/1 mask (or None).
-    steps: L-BFGS iterations (or Adam steps). lr: L-BFGS step length (1) or Adam learning rate.
+    steps: L-BFGS iterations (or Adam steps). lr: L-BFGS step length (default 1) or Adam
+    learning rate (default 1e-3).
     batch_size: entries per Adam step (None: all). max_entries: subsample cap on the entries.
     linearised_iters: stage-1 iterations (0 skips it). bound: |coefficient| cap in stage 1."""
     if optimizer not in ("lbfgs", "adam"):
@@ -80,8 +81,9 @@ def calibrate_gate(
     h, target = h.detach(), target.detach()
     mask = None if mask is None else mask.detach().to(h.dtype)
     vals, lat, tz, m = _entries(h, target, mask, max_entries, seed)
-    total = target.double().pow(2).sum().clamp_min(1e-300)  # the full-sample denominator
-    # Every entry outside the selection has mask 0 and target 0: it adds nothing.
+    # Entries outside the selection have mask 0 and target 0 and add nothing, so the target norm
+    # over the selection is the full one (or, when subsampled, that of the subsample).
+    total = tz.double().pow(2).sum().clamp_min(1e-300)
     work = copy.deepcopy(gate).double()
     vals64, tz64 = vals.double(), tz.double()
     m64 = None if m is None else m.double()
@@ -104,10 +106,8 @@ def calibrate_gate(
     params = list(work.parameters())
     if best < 1e-14:  # already exact to float64 round-off (e.g. a masked teacher: r(t) = t)
         steps = 0
-    if steps == 0:
-        pass
-    elif optimizer == "lbfgs":
-        opt = torch.optim.LBFGS(params, lr=lr, max_iter=steps, history_size=50, line_search_fn="strong_wolfe",
+    if steps > 0 and optimizer == "lbfgs":
+        opt = torch.optim.LBFGS(params, lr=1.0 if lr is None else lr, max_iter=steps, history_size=50, line_search_fn="strong_wolfe",
                                 tolerance_grad=1e-12, tolerance_change=1e-14)
 
         def closure():
@@ -117,8 +117,8 @@ def calibrate_gate(
             return loss
 
         opt.step(closure)
-    else:
-        opt = torch.optim.Adam(params, lr=lr)
+    elif steps > 0:
+        opt = torch.optim.Adam(params, lr=1e-3 if lr is None else lr)
         gen = torch.Generator(device="cpu").manual_seed(seed)
         n = vals64.numel()
         for step in range(steps):

@@ -322,7 +322,7 @@ class RationalSAE(SAE):
         h_samples: Tensor,
         teacher_z_samples: Tensor,
         steps: int = 200,
-        lr: float = 1.0,
+        lr: float | None = None,
         init_scales: bool = True,
         optimizer: str = "lbfgs",
         batch_size: int | None = None,
