@@ -43,8 +43,16 @@ def train_run(path, sae, metrics, status="ok", **kw):
 
 
 def upgrade_run(path, teacher, stages, gate="teacher"):
-    hydra_run(path, "upgrade", [f"teacher={teacher}"])
-    (path / "upgrade.json").write_text(json.dumps({**stages, "gate": gate, "teacher_architecture": teacher}))
+    """upgrade.json as rsae.jobs.upgrade writes it: stages plus a "settings" block."""
+    hydra_run(path, "upgrade", ["experiment=rsae_upgrade", f"teacher.path=/teachers/{teacher}"], sae="topk")
+    settings = {"teacher_path": f"/teachers/{teacher}", "teacher_mechanism": teacher, "gate": gate,
+                "l0_counting": "exact non-zero count", "eval_tokens": 20000, "calibration": {"max_err": 0.01}}
+    (path / "upgrade.json").write_text(json.dumps({**stages, "settings": settings}))
+    (path / "metrics.json").write_text(json.dumps({"status": "ok", "upgrade/rsae/mse": stages["rsae"]["mse"]}))
+    for phase in ("rsae_init", "rsae"):  # exports inside the run are not runs
+        (path / phase).mkdir()
+        (path / phase / "cfg.json").write_text("{}")
+        (path / phase / "sae_weights.safetensors").write_text("")
     return path
 
 
@@ -93,6 +101,8 @@ def test_collect_labels_and_statuses(runs):
     assert by_name["e1"].kind == "evaluate" and by_name["e1"].architecture == "relu"  # SAELens "standard"
     assert by_name["relu"].kind == "upgrade" and by_name["relu"].info["teacher"] == "relu"
     assert by_name["topk"].info["gate"] == "kind=topk, k=32"
+    assert by_name["relu"].info["l0_counting"] == "exact non-zero count" and by_name["relu"].architecture == "rsae from relu"
+    assert set(by_name["topk"].stages) == {"teacher", "rsae_init", "rsae", "teacher_ft"}
 
 
 def test_report_tables_and_plots(runs, tmp_path):

@@ -197,18 +197,22 @@ def _read_upgrade(run: Run, up: dict, cfg: Any) -> None:
         if isinstance(up.get(stage), dict):
             run.stages[stage] = canonical(up[stage])
     for stage, values in up.items():  # stages we do not know by name still show up
-        if stage not in STAGES and isinstance(values, dict) and any(k in values for k in ("mse", "fvu", "l0")):
+        if stage not in STAGES and stage != "settings" and isinstance(values, dict) and any(k in values for k in ("mse", "fvu", "l0")):
             run.stages[stage] = canonical(values)
     if run.status == "ok" and up.get("status") == "failed":
         run.status, run.error = "failed", str(up.get("error", "failed"))
+    # rsae.jobs.upgrade keeps run facts under "settings" (teacher_mechanism, gate, l0_counting, ...).
+    settings = up.get("settings") if isinstance(up.get("settings"), dict) else {}
     teacher = up.get("teacher") if isinstance(up.get("teacher"), dict) else {}
-    teacher_arch = (up.get("teacher_architecture") or teacher.get("architecture")
-                    or _get(cfg, "teacher.architecture") or _short_name(_get(cfg, "teacher_path"))
+    teacher_arch = (settings.get("teacher_mechanism") or up.get("teacher_architecture") or teacher.get("architecture")
+                    or _get(cfg, "teacher.architecture") or _short_name(settings.get("teacher_path"))
                     or _short_name(_get(cfg, "teacher.path")))
     run.info["teacher"] = ARCH_ALIASES.get(str(teacher_arch), teacher_arch)
     run.info["model"] = up.get("model") or run.info.get("model")
     for key in ("gate", "l0_counting"):
-        value = up.get(key, _get(cfg, f"upgrade.{key}") if key == "gate" else None)
+        value = settings.get(key, up.get(key))
+        if value is None and key == "gate":
+            value = _get(cfg, "upgrade.gate")
         if isinstance(value, dict):
             value = ", ".join(f"{k}={v}" for k, v in value.items())
         if value is not None:
