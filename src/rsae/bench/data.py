@@ -8,15 +8,18 @@
    the same model truncated after the hooked block, on the same token batches.
    Overhead = bare / harvest - 1 (target <= 25%).
 2. Streaming: cache bytes per second delivered by `ActivationDataModule.train_dataloader()` (block
-   shuffle + shuffle buffer + float32 batches) against a raw sequential read of the same shard
-   files (`readinto` a reused buffer), both from the page cache, best of several passes each.
-   Ratio = streaming / raw (target >= 70%).
+   shuffle + shuffle buffer + float32 batches), one pass over the training rows, against a raw
+   sequential read of the same shard files (`readinto` a reused buffer); best of three each.
+   Cold: the files' pages are dropped from the page cache first (disk speed); warm: all in the
+   page cache (memory speed). Ratio = streaming / raw (target >= 70%).
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import json
+import os
 import platform
 import tempfile
 import time
@@ -41,7 +44,6 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--storage-dtype", default="bfloat16")
     p.add_argument("--batch-size", type=int, default=4096, help="rows per training batch")
     p.add_argument("--num-workers", type=int, nargs="+", default=[0, 1])
-    p.add_argument("--epochs", type=float, default=1.0, help="passes over the training rows per timed segment")
     p.add_argument("--cache-dir", default=None,
                    help="where to harvest (must not hold a cache yet); default: a temporary directory, removed afterwards")
     p.add_argument("--json", default=None, help="also write the results to this JSON file")
@@ -108,12 +110,24 @@ def bench_harvest(args, cache_dir: Path) -> dict:
     return result
 
 
-def raw_read_gbps(files: list[Path], passes: int = 5) -> float:
-    """Sequential whole-file reads into a reused buffer (best of `passes`)."""
+def evict(files: list[Path]) -> None:
+    """Drop the files' pages from the page cache (unmapped clean pages), so the next read is cold."""
+    for file in files:
+        fd = os.open(file, os.O_RDONLY)
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+
+def raw_read_gbps(files: list[Path], cold: bool, passes: int = 3) -> float:
+    """Sequential whole-file reads into a reused buffer, best of `passes`."""
     buffer = bytearray(max(f.stat().st_size for f in files))
     view = memoryview(buffer)
     best = 0.0
     for _ in range(passes):
+        if cold:
+            evict(files)
         begin, total = time.perf_counter(), 0
         for file in files:
             with open(file, "rb", buffering=0) as handle:
@@ -122,23 +136,30 @@ def raw_read_gbps(files: list[Path], passes: int = 5) -> float:
     return best
 
 
-def stream_gbps(dm, epochs: float, passes: int = 3) -> tuple[float, int]:
+def stream_gbps(dm, cold: bool, passes: int = 3) -> float:
     """Cache bytes per second consumed by the training stream (float32 batches out), best of
-    `passes` segments of `epochs` passes over the training rows each."""
-    rows = dm.manifest.rows("train")
-    n_batches = max(1, int(epochs * rows / dm.batch_size))
-    itemsize = 2 if dm.manifest.storage_dtype == "bfloat16" else 4
-    loader = iter(dm.train_dataloader())
-    next(loader)  # start-up (worker fork, first window) is not streaming speed
+    `passes` passes over all training rows. Cold: page cache dropped and a new loader each pass
+    (start-up included); warm: one loader, after a first pass that maps every page."""
+    n_batches = max(1, dm.manifest.rows("train") // dm.batch_size)
+    bytes_per_batch = dm.batch_size * dm.d_in * (2 if dm.manifest.storage_dtype == "bfloat16" else 4)
+    loader = None if cold else iter(dm.train_dataloader())
+    if loader is not None:
+        for _ in range(n_batches):
+            next(loader)
     best = 0.0
     for _ in range(passes):
+        if cold:
+            loader = None
+            gc.collect()  # unmap the previous pass's shards, or their pages cannot be dropped
+            evict(dm.manifest.shard_paths("train"))
         begin = time.perf_counter()
+        if cold:
+            loader = iter(dm.train_dataloader())
         for _ in range(n_batches):
             batch = next(loader)
-        best = max(best, n_batches * dm.batch_size * dm.d_in * itemsize / (time.perf_counter() - begin) / 1e9)
+        best = max(best, n_batches * bytes_per_batch / (time.perf_counter() - begin) / 1e9)
         assert batch.dtype == torch.float32 and batch.shape == (dm.batch_size, dm.d_in)
-    del loader
-    return best, n_batches
+    return best
 
 
 def bench_stream(args, cache_dir: Path) -> dict:
@@ -154,13 +175,15 @@ def bench_stream(args, cache_dir: Path) -> dict:
         dm.prepare_data()
         dm.setup("fit")
         files = dm.manifest.shard_paths("train")
-        raw_before = raw_read_gbps(files)
-        gbps, n_batches = stream_gbps(dm, args.epochs)
-        raw = max(raw_before, raw_read_gbps(files))
-        out[f"workers={workers}"] = {"stream_GBps": round(gbps, 3), "raw_read_GBps": round(raw, 3),
-                                     "ratio": round(gbps / raw, 3), "batches_per_pass": n_batches}
-        print(f"stream (num_workers={workers}): {out[f'workers={workers}']}", flush=True)
+        for cache in ("cold", "warm"):
+            raw = raw_read_gbps(files, cold=cache == "cold")
+            gbps = stream_gbps(dm, cold=cache == "cold")
+            raw = max(raw, raw_read_gbps(files, cold=cache == "cold"))  # the machine may be shared
+            out[f"{cache}, num_workers={workers}"] = {"stream_GBps": round(gbps, 3), "raw_read_GBps": round(raw, 3),
+                                                      "ratio": round(gbps / raw, 3)}
+            print(f"stream {cache}, num_workers={workers}: {out[f'{cache}, num_workers={workers}']}", flush=True)
     out["train_bytes"] = sum(f.stat().st_size for f in files)
+    out["batch_size"] = args.batch_size
     return out
 
 

@@ -233,11 +233,23 @@ class ShardReader:
             # copy-on-write mapping: reads come from the page cache, torch gets a writable array
             # (no warning), and nothing can ever be written back to the file
             self.array = np.memmap(self.path, dtype=np_dtype, mode="c", offset=start, shape=(n, d))
+            self._data_offset, self._row_bytes = start, d * np.dtype(np_dtype).itemsize
+            self._fd = os.open(self.path, os.O_RDONLY)
         except (OSError, ValueError, KeyError, struct.error) as err:
             raise CacheCorruptError(f"cannot read shard {self.path}: {err}; delete the cache directory to rebuild it") from None
         if rows is not None and n != rows:
             raise CacheCorruptError(f"shard {self.path} has {n} rows, manifest says {rows}")
         self.rows, self.d = n, d
+
+    def prefetch(self, start: int, stop: int) -> None:
+        """Ask the kernel to read rows [start, stop) into the page cache in the background."""
+        if hasattr(os, "posix_fadvise"):
+            os.posix_fadvise(self._fd, self._data_offset + start * self._row_bytes, (stop - start) * self._row_bytes,
+                             os.POSIX_FADV_WILLNEED)
+
+    def __del__(self):
+        if getattr(self, "_fd", None) is not None:
+            os.close(self._fd)
 
     def view(self, start: int, stop: int) -> torch.Tensor:
         """Rows [start, stop) in the storage dtype, without copying (valid while the reader lives)."""

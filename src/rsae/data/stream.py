@@ -9,7 +9,8 @@ Training order ("block shuffle"), a pure function of (seed, world size, workers,
    in each epoch, ranks and workers read disjoint blocks that together cover every row once.
 4. Each slot groups its blocks of an epoch into windows of about `shuffle_buffer` rows, shuffles
    the rows of a window (seeded by (seed, S, slot, epoch, window)) and cuts its row stream (all
-   windows, epoch after epoch) into batches.
+   windows, epoch after epoch) into batches. A batch is gathered straight from the memory-mapped
+   shards (no copy of the window), its rows grouped by shard.
 5. The DataLoader takes batches from workers in turn, so a rank's batch b is batch b // W of the
    worker that plays role b mod W.
 
@@ -20,6 +21,7 @@ manifest's row counts, so a worker jumps to the window holding its next row and 
 
 from __future__ import annotations
 
+import contextlib
 import math
 from pathlib import Path
 from typing import Iterator, Sequence
@@ -29,6 +31,32 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from rsae.data.cache import ShardReader
+
+
+@contextlib.contextmanager
+def one_thread():
+    """Run memory-bound copies on one thread: they gain little from more, and with OpenMP a
+    parallel copy stalls at its barrier whenever the machine is busy (measured here: 0.7 GB/s on
+    two threads of a loaded 2-core machine against tens of GB/s on one). Loader workers already
+    run with one thread; this also covers `num_workers=0`."""
+    threads = torch.get_num_threads()
+    if threads == 1:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def new_batch(rows: int, d: int) -> torch.Tensor:
+    """An empty float32 `[rows, d]` tensor; in a loader worker it is allocated in shared memory
+    (as torch's own collate does), so handing it to the main process copies nothing."""
+    if get_worker_info() is None:
+        return torch.empty(rows, d, dtype=torch.float32)
+    storage = torch.UntypedStorage._new_shared(rows * d * 4)
+    return torch.empty(0, dtype=torch.float32).set_(storage).view(rows, d)
 
 
 def batches_before(position: int, role: int, n_workers: int) -> int:
@@ -52,10 +80,31 @@ class _Shards:
     def read_into(self, out: torch.Tensor, pieces: Sequence[tuple[int, int, int]]) -> torch.Tensor:
         """Copy the rows of `(shard, start, stop)` pieces, in order, into `out` (converting dtype)."""
         at = 0
-        for shard, start, stop in pieces:
-            out[at:at + stop - start].copy_(self.reader(shard).view(start, stop))
-            at += stop - start
+        with one_thread():
+            for shard, start, stop in pieces:
+                out[at:at + stop - start].copy_(self.reader(shard).view(start, stop))
+                at += stop - start
         return out
+
+    def gather(self, shard: np.ndarray, row: np.ndarray) -> torch.Tensor:
+        """float32 rows `row[i]` of shards `shard[i]` (grouped by shard), read straight from the
+        memory maps: one gather per shard, converting to float32 on the way out."""
+        d, _ = self.dims()
+        out = new_batch(len(row), d)
+        cuts = np.flatnonzero(np.diff(shard)) + 1
+        with one_thread():
+            for lo, hi in zip(np.r_[0, cuts], np.r_[cuts, len(row)]):
+                source = self.reader(int(shard[lo])).view(0, self.rows[int(shard[lo])])
+                index = torch.from_numpy(row[lo:hi])
+                if source.dtype == torch.float32:
+                    torch.index_select(source, 0, index, out=out[lo:hi])
+                else:
+                    out[lo:hi].copy_(source.index_select(0, index))
+        return out
+
+    def prefetch(self, pieces) -> None:
+        for shard, start, stop in pieces:
+            self.reader(int(shard)).prefetch(int(start), int(stop))
 
     def dims(self) -> tuple[int, torch.dtype]:
         first = self.reader(next(i for i, n in enumerate(self.rows) if n > 0))
@@ -103,16 +152,23 @@ class TrainStream(IterableDataset):
         first = (slot - epoch * len(self.blocks)) % n_slots
         return self._epoch_order(epoch)[first::n_slots]
 
-    def _window_permutation(self, slot: int, n_slots: int, epoch: int, index: int, n_rows: int) -> torch.Tensor:
-        rng = np.random.default_rng([self.seed, n_slots, slot, epoch, index])
-        return torch.from_numpy(rng.permutation(n_rows))
+    def _window_permutation(self, slot: int, n_slots: int, epoch: int, index: int, n_rows: int) -> np.ndarray:
+        return np.random.default_rng([self.seed, n_slots, slot, epoch, index]).permutation(n_rows)
 
-    def _read_blocks(self, blocks: np.ndarray, n_rows: int) -> torch.Tensor:
-        """The window's rows, converted to float32 while copying them out of the page cache, so
-        that a batch is then a single gather."""
-        d, _ = self.shards.dims()
-        out = torch.empty(n_rows, d, dtype=torch.float32)
-        return self.shards.read_into(out, [tuple(map(int, self.blocks[b])) for b in blocks])
+    def gather(self, window: np.ndarray, positions: np.ndarray) -> torch.Tensor:
+        """float32 rows at `positions` of a window (its blocks' rows laid end to end).
+
+        The rows are read straight from the shards, no window buffer: a batch is a random sample
+        of the window, and its rows come out sorted by (shard, row) for sequential-ish reads (the
+        order of rows inside a batch does not matter to training).
+        """
+        sizes = self.block_sizes[window]
+        starts = np.cumsum(sizes) - sizes
+        block = np.searchsorted(starts, positions, side="right") - 1
+        shard = self.blocks[window[block], 0]
+        row = self.blocks[window[block], 1] + positions - starts[block]
+        order = np.lexsort((row, shard))
+        return self.shards.gather(shard[order], row[order])
 
     # ---- iteration ---------------------------------------------------------------------------
     def worker_role(self) -> tuple[int, int, int]:
@@ -145,12 +201,17 @@ class TrainStream(IterableDataset):
                 if offset >= size:  # skip whole windows of the epoch we resume in
                     offset -= size
                     continue
-                rows = self._read_blocks(window, size)
+                # read this window's blocks and the next one's ahead, in big sequential requests,
+                # while the random gathers below find them in the page cache
+                following = blocks[(index + 1) * per_window:(index + 2) * per_window]
+                if not len(following):
+                    following = self.epoch_blocks(slot, n_slots, epoch + 1)[:per_window]
+                self.shards.prefetch(self.blocks[np.concatenate([window, following])])
                 order = self._window_permutation(slot, n_slots, epoch, index, size)[offset:]
                 offset = 0
                 if carry is not None:  # complete the batch begun in the previous window
                     need = self.batch_size - len(carry)
-                    carry = torch.cat([carry, rows.index_select(0, order[:need])])
+                    carry = torch.cat([carry, self.gather(window, order[:need])])
                     order = order[need:]
                     if len(carry) < self.batch_size:
                         continue
@@ -158,9 +219,9 @@ class TrainStream(IterableDataset):
                     carry = None
                 full = len(order) - len(order) % self.batch_size
                 for lo in range(0, full, self.batch_size):
-                    yield rows.index_select(0, order[lo:lo + self.batch_size])
+                    yield self.gather(window, order[lo:lo + self.batch_size])
                 if full < len(order):
-                    carry = rows.index_select(0, order[full:])
+                    carry = self.gather(window, order[full:])
             epoch += 1
 
 
