@@ -38,6 +38,7 @@ class SAEModule(L.LightningModule):
         min_lr_ratio: float = 0.0,
         ground_truth: Tensor | None = None,
         l0_tolerances: tuple[float, ...] = (),
+        grad_clip: float | None = 1.0,
     ) -> None:
         super().__init__()
         require(lr > 0, f"lr must be > 0, got {lr}")
@@ -48,6 +49,8 @@ class SAEModule(L.LightningModule):
         self.warmup_steps, self.decay_fraction, self.min_lr_ratio = warmup_steps, decay_fraction, min_lr_ratio
         self.register_buffer("act_scale", torch.tensor(1.0))
         self.ground_truth = ground_truth
+        # Clipped here rather than by Lightning, which refuses to clip for fused Adam under AMP.
+        self.grad_clip = grad_clip
         self.val_metrics = ReconstructionMetrics(sae.d_in, sae.d_sae, l0_tolerances=tuple(l0_tolerances))
 
     def set_activation_scale(self, scale: float) -> None:
@@ -70,6 +73,8 @@ class SAEModule(L.LightningModule):
 
     def on_before_optimizer_step(self, optimizer) -> None:
         self.sae.remove_parallel_decoder_grad()
+        if self.grad_clip:
+            torch.nn.utils.clip_grad_norm_(self.sae.parameters(), self.grad_clip, foreach=True)
 
     def optimizer_step(self, *args, **kwargs) -> None:
         # Re-normalise right after the update, before any callback (e.g. a checkpoint) sees it.
