@@ -1,0 +1,460 @@
+"""Fused Triton kernels for the rational gate phi(h) = C_out * r(h / C_in), r = P / Q.
+
+`rational_gate_triton(h, a, b, c_in, c_out, denominator=..., set_index=..., t_max=...)` computes
+exactly what `RationalGate.forward` computes (the reference in `rsae.rational.gate` /
+`rsae.rational.function` is the oracle), as one autograd Function with a fused forward kernel and
+a fused backward kernel:
+
+* arithmetic in float32 whatever the input dtype (bf16 / fp16 / fp32 in, same dtype out; float64
+  is left to the reference), Horner's rule for P, Q and their derivatives;
+* t = h / C_in (C_in clamped to the smallest normal float32, as the gate does), clamped to
+  [-t_max, t_max] (zero gradient outside; NaN stays NaN), version B denominator
+  Q = 1 + |sum_j b_j t^j| or version A Q = 1 + sum_j |b_j| |t|^j, with d|s|/ds = 0 at s = 0;
+* a result cast back to a narrower dtype is first clamped to that dtype's finite range (and gets
+  zero gradient where that clamp is active), as `cast_back` does;
+* the backward recomputes P, Q from h (nothing but h is saved) and writes dh plus per-program
+  partial sums of the gradients of every coefficient and scale: each program reduces its
+  [rows x latents] tile over rows into one partial per latent, the host then sums the partials
+  over programs (and over latents for shared coefficients / scalar scales, over each group's
+  latents for group sharing). No atomics anywhere, so the result is deterministic.
+
+Coefficient layout as in the gate: `a` [n_sets, p + 1] (a_0 .. a_p), `b` [n_sets, q] (b_1 .. b_q)
+with n_sets = 1 (shared), d (one set per latent) or any n_sets with `set_index` [d] giving each
+latent's set (group sharing). `c_in`, `c_out`: the positive scales (e.g. `gate.c_in`,
+`gate.c_out`), one value or one per latent; their gradients flow back through whatever produced
+them (exp of the stored logs).
+
+`use_kernel(h)` says whether the kernel applies (CUDA tensor of a supported dtype, Triton
+importable, not switched off by `RSAE_RATIONAL_KERNEL=0` or `kernel_disabled()`). On a CPU tensor
+`rational_gate_triton` runs Triton's interpreter (slow; for tests).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import os
+import types
+
+import torch
+from torch import Tensor
+
+from rsae.rational.function import DENOMINATORS, T_MAX
+
+try:  # Triton is optional: without it `use_kernel` is False and the reference runs
+    import triton
+    import triton.language as tl
+except Exception:  # noqa: BLE001 - any import problem means "no kernel"
+    triton = tl = None
+
+SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+# Tile shapes (rows, latents, warps). The first is used by the interpreter; on a GPU each kernel
+# picks the fastest once per problem shape (triton.autotune). All are spill-free on sm_90 up to
+# degrees (9, 8) (ptxas -v); the backward holds ~25 live float32 values per element, hence smaller
+# tiles per thread than the forward.
+FWD_CONFIGS = ((16, 128, 4), (32, 128, 8), (8, 256, 4), (32, 64, 4))
+BWD_CONFIGS = ((8, 128, 4), (16, 64, 4), (16, 128, 8), (32, 64, 8))
+ROW_QUANTUM = 32  # rows per backward program are a multiple of every BLOCK_M above
+TARGET_PROGRAMS = 1024  # backward programs to aim at (several per multiprocessor)
+
+_disabled = 0
+
+
+def triton_available() -> bool:
+    return triton is not None
+
+
+def use_kernel(h: Tensor) -> bool:
+    """True when `rational_gate_triton` should replace the reference for this input."""
+    return (
+        h.is_cuda
+        and h.dtype in SUPPORTED_DTYPES
+        and h.ndim >= 1
+        and _disabled == 0
+        and os.environ.get("RSAE_RATIONAL_KERNEL", "1") != "0"
+        and triton_available()
+    )
+
+
+@contextlib.contextmanager
+def kernel_disabled():
+    """Within this block `use_kernel` is False (the reference runs), e.g. to time or compare both."""
+    global _disabled
+    _disabled += 1
+    try:
+        yield
+    finally:
+        _disabled -= 1
+
+
+# --- the kernels ----------------------------------------------------------------------------------
+# Plain functions, turned into Triton kernels on first use (`_kernels`), so that importing this module
+# costs nothing and works without Triton.
+
+
+def _fwd_kernel(
+    h_ptr, y_ptr, a_ptr, b_ptr, set_ptr, cin_ptr, cout_ptr,
+    n_rows, n_cols, stride_a, stride_b, t_max, big,
+    P_DEG: tl.constexpr, Q_DEG: tl.constexpr, DEN_A: tl.constexpr, COEF_MODE: tl.constexpr,
+    SCALE_PER_COL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    pid_n = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    col_ok = cols < n_cols
+    mask = (rows[:, None] < n_rows) & col_ok[None, :]
+    offs = rows[:, None].to(tl.int64) * n_cols + cols[None, :]
+
+    if SCALE_PER_COL:
+        c_in = tl.load(cin_ptr + cols, mask=col_ok, other=1.0)[None, :]
+        c_out = tl.load(cout_ptr + cols, mask=col_ok, other=1.0)[None, :]
+    else:
+        c_in = tl.load(cin_ptr)
+        c_out = tl.load(cout_ptr)
+    if COEF_MODE == 0:
+        a_off = 0
+        b_off = 0
+    elif COEF_MODE == 1:
+        a_off = cols * stride_a
+        b_off = cols * stride_b
+    else:
+        sets = tl.load(set_ptr + cols, mask=col_ok, other=0)
+        a_off = sets * stride_a
+        b_off = sets * stride_b
+
+    h = tl.load(h_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    t = h / c_in
+    t = tl.where(t > t_max, t_max, t)
+    t = tl.where(t < -t_max, -t_max, t)
+
+    num = _coef(a_ptr, a_off + P_DEG, col_ok, COEF_MODE, False)
+    for i2 in tl.static_range(P_DEG):
+        num = num * t + _coef(a_ptr, a_off + (P_DEG - 1 - i2), col_ok, COEF_MODE, False)
+    if Q_DEG > 0:
+        if DEN_A:
+            u = tl.abs(t)
+        else:
+            u = t
+        s = _coef(b_ptr, b_off + (Q_DEG - 1), col_ok, COEF_MODE, DEN_A)
+        for j2 in tl.static_range(Q_DEG - 1):
+            s = s * u + _coef(b_ptr, b_off + (Q_DEG - 2 - j2), col_ok, COEF_MODE, DEN_A)
+        if DEN_A:
+            den = 1.0 + s * u
+        else:
+            den = 1.0 + tl.abs(s * u)
+        r = num / den
+    else:
+        r = num + 0.0 * t
+    y = c_out * r
+    y = tl.where(y > big, big, y)
+    y = tl.where(y < -big, -big, y)
+    tl.store(y_ptr + offs, y.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+def _coef(ptr, off, col_ok, COEF_MODE: tl.constexpr, ABS: tl.constexpr):
+    """One coefficient: a scalar (shared) or a [1, BLOCK_N] row (one per latent)."""
+    if COEF_MODE == 0:
+        c = tl.load(ptr + off)
+    else:
+        c = tl.load(ptr + off, mask=col_ok, other=0.0)[None, :]
+    if ABS:
+        c = tl.abs(c)
+    return c
+
+
+def _bwd_kernel(
+    h_ptr, g_ptr, dh_ptr, part_ptr, a_ptr, b_ptr, set_ptr, cin_ptr, cout_ptr,
+    n_rows, n_cols, stride_a, stride_b, t_max, big,
+    P_DEG: tl.constexpr, Q_DEG: tl.constexpr, DEN_A: tl.constexpr, COEF_MODE: tl.constexpr,
+    SCALE_PER_COL: tl.constexpr, NEED_DH: tl.constexpr, NEED_PARAMS: tl.constexpr, ROWS_PER_PROG,
+    NPAR_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    pid_n = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_ok = cols < n_cols
+
+    if SCALE_PER_COL:
+        c_in = tl.load(cin_ptr + cols, mask=col_ok, other=1.0)[None, :]
+        c_out = tl.load(cout_ptr + cols, mask=col_ok, other=1.0)[None, :]
+    else:
+        c_in = tl.load(cin_ptr)
+        c_out = tl.load(cout_ptr)
+    if COEF_MODE == 0:
+        a_off = 0
+        b_off = 0
+    elif COEF_MODE == 1:
+        a_off = cols * stride_a
+        b_off = cols * stride_b
+    else:
+        sets = tl.load(set_ptr + cols, mask=col_ok, other=0)
+        a_off = sets * stride_a
+        b_off = sets * stride_b
+
+    # Per-latent partial sums of the parameter gradients, row k for parameter k (a_0..a_p, b_1..b_q,
+    # C_in, C_out); kept as one [NPAR_PAD, BLOCK_N] tile because a loop cannot carry a list.
+    N_PAR: tl.constexpr = P_DEG + 1 + Q_DEG + 2
+    par = tl.arange(0, NPAR_PAD)[:, None]
+    acc = tl.full([NPAR_PAD, BLOCK_N], 0.0, tl.float32)
+
+    for rt in range(0, ROWS_PER_PROG // BLOCK_M):
+        rows = pid_m * ROWS_PER_PROG + rt * BLOCK_M + tl.arange(0, BLOCK_M)
+        mask = (rows[:, None] < n_rows) & col_ok[None, :]
+        offs = rows[:, None].to(tl.int64) * n_cols + cols[None, :]
+        h = tl.load(h_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+
+        t_raw = h / c_in
+        inside = (t_raw >= -t_max) & (t_raw <= t_max)
+        t = tl.where(t_raw > t_max, t_max, t_raw)
+        t = tl.where(t < -t_max, -t_max, t)
+
+        # P and P' by Horner.
+        num = _coef(a_ptr, a_off + P_DEG, col_ok, COEF_MODE, False)
+        dnum = 0.0 * t
+        for i2 in tl.static_range(P_DEG):
+            dnum = dnum * t + num
+            num = num * t + _coef(a_ptr, a_off + (P_DEG - 1 - i2), col_ok, COEF_MODE, False)
+        num = num + 0.0 * t
+        if Q_DEG > 0:
+            # S(u) = c_1 + c_2 u + ... + c_q u^(q-1) and S'(u); B: u = t, c = b, Q = 1 + |u S|;
+            # A: u = |t|, c = |b|, Q = 1 + u S.
+            if DEN_A:
+                u = tl.abs(t)
+            else:
+                u = t
+            s = _coef(b_ptr, b_off + (Q_DEG - 1), col_ok, COEF_MODE, DEN_A)
+            ds = 0.0 * t
+            for j2 in tl.static_range(Q_DEG - 1):
+                ds = ds * u + s
+                s = s * u + _coef(b_ptr, b_off + (Q_DEG - 2 - j2), col_ok, COEF_MODE, DEN_A)
+            su = s * u
+            dsu = s + u * ds  # d(u S)/du
+            if DEN_A:
+                den = 1.0 + su
+                sgn = tl.where(t > 0, 1.0, tl.where(t < 0, -1.0, 0.0))  # du/dt
+            else:
+                den = 1.0 + tl.abs(su)
+                sgn = tl.where(su > 0, 1.0, tl.where(su < 0, -1.0, 0.0))  # d|su|/dsu
+            dden = sgn * dsu
+            r = num / den
+        else:
+            u = t
+            sgn = 0.0 * t
+            den = 1.0 + 0.0 * t
+            dden = 0.0 * t
+            r = num
+        y = c_out * r
+        g = tl.where((y <= big) & (y >= -big), g, 0.0)  # the cast-back clamp passes no gradient
+        w = g * c_out / den  # dL/dP
+        gt = tl.where(inside, w * (dnum - r * dden), 0.0)  # dL/dt (zero where the clamp is active)
+        if NEED_DH:
+            tl.store(dh_ptr + offs, (gt / c_in).to(dh_ptr.dtype.element_ty), mask=mask)
+        if NEED_PARAMS:
+            pw = 1.0 + 0.0 * t
+            for i in tl.static_range(P_DEG + 1):  # dL/da_i = w t^i
+                acc = tl.where(par == i, acc + tl.sum(w * pw, axis=0)[None, :], acc)
+                pw = pw * t
+            # B: dL/db_j = -w r sign(su) t^j; A: -w r |t|^j (sign(b_j) is applied on the host).
+            if DEN_A:
+                base = -w * r
+            else:
+                base = -w * r * sgn
+            pw = u
+            for j in tl.static_range(Q_DEG):
+                acc = tl.where(par == P_DEG + 1 + j, acc + tl.sum(base * pw, axis=0)[None, :], acc)
+                pw = pw * u
+            # dL/dC_in (t = h / C_in) and dL/dC_out.
+            acc = tl.where(par == N_PAR - 2, acc + tl.sum(-gt * t_raw / c_in, axis=0)[None, :], acc)
+            acc = tl.where(par == N_PAR - 1, acc + tl.sum(g * r, axis=0)[None, :], acc)
+
+    if NEED_PARAMS:
+        part_offs = (pid_m * N_PAR + par).to(tl.int64) * n_cols + cols[None, :]
+        tl.store(part_ptr + part_offs, acc, mask=(par < N_PAR) & col_ok[None, :])
+
+
+def interpreting() -> bool:
+    """Whether Triton runs kernels in its interpreter (TRITON_INTERPRET=1 before triton was imported)."""
+    from triton.runtime.interpreter import InterpretedFunction
+
+    return isinstance(tl.sum, InterpretedFunction)
+
+
+@functools.lru_cache(maxsize=1)
+def _kernels():
+    """(forward, backward) Triton kernels, built on first use: autotuned over the tile shapes when
+    compiled, the first tile shape when interpreted."""
+    glob = dict(globals())  # the kernels resolve `_coef` to the decorated helper
+    for name in ("_coef", "_fwd_kernel", "_bwd_kernel"):
+        fn = globals()[name]
+        new = types.FunctionType(fn.__code__, glob, fn.__name__, fn.__defaults__, fn.__closure__)
+        new.__qualname__, new.__module__, new.__doc__ = fn.__qualname__, fn.__module__, fn.__doc__
+        new.__annotations__ = dict(fn.__annotations__)
+        glob[name] = triton.jit(new)
+    fwd, bwd = glob["_fwd_kernel"], glob["_bwd_kernel"]
+    if interpreting():
+        return _Fixed(fwd, FWD_CONFIGS[0]), _Fixed(bwd, BWD_CONFIGS[0])
+    key = ["n_cols", "P_DEG", "Q_DEG", "DEN_A", "COEF_MODE", "SCALE_PER_COL"]
+    fwd = triton.autotune([triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w) for m, n, w in FWD_CONFIGS],
+                          key=key)(fwd)
+    bwd = triton.autotune([triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w) for m, n, w in BWD_CONFIGS],
+                          key=key + ["NEED_DH", "NEED_PARAMS"])(bwd)
+    return fwd, bwd
+
+
+class _Fixed:
+    """A kernel launched with one fixed tile shape, called like an autotuned one."""
+
+    def __init__(self, kernel, config):
+        self.kernel, (self.m, self.n, self.w) = kernel, config
+
+    def __getitem__(self, grid):
+        meta = {"BLOCK_M": self.m, "BLOCK_N": self.n}
+        launch = self.kernel[grid(meta) if callable(grid) else grid]
+        return lambda *args, **kw: launch(*args, **kw, **meta, num_warps=self.w)
+
+
+def _check_device(h: Tensor) -> None:
+    if not h.is_cuda and not interpreting():
+        raise RuntimeError("rational_gate_triton on a CPU tensor needs Triton's interpreter: set TRITON_INTERPRET=1 "
+                           "before triton is first imported")
+
+
+# --- autograd ---------------------------------------------------------------------------------------
+
+
+def _rows_per_program(n_rows: int, d: int) -> int:
+    """Rows each backward program reduces: enough programs to fill a GPU, few partial sums."""
+    progs = max(1, triton.cdiv(TARGET_PROGRAMS, triton.cdiv(d, 128)))
+    return max(ROW_QUANTUM, triton.cdiv(triton.cdiv(n_rows, progs), ROW_QUANTUM) * ROW_QUANTUM)
+
+
+class _RationalGate(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, h, a, b, c_in, c_out, set_index, denominator, t_max):
+        d = h.shape[-1]
+        h2 = h.reshape(-1, d)
+        if not h2.is_contiguous():
+            h2 = h2.contiguous()
+        n_rows = h2.shape[0]
+        y = torch.empty_like(h2)
+        coef_mode = 0 if a.shape[0] == 1 else (2 if set_index is not None else 1)
+        scale_per_col = c_in.numel() > 1
+        big = float(torch.finfo(h.dtype).max) if h.dtype != torch.float32 else float("inf")
+        fwd, _ = _kernels()
+        sets = set_index if set_index is not None else a  # any pointer when unused
+        if n_rows > 0 and d > 0:
+            grid = lambda meta: (triton.cdiv(d, meta["BLOCK_N"]), triton.cdiv(n_rows, meta["BLOCK_M"]))  # noqa: E731
+            fwd[grid](
+                h2, y, a, b, sets, c_in, c_out, n_rows, d, a.stride(0), b.stride(0), float(t_max), big,
+                P_DEG=a.shape[1] - 1, Q_DEG=b.shape[1], DEN_A=denominator == "A", COEF_MODE=coef_mode,
+                SCALE_PER_COL=scale_per_col,
+            )
+        ctx.save_for_backward(h2, a, b, c_in, c_out, set_index)
+        ctx.meta = (h.shape, denominator, float(t_max), coef_mode, scale_per_col, big)
+        return y.view(h.shape)
+
+    @staticmethod
+    def backward(ctx, grad):
+        h2, a, b, c_in, c_out, set_index = ctx.saved_tensors
+        shape, denominator, t_max, coef_mode, scale_per_col, big = ctx.meta
+        need_h, need_a, need_b, need_cin, need_cout = ctx.needs_input_grad[:5]
+        need_params = need_a or need_b or need_cin or need_cout
+        n_rows, d = h2.shape
+        p1, q = a.shape[1], b.shape[1]
+        n_par = p1 + q + 2
+        g2 = grad.reshape(-1, d)
+        if not g2.is_contiguous():
+            g2 = g2.contiguous()
+        rows_per_prog = _rows_per_program(n_rows, d)
+        n_row_progs = triton.cdiv(n_rows, rows_per_prog)
+        dh = torch.empty_like(h2) if need_h else h2  # any pointer when unused
+        part = h2.new_empty((n_row_progs, n_par, d), dtype=torch.float32) if need_params else h2
+        _, bwd = _kernels()
+        sets = set_index if set_index is not None else a
+        if n_rows > 0 and d > 0 and (need_h or need_params):
+            grid = lambda meta: (triton.cdiv(d, meta["BLOCK_N"]), n_row_progs)  # noqa: E731
+            bwd[grid](
+                h2, g2, dh, part, a, b, sets, c_in, c_out, n_rows, d, a.stride(0), b.stride(0), t_max, big,
+                ROWS_PER_PROG=rows_per_prog, P_DEG=p1 - 1, Q_DEG=q, DEN_A=denominator == "A", COEF_MODE=coef_mode,
+                SCALE_PER_COL=scale_per_col, NEED_DH=need_h, NEED_PARAMS=need_params,
+                NPAR_PAD=triton.next_power_of_2(n_par),
+            )
+        ga = gb = gcin = gcout = None
+        if need_params:
+            if n_rows == 0:
+                tot = torch.zeros(n_par, d, dtype=torch.float32, device=h2.device)
+            else:
+                tot = part.sum(0)  # [n_par, d]: per-latent sums
+            per_latent = tot[: p1 + q].t()  # [d, p + 1 + q]
+            if coef_mode == 0:
+                per_set = per_latent.sum(0, keepdim=True)
+            elif coef_mode == 1:
+                per_set = per_latent
+            else:  # group: add up each set's latents (d x (p + q + 1) values, not per element)
+                per_set = per_latent.new_zeros(a.shape[0], p1 + q).index_add_(0, set_index.long(), per_latent)
+            ga = per_set[:, :p1].contiguous() if need_a else None
+            if need_b:
+                gb = per_set[:, p1:].contiguous()
+                if denominator == "A":
+                    gb = gb * torch.sign(b)
+            if need_cin:
+                gcin = tot[p1 + q] if scale_per_col else tot[p1 + q].sum().reshape(1)
+            if need_cout:
+                gcout = tot[p1 + q + 1] if scale_per_col else tot[p1 + q + 1].sum().reshape(1)
+        return (dh.view(shape) if need_h else None), ga, gb, gcin, gcout, None, None, None
+
+
+def rational_gate_triton(
+    h: Tensor,
+    a: Tensor,
+    b: Tensor,
+    c_in: Tensor,
+    c_out: Tensor,
+    *,
+    denominator: str = "B",
+    set_index: Tensor | None = None,
+    t_max: float = T_MAX,
+) -> Tensor:
+    """phi(h) = c_out * r(h / c_in) along the last dimension of h, fused (see the module docstring).
+
+    h: [..., d] in float32, bfloat16 or float16 (the result has h's dtype).
+    a: [n_sets, p + 1] (or [p + 1]); b: [n_sets, q] (or [q]); n_sets = 1, or d without
+    `set_index`, or any number with `set_index` ([d] integer: latent j uses set set_index[j]).
+    c_in, c_out: positive scales, one value or [d] each.
+    Gradients reach h, a, b, c_in and c_out (in their own dtypes) through autograd."""
+    if triton is None:
+        raise RuntimeError("rational_gate_triton needs triton (pip install triton)")
+    if h.dtype not in SUPPORTED_DTYPES:
+        raise TypeError(f"rational_gate_triton supports {SUPPORTED_DTYPES}, got {h.dtype}")
+    if denominator not in DENOMINATORS:
+        raise ValueError(f"denominator must be one of {DENOMINATORS}, got {denominator!r}")
+    _check_device(h)
+    d = h.shape[-1]
+    a2 = a.reshape(1, -1) if a.ndim == 1 else a
+    b2 = b.reshape(1, -1) if b.ndim == 1 else b
+    if a2.ndim != 2 or b2.ndim != 2 or a2.shape[0] != b2.shape[0] or a2.shape[1] < 1:
+        raise ValueError(f"coefficients must be [n, p+1] and [n, q], got {list(a.shape)} and {list(b.shape)}")
+    n_sets = a2.shape[0]
+    if set_index is not None:
+        if set_index.shape != (d,):
+            raise ValueError(f"set_index must have shape [{d}], got {list(set_index.shape)}")
+        set_index = set_index.to(device=h.device, dtype=torch.int32)
+        if n_sets == 1:
+            set_index = None
+    elif n_sets not in (1, d):
+        raise ValueError(f"{n_sets} coefficient sets need a set_index for a last dimension of {d}")
+    c_in, c_out = c_in.reshape(-1), c_out.reshape(-1)
+    if c_in.numel() not in (1, d) or c_out.numel() != c_in.numel():
+        raise ValueError(f"c_in / c_out must both have 1 or {d} values, got {c_in.numel()} and {c_out.numel()}")
+    # Differentiable torch ops outside the kernel (as the gate does them): float32 coefficients and
+    # scales, C_in clamped to the smallest normal float32. Autograd casts the gradients back.
+    with torch.autocast(device_type=h.device.type, enabled=False):
+        a32 = a2.to(torch.float32).contiguous()
+        b32 = b2.to(torch.float32).contiguous()
+        if b32.shape[1] == 0:
+            b32 = b32.new_zeros((n_sets, 0))
+        cin32 = c_in.to(torch.float32).clamp_min(torch.finfo(torch.float32).tiny).contiguous()
+        cout32 = c_out.to(torch.float32).contiguous()
+        return _RationalGate.apply(h, a32, b32, cin32, cout32, set_index, denominator, float(t_max))

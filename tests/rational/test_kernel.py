@@ -1,0 +1,268 @@
+"""The fused Triton rational gate against the float64 reference (RationalGate), values and every
+gradient (h, a, b, C_in, C_out), for every sharing mode, scale mode and denominator.
+
+On the CPU the kernels run in Triton's interpreter, which must be switched on before triton is
+first imported: the checks run in one subprocess with TRITON_INTERPRET=1 (this file executed as a
+script) and each test reads its case from there. Marked `gpu`: the same checks on CUDA, plus
+large bf16 shapes. Inputs are fresh random draws each run (the seed is printed on failure).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+CASES = [  # (name, sharing, scale_mode, denominator, degrees, extra)
+    *[(f"{sh}-{sc}-{den}", sh, sc, den, (5, 4), {}) for sh in ("shared", "group", "latent")
+      for sc in ("scalar", "latent") for den in ("B", "A")],
+    ("deg9_8-latent-B", "latent", "latent", "B", (9, 8), {}),
+    ("deg3_2-group-A", "group", "scalar", "A", (3, 2), {}),
+    ("deg2_0-shared", "shared", "latent", "B", (2, 0), {}),
+    ("deg1_3-group-B", "group", "latent", "B", (1, 3), {}),
+    ("tmax2-shared-B", "shared", "latent", "B", (5, 4), {"t_max": 2.0}),
+    ("tmax2-latent-A", "latent", "scalar", "A", (5, 4), {"t_max": 2.0}),
+    ("3d-input", "group", "latent", "B", (5, 4), {"shape": (3, 5)}),
+    ("no-input-grad", "latent", "latent", "B", (5, 4), {"h_grad": False}),
+    ("frozen-gate", "group", "latent", "A", (5, 4), {"param_grad": False}),
+    ("many-rows", "shared", "latent", "B", (5, 4), {"rows": 300, "d": 70}),
+]
+TOL = 2e-4  # relative L2 error: float32 arithmetic against float64 lands near 1e-6
+
+
+def make_gate(sharing, scale_mode, denominator, degrees, d, t_max, gen):
+    from rsae.rational.gate import RationalGate
+
+    gate = RationalGate(d, degrees=degrees, denominator=denominator, sharing=sharing, n_groups=5,
+                        scale_mode=scale_mode, t_max=t_max)
+    with torch.no_grad():
+        for p in (gate.a, gate.b):
+            p.copy_(torch.randn(p.shape, generator=gen) * 0.7)
+        for p in (gate.log_c_in, gate.log_c_out):
+            p.copy_(torch.randn(p.shape, generator=gen) * 0.3)
+    return gate
+
+
+def run_case(name: str, device: str, seed: int) -> dict:
+    """Relative errors of the kernel (float32) against the reference gate in float64."""
+    from rsae.rational.kernel import rational_gate_triton
+
+    _, sharing, scale_mode, denominator, degrees, extra = next(c for c in CASES if c[0] == name)
+    gen = torch.Generator().manual_seed(seed)
+    d, rows, t_max = extra.get("d", 37), extra.get("rows", 45), extra.get("t_max", 8.0)
+    shape = (*extra.get("shape", (rows,)), d)
+    gate = make_gate(sharing, scale_mode, denominator, degrees, d, t_max, gen)
+    # Pre-activations spanning [-1, 1] in t, some beyond the clamp, exact zeros and ties.
+    h = torch.randn(shape, generator=gen, dtype=torch.float64) * 2.5
+    h.view(-1)[:: 11] = 0.0
+    h.view(-1)[5:: 13] = 40.0 * torch.randn(h.view(-1)[5:: 13].shape, generator=gen, dtype=torch.float64)
+    gy = torch.randn(shape, generator=gen, dtype=torch.float64)
+    h_grad, param_grad = extra.get("h_grad", True), extra.get("param_grad", True)
+
+    ref_gate = gate.double()
+    names = ["h", "a", "b", "log_c_in", "log_c_out"]
+    h64 = h.clone().requires_grad_(h_grad)
+    params = [ref_gate.a, ref_gate.b, ref_gate.log_c_in, ref_gate.log_c_out]
+    for p in params:
+        p.requires_grad_(param_grad)
+    y_ref = ref_gate(h64)
+    wrt = ([h64] if h_grad else []) + (params if param_grad else [])
+    g_ref = torch.autograd.grad(y_ref, wrt, gy, allow_unused=True) if wrt else []
+
+    k_gate = make_gate(sharing, scale_mode, denominator, degrees, d, t_max, torch.Generator()).to(device)
+    k_gate.load_state_dict({k: v.float() for k, v in ref_gate.state_dict().items()})
+    h32 = h.float().to(device).requires_grad_(h_grad)
+    k_params = [k_gate.a, k_gate.b, k_gate.log_c_in, k_gate.log_c_out]
+    for p in k_params:
+        p.requires_grad_(param_grad)
+    y = rational_gate_triton(h32, k_gate.a, k_gate.b, k_gate.c_in, k_gate.c_out, denominator=denominator,
+                             set_index=k_gate.set_index if sharing == "group" else None, t_max=t_max)
+    k_wrt = ([h32] if h_grad else []) + (k_params if param_grad else [])
+    g_k = torch.autograd.grad(y, k_wrt, gy.float().to(device), allow_unused=True) if k_wrt else []
+
+    def rel(x, ref):
+        if ref is None or ref.numel() == 0:  # e.g. b of a degree-(p, 0) gate
+            return 0.0 if x is None or x.numel() == 0 else float("inf")
+        x = x.detach().double().cpu()
+        if not torch.isfinite(x).all():
+            return float("inf")
+        return float((x - ref.detach()).norm() / ref.detach().norm().clamp_min(1e-30))
+
+    out = {"y": rel(y, y_ref), "dtype_ok": y.dtype == torch.float32 and tuple(y.shape) == shape}
+    wrt_names = ([names[0]] if h_grad else []) + (names[1:] if param_grad else [])
+    out.update({f"d_{n}": rel(gk, gr) for n, gk, gr in zip(wrt_names, g_k, g_ref)})
+    out["grads"] = len(g_k)
+    return out
+
+
+def run_edge_cases(device: str, seed: int) -> dict:
+    """bf16 / fp16 in and out, NaN / Inf inputs, an empty batch."""
+    from rsae.rational.kernel import rational_gate_triton
+
+    gen = torch.Generator().manual_seed(seed)
+    gate = make_gate("latent", "latent", "B", (5, 4), 33, 8.0, gen).to(device)
+    args = (gate.a, gate.b, gate.c_in, gate.c_out)
+    out = {}
+    h = (torch.randn(40, 33, generator=gen) * 3).to(device)
+    # bf16: the reference computes in float32 too, so the two agree to bf16 rounding of the result.
+    hb = h.bfloat16().requires_grad_()
+    y = rational_gate_triton(hb, *args)
+    ref = gate(hb.detach().float()).detach()
+    out["bf16_dtype"] = str(y.dtype)
+    out["bf16_err"] = float((y.float() - ref).norm() / ref.norm())
+    gy = torch.randn(y.shape, generator=gen).to(device).bfloat16()
+    (g_k,) = torch.autograd.grad(y, hb, gy)
+    hr = hb.detach().float().requires_grad_()
+    (g_r,) = torch.autograd.grad(gate(hr), hr, gy.float())
+    out["bf16_grad_err"] = float((g_k.float() - g_r).norm() / g_r.norm())
+    # NaN stays NaN, +-Inf saturates at the clamp.
+    hs = torch.tensor([[float("nan"), float("inf"), -float("inf"), 0.0] + [1.0] * 29], device=device)
+    ys = rational_gate_triton(hs, *args).detach()
+    ref_s = gate(hs).detach()
+    out["nan_kept"] = bool(torch.isnan(ys[0, 0]))
+    out["inf_finite"] = bool(torch.isfinite(ys[0, 1:]).all())
+    out["special_err"] = float((ys[0, 1:] - ref_s[0, 1:]).abs().max())
+    # fp16: large results clamp to the finite range, never Inf.
+    with torch.no_grad():
+        gate.log_c_out.fill_(12.0)  # C_out ~ 1.6e5 pushes |phi| past fp16's 65504
+    y16 = rational_gate_triton(h.half(), gate.a, gate.b, gate.c_in, gate.c_out)
+    out["fp16_finite"] = bool(torch.isfinite(y16).all())
+    out["fp16_err"] = float((y16.float() - gate(h.half()).float()).abs().max() / 65504)
+    # Empty batch: empty result, zero parameter gradients.
+    he = torch.zeros(0, 33, device=device, requires_grad=True)
+    ye = rational_gate_triton(he, *args)
+    ga = torch.autograd.grad(ye.sum(), gate.a, allow_unused=True)[0]
+    out["empty_ok"] = tuple(ye.shape) == (0, 33) and (ga is None or float(ga.abs().sum()) == 0.0)
+    return out
+
+
+def run_all(device: str, seed: int) -> dict:
+    results = {name: run_case(name, device, seed + i) for i, (name, *_) in enumerate(CASES)}
+    results["edge"] = run_edge_cases(device, seed)
+    return results
+
+
+def check_case(res: dict, name: str, seed: int) -> None:
+    bad = {k: v for k, v in res.items() if k.startswith(("y", "d_")) and not v <= TOL}
+    assert res["dtype_ok"], f"{name}: wrong dtype/shape (seed {seed})"
+    assert not bad, f"{name}: relative errors above {TOL}: {bad} (seed {seed})"
+
+
+def check_edge(res: dict, seed: int) -> None:
+    assert res["bf16_dtype"] == "torch.bfloat16"
+    assert res["bf16_err"] < 1e-2 and res["bf16_grad_err"] < 2e-2, (res, seed)
+    assert res["fp16_finite"] and res["fp16_err"] < 1e-3, (res, seed)
+    assert res["nan_kept"] and res["inf_finite"] and res["special_err"] < 1e-4, (res, seed)
+    assert res["empty_ok"], (res, seed)
+
+
+# --- CPU: Triton's interpreter in a subprocess ------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def interpreted():
+    pytest.importorskip("triton")
+    seed = int.from_bytes(os.urandom(4), "little")
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONWARNINGS": "ignore", "TRITON_DEFAULT_FP_FUSION": "1"}
+    proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), str(seed)], env=env,
+                          capture_output=True, text=True, timeout=300)
+    if proc.returncode != 0:
+        pytest.fail(f"interpreter run failed (seed {seed}):\n{proc.stderr[-3000:]}")
+    return seed, json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("name", [c[0] for c in CASES])
+def test_kernel_matches_float64_reference_interpreted(interpreted, name):
+    seed, results = interpreted
+    res = results[name]
+    check_case(res, name, seed)
+    assert res["grads"] == {"no-input-grad": 4, "frozen-gate": 1}.get(name, 5)
+
+
+def test_kernel_dtypes_and_special_values_interpreted(interpreted):
+    seed, results = interpreted
+    check_edge(results["edge"], seed)
+
+
+def test_use_kernel_is_false_on_cpu_and_when_disabled():
+    from rsae.rational.kernel import kernel_disabled, use_kernel
+
+    h = torch.randn(4, 8)
+    assert not use_kernel(h)
+    assert not use_kernel(h.double())
+    with kernel_disabled():
+        assert not use_kernel(h)
+
+
+def test_cpu_tensor_without_interpreter_is_a_clear_error():
+    triton = pytest.importorskip("triton")  # noqa: F841
+    from rsae.rational import kernel
+
+    if kernel.interpreting():
+        pytest.skip("this process runs Triton's interpreter")
+    with pytest.raises(RuntimeError, match="TRITON_INTERPRET"):
+        kernel.rational_gate_triton(torch.randn(2, 3), torch.ones(1, 2), torch.ones(1, 1), torch.ones(1), torch.ones(1))
+
+
+# --- CUDA ------------------------------------------------------------------------------------------
+
+gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("name", [c[0] for c in CASES])
+def test_kernel_matches_float64_reference_cuda(name):
+    pytest.importorskip("triton")
+    seed = int.from_bytes(os.urandom(4), "little")
+    check_case(run_case(name, "cuda", seed), name, seed)
+
+
+@pytest.mark.gpu
+@gpu
+def test_kernel_dtypes_and_special_values_cuda():
+    pytest.importorskip("triton")
+    seed = int.from_bytes(os.urandom(4), "little")
+    check_edge(run_edge_cases("cuda", seed), seed)
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("sharing,scale_mode,denominator", [("shared", "latent", "B"), ("group", "scalar", "A"),
+                                                            ("latent", "latent", "B")])
+def test_kernel_large_bf16_matches_reference_gate_cuda(sharing, scale_mode, denominator):
+    """A training-sized bf16 batch: the kernel against the reference gate run on the same bf16
+    input (both compute in float32), values and all gradients."""
+    from rsae.rational.gate import RationalGate
+    from rsae.rational.kernel import rational_gate_triton, use_kernel
+
+    seed = int.from_bytes(os.urandom(4), "little")
+    gen = torch.Generator(device="cuda").manual_seed(seed)
+    d = 24576
+    gate = RationalGate(d, degrees=(5, 4), denominator=denominator, sharing=sharing, n_groups=64,
+                        scale_mode=scale_mode, init_table="relu_5_4", c_in=4.0).cuda()
+    h = (torch.randn(2048, d, device="cuda", generator=gen) * 3).bfloat16().requires_grad_()
+    assert use_kernel(h)
+    gy = torch.randn(h.shape, device="cuda", generator=gen).bfloat16()
+    params = [gate.a, gate.b, gate.log_c_in, gate.log_c_out]
+    y = rational_gate_triton(h, gate.a, gate.b, gate.c_in, gate.c_out, denominator=denominator,
+                             set_index=gate.set_index if sharing == "group" else None, t_max=gate.t_max)
+    gk = torch.autograd.grad(y, [h, *params], gy)
+    h64 = h.detach().double().requires_grad_()
+    gate64 = gate.double()
+    y64 = gate64(h64)
+    gr = torch.autograd.grad(y64, [h64, *[gate64.a, gate64.b, gate64.log_c_in, gate64.log_c_out]], gy.double())
+    assert y.dtype == torch.bfloat16
+    assert float((y.double() - y64).norm() / y64.norm()) < 1e-2, seed
+    for name, a, b in zip(["h", "a", "b", "c_in", "c_out"], gk, gr):
+        assert float((a.double() - b).norm() / b.norm()) < 2e-2, (name, seed)
+
+
+if __name__ == "__main__":  # the interpreter run of the CPU tests (TRITON_INTERPRET=1 set by the caller)
+    torch.set_num_threads(1)
+    print(json.dumps(run_all("cpu", int(sys.argv[1]))))
