@@ -3,6 +3,9 @@
 At inference a single global threshold replaces the batch selection (so a token's codes do not
 depend on its batch-mates): an EMA of the smallest activation kept in each training batch. The
 exported SAE is therefore a JumpReLU with that threshold on every latent.
+
+The training step is TopKSAE's (encoder without input gradient, sparse decoding of the kept
+entries, grouped by token); the threshold update runs on the device without host waits.
 """
 
 from __future__ import annotations
@@ -33,17 +36,33 @@ class BatchTopKSAE(TopKSAE):
         self._update_threshold(values)
         return torch.zeros_like(flat).scatter_(0, indices, values).view_as(h)
 
+    def _select(self, h: Tensor) -> tuple[Tensor, Tensor, Tensor | None, Tensor]:
+        """The k*B largest ReLU'd entries of the batch, sorted by position so that each token's
+        entries are contiguous: (values, latent indices, each token's first entry, dense codes)."""
+        n, m = h.shape
+        flat = h.relu().flatten()
+        with torch.no_grad():
+            kept = torch.topk(flat.detach(), min(self.k * n, flat.numel()), sorted=False).indices
+            kept = kept.sort().values
+            rows = torch.div(kept, m, rounding_mode="floor")
+            offsets = torch.searchsorted(rows, torch.arange(n, device=h.device, dtype=rows.dtype))
+        values = flat.gather(0, kept)
+        if self.training:
+            self._update_threshold(values.detach())
+        z = torch.zeros_like(flat).scatter(0, kept, values).view(n, m)
+        return values, kept - rows * m, offsets, z
+
     @torch.no_grad()
     def _update_threshold(self, kept: Tensor) -> None:
-        positive = kept[kept > 0]
-        if positive.numel() == 0:
-            return
-        batch_min = positive.min().float()
-        if not bool(self.threshold_initialised):
-            self.inference_threshold.copy_(batch_min)
-            self.threshold_initialised.fill_(True)
-        else:
-            self.inference_threshold.lerp_(batch_min, self.threshold_ema)
+        """EMA of the smallest positive kept activation (batches without one leave it unchanged)."""
+        kept = kept.float()
+        positive = kept > 0
+        batch_min = torch.where(positive, kept, torch.full_like(kept, float("inf"))).amin()
+        updated = torch.where(self.threshold_initialised,
+                              torch.lerp(self.inference_threshold, batch_min, self.threshold_ema), batch_min)
+        any_positive = positive.any()
+        self.inference_threshold.copy_(torch.where(any_positive, updated, self.inference_threshold))
+        self.threshold_initialised.logical_or_(any_positive)
 
     def export_config(self) -> dict:
         # SAELens loads it as a JumpReLU; `rsae_architecture` lets rsae restore the BatchTopK.

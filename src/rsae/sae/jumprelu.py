@@ -5,6 +5,10 @@ estimator with a rectangle kernel of width `bandwidth` (Rajamanoharan et al. 202
 gradient of H(h - theta) w.r.t. theta is -K((h - theta)/eps)/eps. The sparsity penalty is the
 L0 count (step, same estimator) or a smooth tanh surrogate; either way thresholds respond to
 `l0_coefficient`, which is what makes L0 follow the coefficient.
+
+Training step, unless `rsae.sae.fast.disabled()`: the encoder GEMM without an input gradient, the
+L0 count straight from h (no float32 copy of the [batch, d_sae] pre-activations) and the
+dead-latent counter updated without host waits.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ import math
 import torch
 from torch import Tensor, nn
 
+from rsae.sae import fast
 from rsae.sae.base import SAE, SAEOutput, require
 from rsae.sae.relu import linear_warmup
 
@@ -37,6 +42,26 @@ class _Step(torch.autograd.Function):
         eps = ctx.bandwidth
         g_theta = -(grad * _rectangle((h - threshold) / eps) / eps).sum(0)
         return None, g_theta.to(threshold.dtype), None
+
+
+class _L0(torch.autograd.Function):
+    """Mean over tokens of sum_j H(h_j - theta_j), counted in float32, with _Step's pseudo-derivative
+    for theta. The same function and gradient as `_Step.apply(h.float(), theta.float(), eps)
+    .sum(-1).mean()`, without materialising h in float32 (the comparison promotes on the fly)."""
+
+    @staticmethod
+    def forward(ctx, h: Tensor, threshold: Tensor, bandwidth: float) -> Tensor:
+        ctx.save_for_backward(h, threshold)
+        ctx.bandwidth = bandwidth
+        return (h > threshold).sum(-1, dtype=torch.float32).mean()
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        h, threshold = ctx.saved_tensors
+        eps = ctx.bandwidth
+        n_tokens = h.numel() // max(1, h.shape[-1])
+        kernel = _rectangle((h - threshold) / eps).sum(0, dtype=torch.float32)
+        return None, (-(grad / n_tokens) * kernel / eps).to(threshold.dtype), None
 
 
 class _JumpReLU(torch.autograd.Function):
@@ -85,12 +110,23 @@ class JumpReLUSAE(SAE):
     def threshold(self) -> Tensor:
         return self.log_threshold.exp()
 
+    def pre_acts(self, x: Tensor) -> Tensor:
+        if fast.enabled():
+            return fast.linear_encoder(x, self.W_enc, self.b_enc, self.b_dec)
+        return super().pre_acts(x)
+
     def activation(self, h: Tensor) -> Tensor:
         return _JumpReLU.apply(h, self.threshold.to(h.dtype), self.bandwidth)
 
+    @torch.no_grad()
+    def _track_firing(self, z: Tensor) -> None:
+        fast.mark_fired(self.tokens_since_fired, (z != 0).any(dim=0), z.shape[0])
+
     def aux_losses(self, x: Tensor, out: SAEOutput, step: int) -> dict[str, Tensor]:
         coef = self.l0_coefficient * linear_warmup(step, self.l0_warmup_steps)
-        if self.penalty == "step":
+        if self.penalty == "step" and fast.enabled():
+            l0 = _L0.apply(out.h, self.threshold.float(), self.bandwidth)
+        elif self.penalty == "step":
             l0 = _Step.apply(out.h.float(), self.threshold.float(), self.bandwidth).sum(-1).mean()
         else:  # smooth surrogate: tanh(c * |z| * ||W_dec||)
             l0 = torch.tanh(self.tanh_scale * out.z.float().abs() * self.decoder_norms().float()).sum(-1).mean()

@@ -3,6 +3,12 @@
 AuxK (Gao et al. 2024): latents that have not fired for `dead_after_tokens` tokens try to
 reconstruct the main model's residual with their own top-`k_aux`, weighted by `aux_coefficient`
 and normalised by the input variance, which revives dead latents.
+
+Training step (`training_output`), unless `rsae.sae.fast.disabled()`: the encoder GEMM without an
+input gradient, top-k selection by the faster of two exact methods, and sparse decoding (only the
+k selected decoder rows per token, forward and backward) when k is small next to d_sae; the codes
+`z` are still returned dense. The host never waits for the GPU inside a step: whether any latent
+is dead is read from a copy made at the end of the previous step (`AsyncFlag`).
 """
 
 from __future__ import annotations
@@ -10,7 +16,12 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from rsae.sae import fast
 from rsae.sae.base import SAE, SAEOutput, require, resolve_d_sae
+
+# Decode sparsely when k * SPARSE_DECODE_RATIO <= d_sae: a gathered row costs about as much as
+# SPARSE_DECODE_RATIO / 2 columns of a dense GEMM on a GPU (bandwidth vs. matrix-unit rate).
+SPARSE_DECODE_RATIO = 128
 
 
 def topk_relu(h: Tensor, k: int) -> Tensor:
@@ -40,26 +51,88 @@ class TopKSAE(SAE):
         self.k = k
         self.aux_coefficient = aux_coefficient
         self.k_aux = k_aux if k_aux is not None else min(d_sae, max(1, d_in // 2))
+        self._dead_flag = fast.AsyncFlag()
+
+    def pre_acts(self, x: Tensor) -> Tensor:
+        if fast.enabled():
+            return fast.linear_encoder(x, self.W_enc, self.b_enc, self.b_dec)
+        return super().pre_acts(x)
 
     def activation(self, h: Tensor) -> Tensor:
         return topk_relu(h, self.k)
 
+    # --- the training step ------------------------------------------------------------------------
+    def training_output(self, x: Tensor, step: int = 0) -> SAEOutput:
+        if not fast.enabled():
+            return super().training_output(x, step)
+        self._check_input(x)
+        self._step_any_dead = self._any_dead() if self.training and self.aux_coefficient > 0 else None
+        h = self.pre_acts(x)
+        values, indices, offsets, z = self._select(h)
+        if self._decode_sparsely(values.numel() // max(1, x.shape[0])):
+            x_hat = fast.sparse_decode(values, indices, self.W_dec, self.b_dec, offsets)
+        else:
+            x_hat = self.decode(z)
+        out = SAEOutput(x_hat=x_hat, z=z, h=h)
+        out.losses["mse"] = (x_hat.float() - x.float()).pow(2).sum(-1).mean()
+        out.losses.update(self.aux_losses(x, out, step))
+        self._step_any_dead = None
+        if self.training:
+            fired = torch.zeros(self.d_sae, dtype=torch.int32, device=x.device)
+            fired.index_add_(0, indices.reshape(-1), (values.detach() != 0).reshape(-1).to(torch.int32))
+            fast.mark_fired(self.tokens_since_fired, fired > 0, x.shape[0])
+            self._record_dead()
+        return out
+
+    def _select(self, h: Tensor) -> tuple[Tensor, Tensor, Tensor | None, Tensor]:
+        """(values [B, k] after the ReLU, latent indices [B, k], None, dense codes z)."""
+        indices = fast.topk_select(h.detach(), self.k)[1]
+        values = h.gather(-1, indices).relu()
+        return values, indices, None, torch.zeros_like(h).scatter(-1, indices, values)
+
+    def _decode_sparsely(self, per_row: int) -> bool:
+        return per_row * SPARSE_DECODE_RATIO <= self.d_sae
+
+    @torch.compiler.disable
+    def _any_dead(self) -> bool:
+        flag = self._dead_flag.read(fast.tensor_version(self.tokens_since_fired))
+        return bool(self.dead_mask().any()) if flag is None else flag
+
+    @torch.compiler.disable
+    def _record_dead(self) -> None:
+        if self.tokens_since_fired.is_cuda:
+            self._dead_flag.record(self.dead_mask().any(), fast.tensor_version(self.tokens_since_fired))
+
+    @torch.no_grad()
+    def _track_firing(self, z: Tensor) -> None:
+        fast.mark_fired(self.tokens_since_fired, (z != 0).any(dim=0), z.shape[0])
+
+    # --- AuxK ---------------------------------------------------------------------------------------
     def aux_losses(self, x: Tensor, out: SAEOutput, step: int) -> dict[str, Tensor]:
+        # Also called as TopKSAE.aux_losses(rational_sae, ...): use only attributes both have.
         if not self.training or self.aux_coefficient == 0:
             return {}
         dead = self.dead_mask()
-        n_dead = int(dead.sum())
-        if n_dead == 0:
-            return {"aux": out.h.new_zeros((), dtype=torch.float32)}
-        k_aux = min(self.k_aux, n_dead)
+        any_dead = getattr(self, "_step_any_dead", None)
+        if any_dead is not None:
+            # Fast path: no dead count on the host. Taking the top k_aux even when fewer latents are
+            # dead selects some -inf entries, which the ReLU zeroes: the same z_aux as top-n_dead.
+            if not any_dead:
+                return {"aux": out.h.new_zeros((), dtype=torch.float32)}
+            k_aux = self.k_aux
+        else:
+            n_dead = int(dead.sum())
+            if n_dead == 0:
+                return {"aux": out.h.new_zeros((), dtype=torch.float32)}
+            k_aux = min(self.k_aux, n_dead)
         # Top-k_aux among dead latents only: live ones are pushed to -inf before selection.
+        # The weight min(n_dead / k_aux, 1) is 1 whenever a latent is dead (k_aux <= n_dead).
         h_dead = out.h.masked_fill(~dead, float("-inf"))
         z_aux = topk_relu(h_dead, k_aux)
         residual = (x - out.x_hat).detach().float()
         e_hat = (z_aux @ self.W_dec).float()
         variance = (x.float() - x.float().mean(0)).pow(2).sum().clamp_min(1e-12)
-        scale = min(n_dead / k_aux, 1.0)
-        return {"aux": self.aux_coefficient * scale * (e_hat - residual).pow(2).sum() / variance}
+        return {"aux": self.aux_coefficient * (e_hat - residual).pow(2).sum() / variance}
 
     def export_config(self) -> dict:
         return {"architecture": "topk", "k": self.k}

@@ -1,0 +1,217 @@
+"""Fast paths for training steps: the same functions as the plain skeleton, computed with less work.
+
+* `linear_encoder`: h = (x - b_dec) @ W_enc + b_enc as one fused GEMM (bias in the epilogue) whose
+  backward skips the input gradient: b_dec's gradient through the encoder is -W_enc @ sum_rows(dh),
+  a matrix-vector product instead of the [batch, d_in] x [d_in, d_sae] GEMM autograd would run to
+  form dL/d(x - b_dec). Under autocast h comes out in the autocast dtype (bf16), as the GEMM does.
+* `sparse_decode`: x_hat = sum_k z_k W_dec[idx_k] + b_dec for codes with few non-zeros (TopK,
+  BatchTopK), through `embedding_bag`: only the selected decoder rows are read, and the backward
+  only touches those rows, instead of a dense [batch, d_sae] x [d_sae, d_in] GEMM.
+* `topk_select`: the k largest entries per row, either by one `torch.topk` or in two stages
+  (top-k of each chunk of a row, then top-k of the candidates; exact, as every global top-k entry
+  is among its chunk's top k), whichever is faster on the device (timed once per shape).
+* `mark_fired`: the dead-latent counter update without a boolean-mask assignment (which makes the
+  host wait for the GPU); `AsyncFlag`: a device boolean read by the host one step later.
+
+`enabled()` / `disabled()`: switch the fast paths off to get the plain computation (the tests
+compare the two; `python -m rsae.bench train` times both).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+_off = 0
+
+
+def enabled() -> bool:
+    return _off == 0
+
+
+@contextlib.contextmanager
+def disabled():
+    """Within this block the architectures take their plain (reference) code paths."""
+    global _off
+    _off += 1
+    try:
+        yield
+    finally:
+        _off -= 1
+
+
+def _autocast_dtype(device_type: str) -> torch.dtype | None:
+    """The autocast dtype in force for this device type, or None."""
+    try:
+        if not torch.is_autocast_enabled(device_type):
+            return None
+        return torch.get_autocast_dtype(device_type)
+    except TypeError:  # torch < 2.4
+        if device_type == "cuda":
+            return torch.get_autocast_gpu_dtype() if torch.is_autocast_enabled() else None
+        return torch.get_autocast_cpu_dtype() if torch.is_autocast_cpu_enabled() else None
+
+
+# --- encoder ----------------------------------------------------------------------------------------
+
+
+class _LinearEncoder(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, w_enc, b_enc, b_dec, dtype):
+        xc = x.to(dtype) if b_dec is None else (x - b_dec).to(dtype)
+        w = w_enc.to(dtype)
+        h = torch.addmm(b_enc.to(dtype), xc, w)
+        ctx.save_for_backward(xc, w, w_enc)
+        ctx.has_b_dec = b_dec is not None
+        return h
+
+    @staticmethod
+    def backward(ctx, dh):
+        xc, w, w_enc = ctx.saved_tensors
+        need_x, need_w, need_be, need_bd = ctx.needs_input_grad[:4]
+        dh = dh.to(w.dtype)
+        dx = dw = dbe = dbd = None
+        if need_w:
+            dw = xc.t() @ dh
+        if need_be or need_bd:
+            col = dh.sum(0, dtype=torch.float32)  # sum over rows, accumulated in float32
+            dbe = col if need_be else None
+            if need_bd:  # d/d b_dec of (x - b_dec) @ W = -(sum_rows dh) @ W^T, a matrix-vector product
+                dbd = -(w_enc.float() @ col)
+        if need_x:
+            dx = dh @ w.t()
+        return dx, dw, dbe, dbd, None
+
+
+def linear_encoder(x: Tensor, w_enc: Tensor, b_enc: Tensor, b_dec: Tensor | None) -> Tensor:
+    """(x - b_dec) @ w_enc + b_enc; the GEMM runs in the autocast dtype when autocast is on (else
+    in the weights' dtype), and the backward computes the input gradient only if x needs one."""
+    dtype = _autocast_dtype(x.device.type) or torch.promote_types(x.dtype, w_enc.dtype)
+    with torch.autocast(device_type=x.device.type, enabled=False):
+        return _LinearEncoder.apply(x, w_enc, b_enc, b_dec, dtype)
+
+
+# --- decoder ----------------------------------------------------------------------------------------
+
+
+def sparse_decode(values: Tensor, indices: Tensor, w_dec: Tensor, b_dec: Tensor, offsets: Tensor | None = None) -> Tensor:
+    """b_dec + sum_k values[.., k] * w_dec[indices[.., k]] for each row.
+
+    values, indices: [B, k] (every row has k entries), or 1-d with `offsets` [B] marking where each
+    row's entries start (rows of varying length, entries grouped by row). The sum runs in w_dec's
+    dtype (float32 master weights: no rounding of the decoder rows)."""
+    out = F.embedding_bag(indices, w_dec, offsets=offsets, mode="sum",
+                          per_sample_weights=values.to(w_dec.dtype))
+    return out + b_dec
+
+
+# --- selection --------------------------------------------------------------------------------------
+
+SELECTION = "auto"  # auto | torch | chunked
+_CHUNKS = 64
+_choice: dict[tuple, str] = {}
+
+
+def _chunked_topk(h: Tensor, k: int, chunks: int) -> tuple[Tensor, Tensor]:
+    n, m = h.shape
+    size = m // chunks
+    v1, i1 = torch.topk(h.view(n, chunks, size), k, dim=-1, sorted=False)
+    i1 = i1 + torch.arange(0, m, size, device=h.device).view(1, chunks, 1)
+    v2, j = torch.topk(v1.reshape(n, chunks * k), k, dim=-1, sorted=False)
+    return v2, i1.reshape(n, chunks * k).gather(-1, j)
+
+
+def _chunks_for(m: int, k: int) -> int | None:
+    chunks = _CHUNKS
+    while chunks > 1 and (m % chunks or m // chunks < 4 * k):
+        chunks //= 2
+    return chunks if chunks > 1 else None
+
+
+def _time(fn, reps: int = 3) -> float:
+    fn()
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(reps):
+        fn()
+    torch.cuda.synchronize()
+    return time.perf_counter() - start
+
+
+def topk_select(h: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """(values, indices) of the k largest entries of each row of a 2-d h (no gradient; gather the
+    values from h to differentiate). The method is `SELECTION`; `auto` times both once per
+    (shape, dtype, k) on CUDA and keeps the faster, and uses torch.topk elsewhere."""
+    with torch.no_grad():
+        n, m = h.shape
+        chunks = _chunks_for(m, k)
+        method = SELECTION
+        if method == "auto":
+            if not h.is_cuda or chunks is None or torch.compiler.is_compiling():
+                method = "torch"
+            else:
+                key = (n, m, k, h.dtype, h.device)
+                if key not in _choice:
+                    t_torch = _time(lambda: torch.topk(h, k, dim=-1, sorted=False))
+                    t_chunk = _time(lambda: _chunked_topk(h, k, chunks))
+                    _choice[key] = "chunked" if t_chunk < 0.9 * t_torch else "torch"
+                method = _choice[key]
+        if method == "chunked" and chunks is not None:
+            return _chunked_topk(h, k, chunks)
+        return torch.topk(h, k, dim=-1, sorted=False)
+
+
+# --- dead-latent tracking ---------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def mark_fired(tokens_since_fired: Tensor, fired: Tensor, n_tokens: int) -> None:
+    """tokens_since_fired += n_tokens, then 0 where `fired` (no host synchronisation)."""
+    tokens_since_fired.add_(n_tokens).masked_fill_(fired, 0)
+
+
+class AsyncFlag:
+    """A boolean computed on the GPU and copied to pinned host memory without waiting; `read` a
+    step later returns it (waiting only for work queued long before) or None when there is
+    nothing valid to read (never recorded, recorded for another version of the source tensor, or
+    not on CUDA). Copies of the owner (deepcopy, pickling) start empty."""
+
+    def __init__(self) -> None:
+        self._host: Tensor | None = None
+        self._event = None
+        self._version: tuple | None = None
+
+    def record(self, value: Tensor, version: tuple) -> None:
+        if not value.is_cuda:
+            self._event = None
+            return
+        if self._host is None:
+            self._host = torch.empty((), dtype=torch.bool, pin_memory=True)
+        self._host.copy_(value.reshape(()), non_blocking=True)
+        self._event = torch.cuda.Event()
+        self._event.record()
+        self._version = version
+
+    def read(self, version: tuple) -> bool | None:
+        if self._event is None or self._version != version:
+            return None
+        self._event.synchronize()
+        return bool(self._host)
+
+    def __deepcopy__(self, memo) -> "AsyncFlag":
+        return AsyncFlag()
+
+    def __getstate__(self) -> dict:
+        return {}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__()
+
+
+def tensor_version(t: Tensor) -> tuple:
+    """Identifies a tensor's current contents: (storage, in-place modification counter)."""
+    return (t.data_ptr(), t._version)

@@ -1,0 +1,154 @@
+"""The fast training paths (rsae.sae.fast: encoder without input gradient, exact top-k selection,
+sparse decoding, sync-free bookkeeping) compute the same losses, codes, gradients and buffers as
+the plain skeleton, for TopK, BatchTopK and JumpReLU, with and without dead latents."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from rsae.sae import fast
+from rsae.sae import topk as topk_module
+from rsae.sae.batchtopk import BatchTopKSAE
+from rsae.sae.jumprelu import JumpReLUSAE
+from rsae.sae.topk import TopKSAE
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+def make(arch: str, k: int = 2, **kw):
+    if arch == "topk":
+        return TopKSAE(16, 256, k=k, dead_after_tokens=50, **kw)
+    if arch == "batchtopk":
+        return BatchTopKSAE(16, 256, k=k, dead_after_tokens=50, **kw)
+    return JumpReLUSAE(16, 256, l0_coefficient=0.3, init_threshold=0.05, bandwidth=0.5, **kw)
+
+
+def step(sae, x, n_steps: int = 2):
+    """Run `n_steps` training outputs (with backward and a plain SGD update) and collect everything."""
+    outs = []
+    for i in range(n_steps):
+        sae.zero_grad(set_to_none=True)
+        out = sae.training_output(x[i], step=i)
+        out.loss.backward()
+        grads = {n: p.grad.detach().clone() for n, p in sae.named_parameters() if p.grad is not None}
+        outs.append({"losses": {k: v.detach().clone() for k, v in out.losses.items()}, "x_hat": out.x_hat.detach().float(),
+                     "z": out.z.detach().float(), "grads": grads,
+                     "buffers": {n: b.detach().clone() for n, b in sae.named_buffers()}})
+        with torch.no_grad():
+            for p in sae.parameters():
+                if p.grad is not None:
+                    p -= 0.05 * p.grad
+    return outs
+
+
+def assert_same(fast_outs, plain_outs, rtol=1e-4, atol=1e-5):
+    for f, p in zip(fast_outs, plain_outs):
+        assert f["losses"].keys() == p["losses"].keys()
+        for k in p["losses"]:
+            torch.testing.assert_close(f["losses"][k].float(), p["losses"][k].float(), rtol=rtol, atol=atol, msg=k)
+        torch.testing.assert_close(f["x_hat"], p["x_hat"], rtol=rtol, atol=atol)
+        torch.testing.assert_close(f["z"], p["z"], rtol=rtol, atol=atol)
+        assert f["grads"].keys() == p["grads"].keys()
+        for n in p["grads"]:
+            torch.testing.assert_close(f["grads"][n], p["grads"][n], rtol=rtol, atol=atol, msg=n)
+        for n in p["buffers"]:
+            torch.testing.assert_close(f["buffers"][n], p["buffers"][n], msg=n)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("arch,k,dead", [("topk", 2, "none"), ("topk", 2, "some"), ("topk", 2, "few"),
+                                         ("topk", 4, "some"), ("batchtopk", 2, "some"), ("batchtopk", 4, "none"),
+                                         ("jumprelu", 0, "some")])
+def test_fast_path_matches_plain_path(device, arch, k, dead):
+    torch.manual_seed(0)
+    sae = make(arch, k=k).to(device)
+    if dead == "some":  # half the latents dead: more than k_aux (8)
+        sae.tokens_since_fired[::2] = 1000
+    elif dead == "few":  # 3 dead latents, fewer than k_aux: the top-k_aux reaches -inf entries
+        sae.tokens_since_fired[:3] = 1000
+    x = torch.randn(2, 40, 16, device=device)
+    plain = copy.deepcopy(sae)
+    with fast.disabled():
+        ref = step(plain, x)
+    got = step(sae, x)
+    assert_same(got, ref)
+    if arch != "jumprelu":
+        assert ("aux" in ref[0]["losses"]) and (float(ref[0]["losses"]["aux"]) > 0) == (dead != "none")
+
+
+def test_sparse_and_dense_decoding_agree(monkeypatch):
+    torch.manual_seed(1)
+    sae = make("topk", k=2)
+    x = torch.randn(2, 30, 16)
+    sparse = step(copy.deepcopy(sae), x)
+    monkeypatch.setattr(topk_module, "SPARSE_DECODE_RATIO", 10**9)  # never sparse
+    assert_same(sparse, step(copy.deepcopy(sae), x))
+
+
+def test_topk_selection_methods_agree(monkeypatch):
+    h = torch.randn(50, 512)
+    for method in ("torch", "chunked"):
+        monkeypatch.setattr(fast, "SELECTION", method)
+        values, indices = fast.topk_select(h, 5)
+        assert torch.equal(values.sort(-1).values, torch.topk(h, 5).values.sort(-1).values)
+        assert torch.equal(h.gather(-1, indices), values)
+
+
+def test_encoder_without_input_gradient_matches_autograd():
+    torch.manual_seed(2)
+    w, be, bd = (torch.randn(16, 64, requires_grad=True), torch.randn(64, requires_grad=True),
+                 torch.randn(16, requires_grad=True))
+    x = torch.randn(32, 16, requires_grad=True)
+    gy = torch.randn(32, 64)
+    ref = torch.autograd.grad(((x - bd) @ w + be), [x, w, be, bd], gy)
+    got = torch.autograd.grad(fast.linear_encoder(x, w, be, bd), [x, w, be, bd], gy)
+    for a, b in zip(got, ref):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    # Without an input gradient the product with W^T is never formed, and the rest is unchanged.
+    got = torch.autograd.grad(fast.linear_encoder(x.detach(), w, be, bd), [w, be, bd], gy)
+    for a, b in zip(got, ref[1:]):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_encoder_runs_in_the_autocast_dtype():
+    w, be, bd = torch.randn(16, 64), torch.randn(64), torch.randn(16)
+    x = torch.randn(8, 16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        h = fast.linear_encoder(x, w, be, bd)
+    assert h.dtype == torch.bfloat16
+    ref = (x - bd) @ w + be
+    assert float((h.float() - ref).norm() / ref.norm()) < 1e-2
+
+
+@pytest.mark.parametrize("arch", ["topk", "batchtopk", "jumprelu"])
+def test_fast_path_under_bf16_autocast_tracks_fp32(arch):
+    torch.manual_seed(3)
+    sae = make(arch)
+    x = torch.randn(64, 16)
+    with torch.no_grad():
+        ref = sae.training_output(x).losses["mse"]
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            got = sae.training_output(x).losses["mse"]
+    assert abs(float(got) - float(ref)) <= 0.05 * float(ref)
+
+
+def test_batchtopk_threshold_update_is_the_ema_of_batch_minima():
+    sae = make("batchtopk")
+    sae._update_threshold(torch.tensor([0.0, 0.5, 0.2]))
+    assert float(sae.inference_threshold) == pytest.approx(0.2) and bool(sae.threshold_initialised)
+    sae._update_threshold(torch.tensor([0.0, 0.0]))  # nothing positive: unchanged
+    assert float(sae.inference_threshold) == pytest.approx(0.2)
+    sae._update_threshold(torch.tensor([1.2, 3.0]))
+    assert float(sae.inference_threshold) == pytest.approx(0.2 + 0.01 * (1.2 - 0.2))
+
+
+def test_deepcopy_and_pickle_of_a_trained_topk():
+    import pickle
+
+    sae = make("topk")
+    sae.training_output(torch.randn(20, 16)).loss.backward()
+    copy.deepcopy(sae)
+    pickle.loads(pickle.dumps(sae))
