@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, IterableDataset
 
-from rsae.sae.base import require
+from rsae.errors import require
 
 _VAL_OFFSET = 1 << 40  # validation batches come from a disjoint part of the seed space
 

@@ -15,13 +15,7 @@ import torch
 from torch import Tensor, nn
 
 
-class ConfigError(ValueError):
-    """An impossible hyperparameter or a shape that does not match; the message is one line."""
-
-
-def require(condition: bool, message: str) -> None:
-    if not condition:
-        raise ConfigError(message)
+from rsae.errors import ConfigError, require  # noqa: F401  (re-exported for the architectures)
 
 
 def resolve_d_sae(d_in: int, d_sae: int | None, expansion_factor: int | None) -> int:
