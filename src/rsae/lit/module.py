@@ -3,6 +3,14 @@
 Raw activations are multiplied by `act_scale` (E||x|| = sqrt(d_in), estimated by the data module)
 before they reach the SAE; reported MSE is converted back to raw units so it compares across
 runs and with exported SAEs.
+
+Speed: with `compile=True` the SAE's training step (`sae.training_output`: forward, losses,
+dead-latent bookkeeping) and the decoder-norm constraint are compiled with `torch.compile`
+(mixed precision comes from the trainer, e.g. `precision: bf16-mixed`, with float32 master
+weights; Adam is fused on CUDA). Nothing in a step makes the host wait for the GPU: training
+metrics are tensors handed to Lightning, and apart from `train/l0` (step-level callbacks such as
+HoldL0 read it) they are only computed on the steps the logger writes (`log_every_n_steps`:
+None follows the trainer's setting).
 """
 
 from __future__ import annotations
@@ -39,9 +47,12 @@ class SAEModule(L.LightningModule):
         ground_truth: Tensor | None = None,
         l0_tolerances: tuple[float, ...] = (),
         grad_clip: float | None = 1.0,
+        compile: bool = False,
+        log_every_n_steps: int | None = None,
     ) -> None:
         super().__init__()
         require(lr > 0, f"lr must be > 0, got {lr}")
+        require(log_every_n_steps is None or log_every_n_steps >= 1, f"log_every_n_steps must be >= 1, got {log_every_n_steps}")
         require(0 <= decay_fraction <= 1, f"decay_fraction must be in [0, 1], got {decay_fraction}")
         require(0 <= min_lr_ratio <= 1, f"min_lr_ratio must be in [0, 1], got {min_lr_ratio}")
         self.sae = sae
@@ -52,6 +63,27 @@ class SAEModule(L.LightningModule):
         # Clipped here rather than by Lightning, which refuses to clip for fused Adam under AMP.
         self.grad_clip = grad_clip
         self.val_metrics = ReconstructionMetrics(sae.d_in, sae.d_sae, l0_tolerances=tuple(l0_tolerances))
+        self.compile_step = bool(compile)  # (not `self.compile`: nn.Module.compile is a method)
+        self.log_every_n_steps = log_every_n_steps
+        self._step_fns: dict[str, object] = {}
+
+    def step_fn(self, name: str):
+        """`sae.<name>`, compiled on first use when `compile=True`."""
+        fn = self._step_fns.get(name)
+        if fn is None:
+            fn = getattr(self.sae, name)
+            if self.compile_step:
+                fn = torch.compile(fn)
+            self._step_fns[name] = fn
+        return fn
+
+    def _log_now(self) -> bool:
+        """Whether the logger writes this step's metrics (Lightning's rule for on_step values)."""
+        trainer = self._trainer
+        if trainer is None:
+            return True
+        every = self.log_every_n_steps or max(1, int(getattr(trainer, "log_every_n_steps", 1) or 1))
+        return (self.global_step + 1) % every == 0 or bool(getattr(trainer, "should_stop", False))
 
     def set_activation_scale(self, scale: float) -> None:
         require(scale > 0 and scale == scale, f"activation scale must be positive and finite, got {scale}")
@@ -60,26 +92,27 @@ class SAEModule(L.LightningModule):
     # --- training -----------------------------------------------------------------------------
     def training_step(self, batch: Tensor, batch_idx: int) -> Tensor:
         x = batch * self.act_scale
-        out = self.sae.training_output(x, self.global_step)
+        out = self.step_fn("training_output")(x, self.global_step)
         loss = out.loss
-        scale2 = self.act_scale.pow(2)
-        logs = {"train/loss": loss, "train/mse": out.losses["mse"].detach() / scale2}
-        logs.update({f"train/{k}_loss": v.detach() for k, v in out.losses.items() if k != "mse"})
-        logs["train/l0"] = (out.z.detach() != 0).float().sum(-1).mean()
-        logs["train/dead_fraction"] = self.sae.dead_mask().float().mean()
+        logs = {"train/l0": (out.z.detach() != 0).sum(-1, dtype=torch.float32).mean()}
+        if self._log_now():
+            logs["train/loss"] = loss.detach()
+            logs["train/mse"] = out.losses["mse"].detach() / self.act_scale.pow(2)
+            logs.update({f"train/{k}_loss": v.detach() for k, v in out.losses.items() if k != "mse"})
+            logs["train/dead_fraction"] = self.sae.dead_mask().float().mean()
+            logs["train/lr"] = self.lr * self._lr_mult(self.global_step)
         self.log_dict(logs, on_step=True, on_epoch=False, prog_bar=False)
-        self.log("train/lr", self.lr * self._lr_mult(self.global_step), on_step=True, on_epoch=False)
         return loss
 
     def on_before_optimizer_step(self, optimizer) -> None:
-        self.sae.remove_parallel_decoder_grad()
+        self.step_fn("remove_parallel_decoder_grad")()
         if self.grad_clip:
             torch.nn.utils.clip_grad_norm_(self.sae.parameters(), self.grad_clip, foreach=True)
 
     def optimizer_step(self, *args, **kwargs) -> None:
         # Re-normalise right after the update, before any callback (e.g. a checkpoint) sees it.
         super().optimizer_step(*args, **kwargs)
-        self.sae.normalize_decoder()
+        self.step_fn("normalize_decoder")()
 
     def _lr_mult(self, step: int) -> float:
         max_steps = self.trainer.max_steps if self.trainer and self.trainer.max_steps > 0 else 1
