@@ -406,6 +406,7 @@ class _RationalGate(torch.autograd.Function):
         return (dh.view(shape) if need_h else None), ga, gb, gcin, gcout, None, None, None
 
 
+@torch.compiler.disable  # torch.compile runs around it (a graph break), not through it
 def rational_gate_triton(
     h: Tensor,
     a: Tensor,
