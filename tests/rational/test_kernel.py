@@ -217,16 +217,31 @@ gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU
 @pytest.mark.gpu
 @gpu
 @pytest.mark.parametrize("name", [c[0] for c in CASES])
-def test_kernel_matches_float64_reference_cuda(name):
+def test_kernel_matches_float64_reference_cuda(name, monkeypatch):
     pytest.importorskip("triton")
+    monkeypatch.setenv("RSAE_KERNEL_CONFIG", "0,0")  # one tile shape: no autotuning of tiny cases
     seed = int.from_bytes(os.urandom(4), "little")
     check_case(run_case(name, "cuda", seed), name, seed)
 
 
 @pytest.mark.gpu
 @gpu
-def test_kernel_dtypes_and_special_values_cuda():
+@pytest.mark.parametrize("config", range(4))
+@pytest.mark.parametrize("name", ["group-latent-A", "deg9_8-latent-B", "many-rows"])
+def test_every_tile_shape_matches_reference_cuda(name, config, monkeypatch):
+    from rsae.rational.kernel import BWD_CONFIGS, FWD_CONFIGS
+
     pytest.importorskip("triton")
+    monkeypatch.setenv("RSAE_KERNEL_CONFIG", f"{config % len(FWD_CONFIGS)},{config % len(BWD_CONFIGS)}")
+    seed = int.from_bytes(os.urandom(4), "little")
+    check_case(run_case(name, "cuda", seed), name, seed)
+
+
+@pytest.mark.gpu
+@gpu
+def test_kernel_dtypes_and_special_values_cuda(monkeypatch):
+    pytest.importorskip("triton")
+    monkeypatch.setenv("RSAE_KERNEL_CONFIG", "0,0")
     seed = int.from_bytes(os.urandom(4), "little")
     check_edge(run_edge_cases("cuda", seed), seed)
 

@@ -15,7 +15,8 @@ from rsae.sae.batchtopk import BatchTopKSAE
 from rsae.sae.jumprelu import JumpReLUSAE
 from rsae.sae.topk import TopKSAE
 
-DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+DEVICES = ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
+                                                                                reason="needs a CUDA GPU")])]
 
 
 def make(arch: str, k: int = 2, **kw):
@@ -152,3 +153,37 @@ def test_deepcopy_and_pickle_of_a_trained_topk():
     sae.training_output(torch.randn(20, 16)).loss.backward()
     copy.deepcopy(sae)
     pickle.loads(pickle.dumps(sae))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("arch", ["topk", "batchtopk", "jumprelu"])
+def test_fast_steps_do_not_wait_for_the_gpu(arch, monkeypatch):
+    """After the first step (top-k method timing, first dead-latent read) a bf16 training step of the
+    fast path makes no host synchronisation, with dead latents present (AuxK on). Dense decoding:
+    embedding_bag's backward is outside our control."""
+    import warnings
+
+    monkeypatch.setattr(topk_module, "SPARSE_DECODE_RATIO", 10**9)
+    torch.manual_seed(0)
+    sae = make(arch, k=4).cuda()
+    sae.tokens_since_fired[::3] = 1000
+    x = torch.randn(3, 256, 16, device="cuda")
+
+    def step(i):
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            out = sae.training_output(x[i], step=i)
+        out.loss.backward()
+
+    step(0)
+    step(1)
+    torch.cuda.synchronize()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode(1)
+        try:
+            step(2)
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+    syncs = [str(w.message) for w in caught if "synchroniz" in str(w.message)]
+    assert not syncs, syncs

@@ -28,7 +28,8 @@ train.py on a cached activation stream, and a quality check of the fast path.
    stream with the plain and the fast path (and plain again on another data order, which sets
    the noise level); held-out MSE, FVU and L0 must agree within that noise (or 2%).
 
-Writes a Markdown report to stdout and, with --json or $OUT, the full results as JSON.
+Writes a Markdown report to stdout and, with --json or $OUT, the full results as JSON (and the
+report beside it as .md), both rewritten after every measurement.
 """
 
 from __future__ import annotations
@@ -81,6 +82,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--e2e-skip", type=int, default=50, help="steps before the timed window")
     p.add_argument("--e2e-compile", default="true", choices=("true", "false"))
     p.add_argument("--e2e-workers", type=int, default=2, help="data.num_workers")
+    p.add_argument("--e2e-extra-workers", type=int, default=None,
+                   help="also run the first --e2e architecture with this many data workers")
     p.add_argument("--e2e-rows", type=int, default=262144, help="training rows in the synthetic cache")
     p.add_argument("--e2e-timeout", type=int, default=420)
     p.add_argument("--quality", default="", help="architectures for the quality check")
@@ -133,8 +136,8 @@ class SyntheticActs:
 def write_synthetic_cache(root: Path, d: int, n_train: int, n_val: int, device: torch.device, seed: int = 0,
                           context_size: int = 128) -> list[str]:
     """An activation cache in rsae's format (manifest, train/val safetensors shards, eval tokens) holding
-    synthetic bf16 activations; returns the train.py `data.*` overrides that make
-    ActivationDataModule accept it (the request names a hub id that is never loaded)."""
+    synthetic bf16 activations; returns the ActivationDataModule keyword arguments that accept it
+    (the request names a hub id that is never loaded; `data_overrides` turns them into train.py's)."""
     from rsae.data import cache as C
     from rsae.data.harvest import build_request
 
@@ -180,13 +183,21 @@ def write_synthetic_cache(root: Path, d: int, n_train: int, n_val: int, device: 
         "stats": {"mean_norm": norm_sum / n_train}, "args": {"synthetic": True, "seed": seed},
     }
     C.write_json_atomic(root / C.MANIFEST, manifest)
-    a = args
-    return [f"data.name_or_path={a['name_or_path']}", "data.gguf_file=null", "data.revision=null",
-            f"data.lm_dtype={a['lm_dtype']}", f"data.hook={a['hook']}", f"data.layer={a['layer']}",
-            f"data.text_files=[{a['text_files'][0]}]", "data.dataset=null", f"data.context_size={context_size}",
-            f"data.n_tokens={a['n_tokens']}", f"data.val_fraction={a['val_fraction']!r}",
-            f"data.storage_dtype={a['storage_dtype']}", "data.prepend_bos=true", "data.exclude_special_tokens=true",
-            f"data.cache_dir={root}", "data.verify_checksums=false"]
+    return {**args, "cache_dir": str(root), "verify_checksums": False}
+
+
+def data_overrides(kwargs: dict) -> list[str]:
+    """train.py `data.*` overrides for ActivationDataModule keyword arguments."""
+    def value(v):
+        if v is None:
+            return "null"
+        if isinstance(v, bool):
+            return str(v).lower()
+        if isinstance(v, (list, tuple)):
+            return "[" + ",".join(value(x) for x in v) + "]"
+        return repr(v) if isinstance(v, float) else str(v)
+
+    return ["data.dataset=null"] + [f"data.{k}={value(v)}" for k, v in kwargs.items()]
 
 
 # --- models -------------------------------------------------------------------------------------------
@@ -471,13 +482,13 @@ def repo_root() -> Path:
     return Path(rsae.__file__).resolve().parents[2]
 
 
-def run_e2e(arch, d, m, batch, args, device, data_overrides, work: Path) -> dict:
-    run_dir = work / f"e2e-{arch}-{d}x{m}-b{batch}"
+def run_e2e(arch, d, m, batch, args, device, data_args: list[str], work: Path, workers: int) -> dict:
+    run_dir = work / f"e2e-{arch}-{d}x{m}-b{batch}-w{workers}"
     timer = run_dir / "timer.json"
     cpu = device.type != "cuda"
     overrides = [
-        f"sae={arch}", "data=activations", *data_overrides, f"data.batch_size={batch}",
-        f"data.num_workers={args.e2e_workers}", "sae.expansion_factor=null", f"sae.d_sae={m}",
+        f"sae={arch}", "data=activations", *data_args, f"data.batch_size={batch}",
+        f"data.num_workers={workers}", "sae.expansion_factor=null", f"sae.d_sae={m}",
         f"trainer={'cpu' if cpu else 'gpu'}", f"trainer.max_steps={args.e2e_steps}",
         f"trainer.val_check_interval={args.e2e_steps + 1}", "trainer.limit_val_batches=2",
         "trainer.enable_progress_bar=false", "logger=none", f"module.compile={args.e2e_compile if not cpu else 'false'}",
@@ -496,7 +507,7 @@ def run_e2e(arch, d, m, batch, args, device, data_overrides, work: Path) -> dict
     proc = subprocess.run(cmd, cwd=repo_root(), env=env, capture_output=True, text=True, timeout=args.e2e_timeout)
     res = {"kind": "e2e", "arch": arch, "variant": "compiled" if args.e2e_compile == "true" and not cpu else "fast",
            "d": d, "m": m, "batch": batch, "wall_s": round(time.perf_counter() - t0, 1), "returncode": proc.returncode,
-           "num_workers": args.e2e_workers, "command": "python train.py " + " ".join(overrides)}
+           "num_workers": workers, "command": "python train.py " + " ".join(overrides)}
     if proc.returncode != 0 or not timer.is_file():
         res["error"] = (proc.stderr or proc.stdout)[-2000:]
         return res
@@ -592,16 +603,16 @@ def markdown(results: dict, args) -> str:
     e2e = [r for r in results["runs"] if r["kind"] == "e2e"]
     if e2e:
         lines += ["", "### End to end: train.py on a cached activation stream", "",
-                  "| arch | d x m | batch | module | ms/step | tokens/s | % roofline | raw step ms (same variant) | e2e / raw | vs SAELens step |",
-                  "|---|---|---|---|---|---|---|---|---|---|"]
+                  "| arch | d x m | batch | module | data workers | ms/step | tokens/s | % roofline | raw step ms (same variant) | e2e / raw | vs SAELens step |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|"]
         for r in e2e:
             if "ms" not in r:
-                lines.append(f"| {r['arch']} | {r['d']}x{r['m']} | {r['batch']} | {r['variant']} | failed (see JSON) | | | | | |")
+                lines.append(f"| {r['arch']} | {r.get('d')}x{r.get('m')} | {r.get('batch')} | {r.get('variant', '-')} | {r.get('num_workers', '-')} | failed (see JSON) | | | | | |")
                 continue
             raw = find(results, "rsae", r["arch"], r["d"], r["m"], r["batch"], r["variant"])
             sl = find(results, "saelens", r["arch"], r["d"], r["m"], r["batch"])
             roof = flops_per_step(r["d"], r["m"], r["batch"]) / (args.peak_tflops * 1e12) * 1e3 / r["ms"] * 100
-            lines.append(f"| {r['arch']} | {r['d']}x{r['m']} | {r['batch']} | {r['variant']} | {r['ms']:.2f} | {r['tokens_per_s']:,.0f} | "
+            lines.append(f"| {r['arch']} | {r['d']}x{r['m']} | {r['batch']} | {r['variant']} | {r['num_workers']} | {r['ms']:.2f} | {r['tokens_per_s']:,.0f} | "
                          f"{roof:.0f}% | {fmt(raw and raw['ms'])} | {fmt(raw and raw['ms'] / r['ms'] * 100, 0)}% | "
                          f"{fmt(sl and sl['ms'] / r['ms'], 2)}x |")
     qual = [r for r in results["runs"] if r["kind"] == "quality" and "fast" in r]
@@ -664,7 +675,7 @@ def targets(results, args) -> list[str]:
         if raw:
             frac = raw["ms"] / r["ms"]
             parts.append(f"{frac * 100:.0f}% of the raw {r['variant']} step rate (target >= 85%: {'met' if frac >= 0.85 else 'NOT met'})")
-        out.append(f"e2e {r['arch']} ({tag}): " + "; ".join(parts))
+        out.append(f"e2e {r['arch']} ({tag}, {r['num_workers']} data workers): " + "; ".join(parts))
     for q in results["runs"]:
         if q["kind"] == "quality" and "match" in q:
             out.append(f"quality {q['arch']}: fast vs plain MSE / L0 {'match' if q['match'] else 'DIFFER'} within noise")
@@ -696,16 +707,16 @@ def main(argv: list[str] | None = None) -> int:
         results["triton"] = None
     if "rational" in archs + csv(args.quality):
         results["rational_dispatch"] = ensure_rational_dispatch()
-    torch.backends.cuda.matmul.allow_tf32 = True
 
     def over_budget() -> bool:
         return args.time_budget is not None and time.perf_counter() - started > args.time_budget
 
-    def save() -> None:
+    def save() -> None:  # after every measurement: a run cut short still leaves its results
         results["elapsed_s"] = round(time.perf_counter() - started, 1)
         if out_path:
             Path(out_path).parent.mkdir(parents=True, exist_ok=True)
             Path(out_path).write_text(json.dumps(results, indent=1, default=str))
+            Path(out_path).with_suffix(".md").write_text(markdown(results, args) + "\n")
 
     def record(fn, *a, **info) -> None:
         if over_budget():
@@ -726,12 +737,13 @@ def main(argv: list[str] | None = None) -> int:
         if device.type == "cuda":
             torch.cuda.empty_cache()
 
-    # Largest shape first: the targets are defined there.
-    for d, m in sorted(shapes, key=lambda s: -s[0] * s[1]):
+    # Order of importance, so that a time budget cuts the least useful part: the largest shape (where
+    # the targets are defined), end to end there, the other shapes, the quality check, the gate alone.
+    by_size = sorted(shapes, key=lambda s: -s[0] * s[1])
+
+    def raw_steps(d, m):
         for b in batches:
             data, scale = make_batches(d, b, device, args.seed)
-            if not args.no_gate and "rational" in archs:
-                record(bench_gate, m, b, args, device, kind="gate", m=m, batch=b)
             for arch in archs:
                 for variant in variants:
                     record(bench_rsae, arch, d, m, b, variant, args, device, data, scale,
@@ -746,30 +758,52 @@ def main(argv: list[str] | None = None) -> int:
                         record(bench_saelens, arch, d, m, b, args, device, data, scale,
                                kind="saelens", arch=arch, d=d, m=m, batch=b)
             del data
-    e2e_archs = csv(args.e2e)
-    if e2e_archs:
+
+    def end_to_end():
+        e2e_archs = csv(args.e2e)
+        if not e2e_archs:
+            return
         work = Path(args.work_dir) if args.work_dir else Path(tempfile.mkdtemp(prefix="rsae-bench-"))
-        e2e_shapes = parse_shapes(args.e2e_shapes) if args.e2e_shapes else [max(shapes, key=lambda s: s[0] * s[1])]
-        for d, m in e2e_shapes:
+        for d, m in (parse_shapes(args.e2e_shapes) if args.e2e_shapes else by_size[:1]):
             cache = work / f"cache-d{d}"
             try:
-                if not (cache / "manifest.json").is_file():
-                    data_overrides = write_synthetic_cache(cache, d, args.e2e_rows, max(8192, batches[0]), device, args.seed)
-                    (work / f"cache-d{d}.overrides.json").write_text(json.dumps(data_overrides))
-                else:
-                    data_overrides = json.loads((work / f"cache-d{d}.overrides.json").read_text())
+                saved = work / f"cache-d{d}.kwargs.json"
+                if not (cache / "manifest.json").is_file() or not saved.is_file():
+                    kwargs = write_synthetic_cache(cache, d, args.e2e_rows, max(8192, batches[0]), device, args.seed)
+                    saved.write_text(json.dumps(kwargs))
+                overrides = data_overrides(json.loads(saved.read_text()))
             except Exception as exc:  # noqa: BLE001
                 results["runs"].append({"kind": "e2e", "d": d, "m": m, "error": f"cache: {type(exc).__name__}: {exc}"})
                 continue
-            for arch in e2e_archs:
-                record(run_e2e, arch, d, m, batches[0], args, device, data_overrides, work,
-                       kind="e2e", arch=arch, d=d, m=m, batch=batches[0])
-    q_archs = csv(args.quality)
-    if q_archs:
-        d, m = parse_shapes(args.quality_shape)[0] if args.quality_shape else min(shapes, key=lambda s: s[0] * s[1])
+            runs = [(arch, args.e2e_workers) for arch in e2e_archs]
+            if args.e2e_extra_workers is not None and args.e2e_extra_workers != args.e2e_workers:
+                runs.append((e2e_archs[0], args.e2e_extra_workers))
+            for arch, workers in runs:
+                record(run_e2e, arch, d, m, batches[0], args, device, overrides, work, workers,
+                       kind="e2e", arch=arch, d=d, m=m, batch=batches[0], num_workers=workers)
+
+    def quality_checks():
+        q_archs = csv(args.quality)
+        if not q_archs:
+            return
+        d, m = parse_shapes(args.quality_shape)[0] if args.quality_shape else by_size[-1]
         qb = args.quality_batch or batches[0]
         for arch in q_archs:
             record(quality, arch, d, m, qb, args, device, kind="quality", arch=arch, d=d, m=m, batch=qb)
+
+    def gates():
+        if args.no_gate or "rational" not in archs:
+            return
+        for d, m in by_size:
+            for b in batches:
+                record(bench_gate, m, b, args, device, kind="gate", m=m, batch=b)
+
+    raw_steps(*by_size[0])
+    end_to_end()
+    for d, m in by_size[1:]:
+        raw_steps(d, m)
+    quality_checks()
+    gates()
     save()
     print(markdown(results, args))
     if out_path:

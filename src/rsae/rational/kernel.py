@@ -281,10 +281,20 @@ def interpreting() -> bool:
     return isinstance(tl.sum, InterpretedFunction)
 
 
-@functools.lru_cache(maxsize=1)
-def _kernels():
-    """(forward, backward) Triton kernels, built on first use: autotuned over the tile shapes when
-    compiled, the first tile shape when interpreted."""
+def _kernel_mode() -> str | tuple[int, int]:
+    """'autotune', or fixed (forward, backward) indices into FWD_CONFIGS / BWD_CONFIGS: the first
+    ones under the interpreter, or those named by RSAE_KERNEL_CONFIG="i,j" (tests, tuning)."""
+    if interpreting():
+        return (0, 0)
+    fixed = os.environ.get("RSAE_KERNEL_CONFIG")
+    if fixed:
+        i, j = (int(v) for v in fixed.split(","))
+        return (i, j)
+    return "autotune"
+
+
+@functools.lru_cache(maxsize=None)
+def _jit():
     glob = dict(globals())  # the kernels resolve `_coef` to the decorated helper
     for name in ("_coef", "_fwd_kernel", "_bwd_kernel"):
         fn = globals()[name]
@@ -292,9 +302,16 @@ def _kernels():
         new.__qualname__, new.__module__, new.__doc__ = fn.__qualname__, fn.__module__, fn.__doc__
         new.__annotations__ = dict(fn.__annotations__)
         glob[name] = triton.jit(new)
-    fwd, bwd = glob["_fwd_kernel"], glob["_bwd_kernel"]
-    if interpreting():
-        return _Fixed(fwd, FWD_CONFIGS[0]), _Fixed(bwd, BWD_CONFIGS[0])
+    return glob["_fwd_kernel"], glob["_bwd_kernel"]
+
+
+@functools.lru_cache(maxsize=None)
+def _kernels(mode: str | tuple[int, int] = "autotune"):
+    """(forward, backward) Triton kernels, built on first use: autotuned over the tile shapes (once
+    per problem shape), or with the fixed tile shapes `mode` names."""
+    fwd, bwd = _jit()
+    if mode != "autotune":
+        return _Fixed(fwd, FWD_CONFIGS[mode[0]]), _Fixed(bwd, BWD_CONFIGS[mode[1]])
     key = ["n_cols", "P_DEG", "Q_DEG", "DEN_A", "COEF_MODE", "SCALE_PER_COL"]
     fwd = triton.autotune([triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w) for m, n, w in FWD_CONFIGS],
                           key=key)(fwd)
@@ -342,7 +359,7 @@ class _RationalGate(torch.autograd.Function):
         coef_mode = 0 if a.shape[0] == 1 else (2 if set_index is not None else 1)
         scale_per_col = c_in.numel() > 1
         big = float(torch.finfo(h.dtype).max) if h.dtype != torch.float32 else float("inf")
-        fwd, _ = _kernels()
+        fwd, _ = _kernels(_kernel_mode())
         sets = set_index if set_index is not None else a  # any pointer when unused
         if n_rows > 0 and d > 0:
             grid = lambda meta: (triton.cdiv(d, meta["BLOCK_N"]), triton.cdiv(n_rows, meta["BLOCK_M"]))  # noqa: E731
@@ -371,7 +388,7 @@ class _RationalGate(torch.autograd.Function):
         n_row_progs = triton.cdiv(n_rows, rows_per_prog)
         dh = torch.empty_like(h2) if need_h else h2  # any pointer when unused
         part = h2.new_empty((n_row_progs, n_par, d), dtype=torch.float32) if need_params else h2
-        _, bwd = _kernels()
+        _, bwd = _kernels(_kernel_mode())
         sets = set_index if set_index is not None else a
         if n_rows > 0 and d > 0 and (need_h or need_params):
             grid = lambda meta: (triton.cdiv(d, meta["BLOCK_N"]), n_row_progs)  # noqa: E731

@@ -1,0 +1,73 @@
+"""SAEModule's speed options: training metrics only on the steps the logger writes (train/l0 on
+every step), and `compile` wiring (the compiled step itself is exercised on CUDA by
+`python -m rsae.bench train` and the gpu tests)."""
+
+from __future__ import annotations
+
+import lightning as L
+import pytest
+import torch
+
+from rsae.data.synthetic import SyntheticDataModule
+from rsae.lit.module import SAEModule
+from rsae.sae import TopKSAE
+from rsae.sae.base import ConfigError
+
+
+class Seen(L.Callback):
+    def __init__(self) -> None:
+        self.keys: list[set[str]] = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.keys.append(set(pl_module._metrics_this_step))
+
+
+def fit(module: SAEModule, steps: int, log_every: int) -> Seen:
+    seen = Seen()
+    dm = SyntheticDataModule(d_in=8, n_features=32, batch_size=16)
+    trainer = L.Trainer(max_steps=steps, accelerator="cpu", logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, log_every_n_steps=log_every,
+                        limit_val_batches=0, callbacks=[seen])
+    trainer.fit(module, datamodule=dm)
+    return seen
+
+
+def test_metrics_only_on_logged_steps_and_l0_every_step(monkeypatch):
+    module = SAEModule(TopKSAE(8, 32, k=2), warmup_steps=0)
+    original = module.log_dict
+
+    def capture(metrics, *args, **kwargs):
+        module._metrics_this_step = set(metrics)
+        return original(metrics, *args, **kwargs)
+
+    monkeypatch.setattr(module, "log_dict", capture)
+    seen = fit(module, steps=6, log_every=3)
+    full = {"train/l0", "train/loss", "train/mse", "train/aux_loss", "train/dead_fraction", "train/lr"}
+    assert [k == full for k in seen.keys] == [False, False, True, False, False, True]
+    assert all("train/l0" in k for k in seen.keys)
+
+
+def test_module_log_every_n_steps_overrides_the_trainer(monkeypatch):
+    module = SAEModule(TopKSAE(8, 32, k=2), warmup_steps=0, log_every_n_steps=2)
+    original = module.log_dict
+
+    def capture(metrics, *args, **kwargs):
+        module._metrics_this_step = set(metrics)
+        return original(metrics, *args, **kwargs)
+
+    monkeypatch.setattr(module, "log_dict", capture)
+    seen = fit(module, steps=4, log_every=50)
+    assert ["train/mse" in k for k in seen.keys] == [False, True, False, True]
+    with pytest.raises(ConfigError):
+        SAEModule(TopKSAE(8, 32, k=2), log_every_n_steps=0)
+
+
+def test_compile_option_wraps_the_step_functions(monkeypatch):
+    calls = []
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: calls.append(fn.__name__) or fn)
+    module = SAEModule(TopKSAE(8, 32, k=2), compile=True)
+    assert module.step_fn("training_output") is not None and module.step_fn("normalize_decoder") is not None
+    assert calls == ["training_output", "normalize_decoder"]
+    assert module.step_fn("training_output") is module.step_fn("training_output")  # compiled once
+    plain = SAEModule(TopKSAE(8, 32, k=2))
+    assert plain.step_fn("training_output") == plain.sae.training_output
