@@ -82,14 +82,14 @@ def bench_harvest(args, cache_dir: Path) -> dict:
                                 args.n_tokens)
     run, restore = truncated_forward(model, args.hook, args.layer)
 
-    def bare() -> float:
+    def bare(n_seq: int = len(tokens)) -> float:
         begin = time.perf_counter()
         with torch.inference_mode():
-            for lo in range(0, len(tokens), args.harvest_batch_size):
-                run(tokens[lo:lo + args.harvest_batch_size])
-        return tokens.numel() / (time.perf_counter() - begin)
+            for lo in range(0, n_seq, args.harvest_batch_size):
+                run(tokens[lo:min(lo + args.harvest_batch_size, n_seq)])
+        return n_seq * tokens.shape[1] / (time.perf_counter() - begin)
 
-    bare()  # warm up (allocator, kernels)
+    bare(4 * args.harvest_batch_size)  # warm up (allocator, kernels)
     bare_before = bare()
     restore()
     begin = time.perf_counter()

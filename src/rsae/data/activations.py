@@ -64,16 +64,17 @@ class ActivationDataModule(L.LightningDataModule):
         d_in: expected width (None: read from the cache).
     """
 
-    def __init__(self, name_or_path: str, cache_dir: str | None = None, hook: str = "resid_post", layer: int | None = 0,
+    def __init__(self, name_or_path: str, cache_dir: str | None = None, cache_root: str = ".cache/rsae",
+                 hook: str = "resid_post", layer: int | None = 0,
                  gguf_file: str | None = None, revision: str | None = None, lm_dtype: str = "float32",
                  text_files: Sequence[str] | None = None, dataset: str | None = None,
                  dataset_config: str | None = None, dataset_split: str = "train", text_column: str = "text",
-                 n_tokens: int = 200_000, context_size: int = 128, val_fraction: float = 0.1,
+                 n_tokens: int = 150_000, context_size: int = 128, val_fraction: float = 0.1,
                  storage_dtype: str = "bfloat16", exclude_special_tokens: bool = True, prepend_bos: bool = True,
                  batch_size: int = 4096, shuffle_buffer: int = 65536, block_rows: int = 1024, seed: int = 0,
-                 num_workers: int = 0, pin_memory: bool | None = None, harvest_batch_size: int = 16,
+                 num_workers: int = 0, pin_memory: bool | None = None, harvest_batch_size: int = 8,
                  harvest_device: str = "auto", shard_mb: float = 64, verify_checksums: bool = True,
-                 d_in: int | None = None, progress: bool = True, cache_root: str = ".cache/rsae"):
+                 d_in: int | None = None, progress: bool = True):
         super().__init__()
         if dataset is not None:
             text_files = None

@@ -66,7 +66,7 @@ def harvest(cache_dir: str | Path, *, name_or_path: str, hook: str = "resid_post
             text_files: Sequence[str] | None = None, dataset: str | None = None, dataset_config: str | None = None,
             dataset_split: str = "train", text_column: str = "text", n_tokens: int = 100_000,
             context_size: int = 128, val_fraction: float = 0.1, storage_dtype: str = "bfloat16",
-            prepend_bos: bool = True, exclude_special_tokens: bool = True, batch_size: int = 16,
+            prepend_bos: bool = True, exclude_special_tokens: bool = True, batch_size: int = 8,
             shard_mb: float = 64, device: str = "auto", verify_checksums: bool = True, d_in: int | None = None,
             progress: bool = True, lm: tuple | None = None) -> C.Manifest:
     """Build (or validate and reuse) the activation cache at `cache_dir`; returns its Manifest.
