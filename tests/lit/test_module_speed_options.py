@@ -71,3 +71,32 @@ def test_compile_option_wraps_the_step_functions(monkeypatch):
     assert module.step_fn("training_output") is module.step_fn("training_output")  # compiled once
     plain = SAEModule(TopKSAE(8, 32, k=2))
     assert plain.step_fn("training_output") == plain.sae.training_output
+
+
+@pytest.mark.parametrize("max_norm", [0.05, 1e6])  # clipping active / inactive
+def test_clipping_folded_into_fused_adam_gives_the_same_update(max_norm):
+    from rsae.lit.module import clip_gradients
+
+    torch.manual_seed(0)
+    params = [torch.randn(20, 7, requires_grad=True), torch.randn(7, requires_grad=True)]
+    ref = [p.detach().clone().requires_grad_() for p in params]
+    try:
+        opt = torch.optim.Adam(params, lr=0.1, fused=True)
+    except RuntimeError:
+        pytest.skip("fused Adam is not available on this device")
+    opt_ref = torch.optim.Adam(ref, lr=0.1)
+    for _ in range(3):
+        for group in (params, ref):
+            for p in group:
+                p.grad = None
+            ((group[0] @ group[1]).pow(2).sum() + group[1].sum()).backward()
+        clip_gradients(params, max_norm, opt)
+        assert opt.grad_scale is not None
+        torch.nn.utils.clip_grad_norm_(ref, max_norm)
+        opt.step()
+        opt_ref.step()
+        for a, b in zip(params, ref):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    plain = torch.optim.Adam(ref, lr=0.1)
+    clip_gradients(ref, max_norm, plain)  # not fused: clipped in place
+    assert getattr(plain, "grad_scale", None) is None

@@ -12,7 +12,11 @@ train.py on a cached activation stream, and a quality check of the fast path.
                rational gate (`kernel_disabled()`): the "plain torch bf16 autocast step";
      fast      eager, fast paths on (encoder without input gradient, top-k selection and sparse
                decoding, sync-free bookkeeping, fused Triton rational gate);
-     compiled  fast + `SAEModule(compile=True)` (torch.compile of the step and the decoder norm).
+     compiled  fast + `SAEModule(compile=True)` (torch.compile of the step and the decoder norm);
+     compiled+base  compiled, plus two edits of rsae.sae.base proposed for the architectures that
+               use its encoder and firing tracker (ReLU, rational): `pre_acts` through
+               `fast.linear_encoder`, `_track_firing` through `fast.mark_fired` (applied in this
+               process only; TopK, BatchTopK and JumpReLU have them already, so it is skipped there).
    Reported: ms/step (median of --repeats timed runs of --steps steps, CUDA events), tokens/s,
    TFLOP/s and % of the roofline, counting 12 d m FLOP per token for every architecture (the
    dense step's arithmetic) at --peak-tflops, peak device memory, and the host synchronisations
@@ -57,7 +61,8 @@ import lightning as L
 
 ARCHS = ("relu", "jumprelu", "topk", "batchtopk", "rational")
 SAELENS_ARCHS = {"relu": "standard", "jumprelu": "jumprelu", "topk": "topk"}
-VARIANTS = ("plain", "fast", "compiled")
+VARIANTS = ("plain", "fast", "compiled", "fast+base", "compiled+base")
+PROPOSED = "+base"  # variants measuring the base.py edits proposed for ReLU / rational (not in train.py)
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -252,8 +257,43 @@ def variant_context(variant: str):
     if variant == "plain":
         with fast.disabled(), kernel_disabled():
             yield
+    elif variant.endswith(PROPOSED):
+        with proposed_base_edits():
+            yield
     else:
         yield
+
+
+def uses_base_encoder(arch: str) -> bool:
+    from rsae.sae.base import SAE
+
+    cls = type(build_sae(arch, 2, 4, 1))
+    return cls.pre_acts is SAE.pre_acts or cls._track_firing is SAE._track_firing
+
+
+@contextlib.contextmanager
+def proposed_base_edits():
+    """SAE.pre_acts through fast.linear_encoder and SAE._track_firing through fast.mark_fired, in
+    this process only: what the proposed rsae.sae.base edits would give ReLU and the rational SAE."""
+    from rsae.sae import fast
+    from rsae.sae.base import SAE
+
+    saved = SAE.pre_acts, SAE._track_firing
+
+    def pre_acts(self, x):
+        if fast.enabled():
+            return fast.linear_encoder(x, self.W_enc, self.b_enc, self.b_dec)
+        return saved[0](self, x)
+
+    @torch.no_grad()
+    def _track_firing(self, z):
+        fast.mark_fired(self.tokens_since_fired, (z != 0).any(dim=0), z.shape[0])
+
+    SAE.pre_acts, SAE._track_firing = pre_acts, _track_firing
+    try:
+        yield
+    finally:
+        SAE.pre_acts, SAE._track_firing = saved
 
 
 def autocast(device: torch.device, dtype: str):
@@ -344,7 +384,7 @@ def bench_rsae(arch, d, m, batch, variant, args, device, batches, scale) -> dict
 
     torch.manual_seed(args.seed)
     sae = build_sae(arch, d, m, args.k, args.seed).to(device)
-    module = SAEModule(sae, compile=(variant == "compiled")).to(device)
+    module = SAEModule(sae, compile=variant.startswith("compiled")).to(device)
     module.set_activation_scale(scale)
     opt = torch.optim.Adam(sae.parameters(), lr=module.lr, betas=module.betas, fused=device.type == "cuda")
     if device.type == "cuda":
@@ -530,7 +570,7 @@ def train_for_quality(arch, d, m, batch, steps, variant, args, device, data_seed
     scale = float(math.sqrt(d) / sample.norm(dim=-1).mean())
     torch.manual_seed(args.seed)
     sae = build_sae(arch, d, m, args.k, args.seed).to(device)
-    module = SAEModule(sae, compile=(variant == "compiled")).to(device)
+    module = SAEModule(sae, compile=variant.startswith("compiled")).to(device)
     module.set_activation_scale(scale)
     opt = torch.optim.Adam(sae.parameters(), lr=module.lr, betas=module.betas, fused=device.type == "cuda")
     with variant_context(variant):
@@ -633,11 +673,13 @@ def markdown(results: dict, args) -> str:
     return "\n".join(lines)
 
 
-def find(results, kind, arch, d, m, batch, variant=None):
+def find(results, kind, arch, d, m, batch, variant=None, proposed=False):
+    """The fastest matching run (variants with the proposed base.py edits only when `proposed`)."""
     best = None
     for r in results["runs"]:
         if r["kind"] == kind and r.get("arch") == arch and r.get("d") == d and r.get("m") == m and r.get("batch") == batch \
-                and "ms" in r and (variant is None or r.get("variant") == variant):
+                and "ms" in r and (variant is None or r.get("variant") == variant) \
+                and (proposed or variant is not None or not str(r.get("variant", "")).endswith(PROPOSED)):
             if best is None or r["ms"] < best["ms"]:
                 best = r
     return best
@@ -655,6 +697,10 @@ def targets(results, args) -> list[str]:
             ratio = rat["ms"] / relu["ms"]
             out.append(f"rational / ReLU step ({tag}, best variants {rat['variant']} / {relu['variant']}): {ratio:.2f}x "
                        f"(target <= 1.15x: {'met' if ratio <= 1.15 else 'NOT met'})")
+        relu_p, rat_p = find(results, "rsae", "relu", d, m, b, proposed=True), find(results, "rsae", "rational", d, m, b, proposed=True)
+        if relu_p and rat_p and (relu_p is not relu or rat_p is not rat):
+            out.append(f"with the proposed base.py edits ({tag}): ReLU {relu_p['ms']:.2f} ms ({relu_p['variant']}), rational "
+                       f"{rat_p['ms']:.2f} ms ({rat_p['variant']}), ratio {rat_p['ms'] / relu_p['ms']:.2f}x")
         if relu and topk:
             ratio = topk["ms"] / relu["ms"]
             out.append(f"TopK / ReLU step ({tag}): {ratio:.2f}x (target <= 1: {'met' if ratio <= 1.0 else 'NOT met'})")
@@ -696,7 +742,7 @@ def main(argv: list[str] | None = None) -> int:
             raise SystemExit(f"unknown architecture {a!r}; expected one of {ARCHS}")
     variants = csv(args.variants)
     if device.type != "cuda":
-        variants = [v for v in variants if v != "compiled"]  # compiling on the CPU takes minutes
+        variants = [v for v in variants if not v.startswith("compiled")]  # compiling on the CPU takes minutes
     results = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({platform.processor() or platform.machine()})",
                "torch": torch.__version__, "args": vars(args), "runs": []}
     try:
@@ -746,6 +792,8 @@ def main(argv: list[str] | None = None) -> int:
             data, scale = make_batches(d, b, device, args.seed)
             for arch in archs:
                 for variant in variants:
+                    if variant.endswith(PROPOSED) and not uses_base_encoder(arch):
+                        continue
                     record(bench_rsae, arch, d, m, b, variant, args, device, data, scale,
                            kind="rsae", arch=arch, variant=variant, d=d, m=m, batch=b)
                 if not args.no_saelens and arch in SAELENS_ARCHS:

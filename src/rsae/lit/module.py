@@ -7,10 +7,10 @@ runs and with exported SAEs.
 Speed: with `compile=True` the SAE's training step (`sae.training_output`: forward, losses,
 dead-latent bookkeeping) and the decoder-norm constraint are compiled with `torch.compile`
 (mixed precision comes from the trainer, e.g. `precision: bf16-mixed`, with float32 master
-weights; Adam is fused on CUDA). Nothing in a step makes the host wait for the GPU: training
-metrics are tensors handed to Lightning, and apart from `train/l0` (step-level callbacks such as
-HoldL0 read it) they are only computed on the steps the logger writes (`log_every_n_steps`:
-None follows the trainer's setting).
+weights; Adam is fused on CUDA, with the gradient clipping folded into it: `clip_gradients`).
+Nothing in a step makes the host wait for the GPU: training metrics are tensors handed to
+Lightning, and apart from `train/l0` (step-level callbacks such as HoldL0 read it) they are only
+computed on the steps the logger writes (`log_every_n_steps`: None follows the trainer's).
 """
 
 from __future__ import annotations
@@ -33,6 +33,32 @@ def lr_multiplier(step: int, max_steps: int, warmup_steps: int, decay_fraction: 
         return 1.0
     frac = min(1.0, (step - decay_start) / decay_steps)
     return 1.0 - (1.0 - min_lr_ratio) * frac
+
+
+def clip_gradients(parameters, max_norm: float, optimizer=None) -> Tensor | None:
+    """Scale the gradients to a total norm of at most `max_norm` (torch's clip_grad_norm_ rule:
+    coefficient min(1, max_norm / (norm + 1e-6))), without waiting for the GPU.
+
+    With a fused Adam the coefficient is handed to the optimizer as its `grad_scale` (the fused
+    kernel divides every gradient by it while it updates), which saves a pass that reads and
+    writes all gradients; the update is the same, only `.grad` keeps the unclipped values.
+    Otherwise the gradients are scaled in place. Returns the total norm."""
+    grads = [p.grad for p in parameters if p.grad is not None]
+    if not grads:
+        return None
+    if optimizer is not None and _takes_grad_scale(optimizer, grads):
+        norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
+        coef = (max_norm / (norm.float() + 1e-6)).clamp(max=1.0)
+        optimizer.grad_scale = coef.reciprocal()
+        return norm
+    if optimizer is not None and getattr(optimizer, "grad_scale", None) is not None:
+        optimizer.grad_scale = None
+    return torch.nn.utils.clip_grad_norm_(grads, max_norm, foreach=True)
+
+
+def _takes_grad_scale(optimizer, grads: list[Tensor]) -> bool:
+    return (type(optimizer) is torch.optim.Adam and bool(optimizer.defaults.get("fused"))
+            and len({g.device for g in grads}) == 1 and getattr(optimizer, "found_inf", None) is None)
 
 
 class SAEModule(L.LightningModule):
@@ -107,7 +133,7 @@ class SAEModule(L.LightningModule):
     def on_before_optimizer_step(self, optimizer) -> None:
         self.step_fn("remove_parallel_decoder_grad")()
         if self.grad_clip:
-            torch.nn.utils.clip_grad_norm_(self.sae.parameters(), self.grad_clip, foreach=True)
+            clip_gradients(self.sae.parameters(), self.grad_clip, optimizer)
 
     def optimizer_step(self, *args, **kwargs) -> None:
         # Re-normalise right after the update, before any callback (e.g. a checkpoint) sees it.
