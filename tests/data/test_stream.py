@@ -110,11 +110,11 @@ def test_loader_with_workers_matches_the_definition_and_resumes_exactly(shards, 
 def test_resume_far_ahead_reads_only_the_needed_window(shards, monkeypatch):
     s = stream(shards, start_batch=10_000)
     reads = []
-    real = s.shards.gather
-    monkeypatch.setattr(s.shards, "gather", lambda shard, row: reads.append(len(row)) or real(shard, row))
+    real = s.shards.load
+    monkeypatch.setattr(s.shards, "load", lambda pieces, *a: reads.extend(pieces) or real(pieces, *a))
     expected = take(stream(shards).slot_batches(0, 1, 10_000), 1)[0]
     assert torch.equal(next(iter(s)), expected)
-    assert sum(reads) == 32  # the rows of that one batch, not 10k batches of data
+    assert len(reads) <= 2 * 4  # this window and the one read ahead (4 blocks each), not 10k batches
 
 
 def test_stream_loader_restarts_at_the_current_position(shards):

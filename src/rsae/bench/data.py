@@ -21,6 +21,7 @@ import gc
 import json
 import os
 import platform
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -44,6 +45,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--storage-dtype", default="bfloat16")
     p.add_argument("--batch-size", type=int, default=4096, help="rows per training batch")
     p.add_argument("--num-workers", type=int, nargs="+", default=[0, 1])
+    p.add_argument("--stream-copies", type=int, default=8,
+                   help="stream over this many copies of the training shards (one pass spans many windows)")
+    p.add_argument("--skip-harvest", action="store_true", help="only the streaming part, on --cache-dir")
     p.add_argument("--cache-dir", default=None,
                    help="where to harvest (must not hold a cache yet); default: a temporary directory, removed afterwards")
     p.add_argument("--json", default=None, help="also write the results to this JSON file")
@@ -115,6 +119,7 @@ def evict(files: list[Path]) -> None:
     for file in files:
         fd = os.open(file, os.O_RDONLY)
         try:
+            os.fsync(fd)  # dirty pages (a fresh copy) cannot be dropped
             os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
         finally:
             os.close(fd)
@@ -136,13 +141,34 @@ def raw_read_gbps(files: list[Path], cold: bool, passes: int = 3) -> float:
     return best
 
 
-def stream_gbps(dm, cold: bool, passes: int = 3) -> float:
+def replicate(files: list[Path], rows: list[int], copies: int, into: Path) -> tuple[list[Path], list[int]]:
+    """`copies` physical copies of the training shards (distinct pages, so "cold" stays cold), so
+    that one pass spans many shuffle windows, as a real cache does, instead of two or three."""
+    into.mkdir(parents=True, exist_ok=True)
+    out = []
+    for copy in range(copies):
+        for file in files:
+            target = into / f"{copy:03d}-{file.name}"
+            if not target.exists():
+                shutil.copyfile(file, target)
+            out.append(target)
+    return out, rows * copies
+
+
+def stream_gbps(files: list[Path], rows: list[int], d_in: int, itemsize: int, args, workers: int, cold: bool,
+                passes: int = 3) -> float:
     """Cache bytes per second consumed by the training stream (float32 batches out), best of
-    `passes` passes over all training rows. Cold: page cache dropped and a new loader each pass
-    (start-up included); warm: one loader, after a first pass that maps every page."""
-    n_batches = max(1, dm.manifest.rows("train") // dm.batch_size)
-    bytes_per_batch = dm.batch_size * dm.d_in * (2 if dm.manifest.storage_dtype == "bfloat16" else 4)
-    loader = None if cold else iter(dm.train_dataloader())
+    `passes` passes over all rows. It is the loader `ActivationDataModule.train_dataloader()`
+    builds. Cold: page cache dropped and a new loader each pass (start-up included); warm: one
+    loader, after a first pass that brings every page into memory."""
+    from rsae.data.stream import StreamLoader, TrainStream
+
+    def new_loader():
+        stream = TrainStream(files, rows, batch_size=args.batch_size, seed=0)
+        return iter(StreamLoader(stream, batch_size=None, num_workers=workers))
+
+    n_batches = max(1, sum(rows) // args.batch_size)
+    loader = None if cold else new_loader()
     if loader is not None:
         for _ in range(n_batches):
             next(loader)
@@ -150,40 +176,35 @@ def stream_gbps(dm, cold: bool, passes: int = 3) -> float:
     for _ in range(passes):
         if cold:
             loader = None
-            gc.collect()  # unmap the previous pass's shards, or their pages cannot be dropped
-            evict(dm.manifest.shard_paths("train"))
+            gc.collect()
+            evict(files)
         begin = time.perf_counter()
         if cold:
-            loader = iter(dm.train_dataloader())
+            loader = new_loader()
         for _ in range(n_batches):
             batch = next(loader)
-        best = max(best, n_batches * bytes_per_batch / (time.perf_counter() - begin) / 1e9)
-        assert batch.dtype == torch.float32 and batch.shape == (dm.batch_size, dm.d_in)
+        best = max(best, n_batches * args.batch_size * d_in * itemsize / (time.perf_counter() - begin) / 1e9)
+        assert batch.dtype == torch.float32 and batch.shape == (args.batch_size, d_in)
     return best
 
 
-def bench_stream(args, cache_dir: Path) -> dict:
-    from rsae.data.activations import ActivationDataModule
+def bench_stream(args, cache_dir: Path, scratch: Path) -> dict:
+    from rsae.data.cache import Manifest
 
-    out = {}
+    manifest = Manifest.load(cache_dir)
+    itemsize = 2 if manifest.storage_dtype == "bfloat16" else 4
+    files, rows = replicate(manifest.shard_paths("train"), [s["rows"] for s in manifest.shards("train")],
+                            args.stream_copies, scratch / "replicas")
+    out = {"rows": sum(rows), "bytes": sum(f.stat().st_size for f in files), "batch_size": args.batch_size,
+           "shuffle_buffer": 65536}
     for workers in args.num_workers:
-        dm = ActivationDataModule(name_or_path=args.model, gguf_file=args.gguf_file, cache_dir=str(cache_dir),
-                                  hook=args.hook, layer=args.layer, text_files=args.text, n_tokens=args.n_tokens,
-                                  context_size=args.context_size, storage_dtype=args.storage_dtype,
-                                  batch_size=args.batch_size, num_workers=workers, verify_checksums=False,
-                                  progress=False)
-        dm.prepare_data()
-        dm.setup("fit")
-        files = dm.manifest.shard_paths("train")
         for cache in ("cold", "warm"):
             raw = raw_read_gbps(files, cold=cache == "cold")
-            gbps = stream_gbps(dm, cold=cache == "cold")
+            gbps = stream_gbps(files, rows, manifest.d_in, itemsize, args, workers, cold=cache == "cold")
             raw = max(raw, raw_read_gbps(files, cold=cache == "cold"))  # the machine may be shared
-            out[f"{cache}, num_workers={workers}"] = {"stream_GBps": round(gbps, 3), "raw_read_GBps": round(raw, 3),
-                                                      "ratio": round(gbps / raw, 3)}
-            print(f"stream {cache}, num_workers={workers}: {out[f'{cache}, num_workers={workers}']}", flush=True)
-    out["train_bytes"] = sum(f.stat().st_size for f in files)
-    out["batch_size"] = args.batch_size
+            key = f"{cache}, num_workers={workers}"
+            out[key] = {"stream_GBps": round(gbps, 3), "raw_read_GBps": round(raw, 3), "ratio": round(gbps / raw, 3)}
+            print(f"stream {key}: {out[key]}", flush=True)
     return out
 
 
@@ -191,14 +212,14 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv or [])
     with tempfile.TemporaryDirectory(prefix="rsae-bench-") as tmp:
         cache_dir = Path(args.cache_dir) if args.cache_dir else Path(tmp) / "cache"
-        if (cache_dir / "manifest.json").exists():
+        if (cache_dir / "manifest.json").exists() and not args.skip_harvest:
             raise SystemExit(f"error: {cache_dir} already holds a cache; the harvest timing needs a fresh directory")
         results = {
             "date": time.strftime("%Y-%m-%d"),
             "machine": f"{platform.machine()} CPU, {torch.get_num_threads()} torch threads, "
                        f"{'CUDA ' + torch.cuda.get_device_name() if torch.cuda.is_available() else 'no GPU'}",
-            "harvest": bench_harvest(args, cache_dir),
-            "stream": bench_stream(args, cache_dir),
+            "harvest": None if args.skip_harvest else bench_harvest(args, cache_dir),
+            "stream": bench_stream(args, cache_dir, Path(tmp)),
         }
     text = json.dumps(results, indent=2)
     print(text)

@@ -218,7 +218,8 @@ class Manifest:
 
 
 class ShardReader:
-    """Zero-copy row access to one safetensors shard through a memory map."""
+    """Row access to one safetensors shard: zero-copy views through a memory map, or plain reads
+    into a caller's buffer (`read_into`, which releases the GIL while the kernel copies)."""
 
     def __init__(self, path: str | Path, rows: int | None = None):
         self.path = Path(path)
@@ -241,11 +242,15 @@ class ShardReader:
             raise CacheCorruptError(f"shard {self.path} has {n} rows, manifest says {rows}")
         self.rows, self.d = n, d
 
-    def prefetch(self, start: int, stop: int) -> None:
-        """Ask the kernel to read rows [start, stop) into the page cache in the background."""
-        if hasattr(os, "posix_fadvise"):
-            os.posix_fadvise(self._fd, self._data_offset + start * self._row_bytes, (stop - start) * self._row_bytes,
-                             os.POSIX_FADV_WILLNEED)
+    def read_into(self, start: int, stop: int, out: np.ndarray) -> None:
+        """Read rows [start, stop) into the C-contiguous array `out` (same itemsize as storage)."""
+        view = memoryview(out).cast("B")
+        offset, done, total = self._data_offset + start * self._row_bytes, 0, (stop - start) * self._row_bytes
+        while done < total:
+            got = os.preadv(self._fd, [view[done:total]], offset + done)
+            if got <= 0:
+                raise CacheCorruptError(f"shard {self.path} ended early (truncated?); delete the cache directory to rebuild it")
+            done += got
 
     def __del__(self):
         if getattr(self, "_fd", None) is not None:

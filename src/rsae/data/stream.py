@@ -9,8 +9,9 @@ Training order ("block shuffle"), a pure function of (seed, world size, workers,
    in each epoch, ranks and workers read disjoint blocks that together cover every row once.
 4. Each slot groups its blocks of an epoch into windows of about `shuffle_buffer` rows, shuffles
    the rows of a window (seeded by (seed, S, slot, epoch, window)) and cuts its row stream (all
-   windows, epoch after epoch) into batches. A batch is gathered straight from the memory-mapped
-   shards (no copy of the window), its rows grouped by shard.
+   windows, epoch after epoch) into batches. A background thread reads the next window (plain
+   sequential reads of whole blocks, widened to float32) while batches are gathered from the
+   current one; memory: two windows, 2 * shuffle_buffer * d_in * 4 bytes per worker.
 5. The DataLoader takes batches from workers in turn, so a rank's batch b is batch b // W of the
    worker that plays role b mod W.
 
@@ -23,6 +24,8 @@ from __future__ import annotations
 
 import contextlib
 import math
+import sys
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Iterator, Sequence
 
@@ -86,32 +89,53 @@ class _Shards:
                 at += stop - start
         return out
 
-    def gather(self, shard: np.ndarray, row: np.ndarray) -> torch.Tensor:
-        """float32 rows `row[i]` of shards `shard[i]` (grouped by shard), read straight from the
-        memory maps: one gather per shard, converting to float32 on the way out."""
-        d, _ = self.dims()
-        out = new_batch(len(row), d)
-        cuts = np.flatnonzero(np.diff(shard)) + 1
-        with one_thread():
-            for lo, hi in zip(np.r_[0, cuts], np.r_[cuts, len(row)]):
-                source = self.reader(int(shard[lo])).view(0, self.rows[int(shard[lo])])
-                index = torch.from_numpy(row[lo:hi])
-                if source.dtype == torch.float32:
-                    torch.index_select(source, 0, index, out=out[lo:hi])
-                else:
-                    out[lo:hi].copy_(source.index_select(0, index))
-        return out
-
-    def prefetch(self, pieces) -> None:
+    def load(self, pieces, out: np.ndarray, staging: np.ndarray) -> None:
+        """Read the rows of `(shard, start, stop)` pieces, in order, into the float32 array `out`:
+        plain sequential reads (a bf16 piece goes through `staging` and is widened on the way)."""
+        at = 0
         for shard, start, stop in pieces:
-            self.reader(int(shard)).prefetch(int(start), int(stop))
+            reader, n = self.reader(int(shard)), int(stop - start)
+            if reader.torch_dtype == torch.float32:
+                reader.read_into(int(start), int(stop), out[at:at + n])
+            else:  # bf16 -> fp32 is a 16-bit shift of the bit pattern; numpy does it in one pass
+                reader.read_into(int(start), int(stop), staging[:n])
+                np.left_shift(staging[:n], 16, out=out[at:at + n].view(np.uint32), dtype=np.uint32)
+            at += n
 
     def dims(self) -> tuple[int, torch.dtype]:
         first = self.reader(next(i for i, n in enumerate(self.rows) if n > 0))
         return first.d, first.torch_dtype
 
-    def __getstate__(self):  # memory maps are reopened in each worker, not pickled
+    def __getstate__(self):  # files are reopened in each worker, not pickled
         return {**self.__dict__, "_readers": {}}
+
+
+class _WindowLoader:
+    """Loads windows on a background thread into two alternating float32 buffers, so the next
+    window is read from disk (and widened to float32) while batches are gathered from this one.
+    File reads and numpy's shift release the GIL."""
+
+    def __init__(self, shards: _Shards, max_rows: int, block_rows: int):
+        d, _ = shards.dims()
+        self.shards = shards
+        self.buffers = [np.empty((max_rows, d), dtype=np.float32) for _ in range(2)]
+        self.staging = np.empty((block_rows, d), dtype=np.uint16)
+        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rsae-window")
+        self.turn = 0
+
+    def submit(self, pieces: np.ndarray, n_rows: int) -> Future:
+        buffer = self.buffers[self.turn]
+        self.turn ^= 1
+
+        def load() -> torch.Tensor:
+            self.shards.load(pieces, buffer, self.staging)
+            return torch.from_numpy(buffer[:n_rows])
+
+        return self.pool.submit(load)
+
+    def close(self) -> None:
+        if not sys.is_finalizing():  # at interpreter exit the thread is gone already
+            self.pool.shutdown(wait=True, cancel_futures=True)
 
 
 class TrainStream(IterableDataset):
@@ -155,21 +179,6 @@ class TrainStream(IterableDataset):
     def _window_permutation(self, slot: int, n_slots: int, epoch: int, index: int, n_rows: int) -> np.ndarray:
         return np.random.default_rng([self.seed, n_slots, slot, epoch, index]).permutation(n_rows)
 
-    def gather(self, window: np.ndarray, positions: np.ndarray) -> torch.Tensor:
-        """float32 rows at `positions` of a window (its blocks' rows laid end to end).
-
-        The rows are read straight from the shards, no window buffer: a batch is a random sample
-        of the window, and its rows come out sorted by (shard, row) for sequential-ish reads (the
-        order of rows inside a batch does not matter to training).
-        """
-        sizes = self.block_sizes[window]
-        starts = np.cumsum(sizes) - sizes
-        block = np.searchsorted(starts, positions, side="right") - 1
-        shard = self.blocks[window[block], 0]
-        row = self.blocks[window[block], 1] + positions - starts[block]
-        order = np.lexsort((row, shard))
-        return self.shards.gather(shard[order], row[order])
-
     # ---- iteration ---------------------------------------------------------------------------
     def worker_role(self) -> tuple[int, int, int]:
         """(slot, number of slots, batches this worker skips) for the calling worker process."""
@@ -183,35 +192,45 @@ class TrainStream(IterableDataset):
         slot, n_slots, skip = self.worker_role()
         return self.slot_batches(slot, n_slots, skip)
 
-    def slot_batches(self, slot: int, n_slots: int, skip: int = 0) -> Iterator[torch.Tensor]:
-        """Batches of one slot from its batch number `skip` on."""
-        offset, epoch = skip * self.batch_size, 0
-        while True:  # skip whole epochs using block sizes alone
+    def windows(self, slot: int, n_slots: int, skip_rows: int = 0) -> Iterator[tuple[int, int, np.ndarray, int]]:
+        """(epoch, index, block ids, rows to skip) of the slot's windows, from row `skip_rows` of its
+        stream on; whole epochs and windows before it are skipped using block sizes alone."""
+        offset, epoch = skip_rows, 0
+        while True:
             size = int(self.block_sizes[self.epoch_blocks(slot, n_slots, epoch)].sum())
             if offset < size:
                 break
             offset, epoch = offset - size, epoch + 1
         per_window = self._window_blocks(n_slots)
-        carry: torch.Tensor | None = None
         while True:
             blocks = self.epoch_blocks(slot, n_slots, epoch)
             for index in range(math.ceil(len(blocks) / per_window)):
                 window = blocks[index * per_window:(index + 1) * per_window]
                 size = int(self.block_sizes[window].sum())
-                if offset >= size:  # skip whole windows of the epoch we resume in
+                if offset >= size:
                     offset -= size
                     continue
-                # read this window's blocks and the next one's ahead, in big sequential requests,
-                # while the random gathers below find them in the page cache
-                following = blocks[(index + 1) * per_window:(index + 2) * per_window]
-                if not len(following):
-                    following = self.epoch_blocks(slot, n_slots, epoch + 1)[:per_window]
-                self.shards.prefetch(self.blocks[np.concatenate([window, following])])
-                order = self._window_permutation(slot, n_slots, epoch, index, size)[offset:]
+                yield epoch, index, window, offset
                 offset = 0
+            epoch += 1
+
+    def slot_batches(self, slot: int, n_slots: int, skip: int = 0) -> Iterator[torch.Tensor]:
+        """Batches of one slot from its batch number `skip` on."""
+        windows = self.windows(slot, n_slots, skip * self.batch_size)
+        loader = _WindowLoader(self.shards, self._window_blocks(n_slots) * self.block_rows, self.block_rows)
+        try:
+            current = next(windows)
+            pending = loader.submit(self.blocks[current[2]], int(self.block_sizes[current[2]].sum()))
+            carry: torch.Tensor | None = None
+            while True:
+                epoch, index, window, offset = current
+                rows = pending.result()
+                current = next(windows)  # read the next window while this one is served
+                pending = loader.submit(self.blocks[current[2]], int(self.block_sizes[current[2]].sum()))
+                order = self._window_permutation(slot, n_slots, epoch, index, len(rows))[offset:]
                 if carry is not None:  # complete the batch begun in the previous window
                     need = self.batch_size - len(carry)
-                    carry = torch.cat([carry, self.gather(window, order[:need])])
+                    carry = torch.cat([carry, self._gather(rows, order[:need])])
                     order = order[need:]
                     if len(carry) < self.batch_size:
                         continue
@@ -219,10 +238,19 @@ class TrainStream(IterableDataset):
                     carry = None
                 full = len(order) - len(order) % self.batch_size
                 for lo in range(0, full, self.batch_size):
-                    yield self.gather(window, order[lo:lo + self.batch_size])
+                    yield self._gather(rows, order[lo:lo + self.batch_size])
                 if full < len(order):
-                    carry = self.gather(window, order[full:])
-            epoch += 1
+                    carry = self._gather(rows, order[full:])
+        finally:
+            loader.close()
+
+    @staticmethod
+    def _gather(rows: torch.Tensor, positions: np.ndarray) -> torch.Tensor:
+        """One gather of float32 rows (sorted positions read memory in order; the order of rows
+        inside a batch does not matter to training)."""
+        index = torch.from_numpy(np.sort(positions))
+        with one_thread():
+            return torch.index_select(rows, 0, index, out=new_batch(len(index), rows.shape[1]))
 
 
 class ValStream(IterableDataset):
