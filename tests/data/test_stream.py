@@ -151,3 +151,15 @@ def test_bad_stream_arguments(shards, tmp_path):
         stream(shards, rank=2, world_size=2)
     with pytest.raises(ValueError, match="no rows"):
         TrainStream([], [], batch_size=4)
+
+
+def test_a_shard_truncated_under_a_running_stream_is_named(shards, tmp_path):
+    import shutil
+
+    from rsae.data.cache import CacheCorruptError
+
+    files = [shutil.copy(f, tmp_path / f.name) for f in shards[0]]
+    with open(files[1], "r+b") as handle:
+        handle.truncate(200)
+    with pytest.raises(CacheCorruptError, match="00001.safetensors"):
+        take(iter(stream(([tmp_path / f.name for f in shards[0]], shards[1]))), 40)
