@@ -21,9 +21,9 @@ def test_train_writes_metrics_export_and_checkpoint(tmp_path, sae):
     assert 0 <= metrics["val/fvu"] < 0.6, metrics  # it learned something in 300 steps
     assert metrics["val/l0"] > 0
     cfg = json.loads((tmp_path / "sae" / "cfg.json").read_text())
-    assert cfg["d_in"] == 64 and cfg["d_sae"] == 512
+    assert cfg["d_in"] == 64 and cfg["d_sae"] == 256
     weights = load_file(str(tmp_path / "sae" / "sae_weights.safetensors"))
-    assert weights["W_enc"].shape == (64, 512) and weights["W_dec"].shape == (512, 64)
+    assert weights["W_enc"].shape == (64, 256) and weights["W_dec"].shape == (256, 64)
     assert (tmp_path / "checkpoints" / "last.ckpt").is_file()
     assert (tmp_path / "csv" / "metrics.csv").is_file()
 
