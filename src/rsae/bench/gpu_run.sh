@@ -52,8 +52,8 @@ REMAIN=$(( LIMIT - $(elapsed) ))
 log "benchmark (${REMAIN}s left)"
 timeout $(( REMAIN > 60 ? REMAIN : 60 )) python3 -m rsae.bench train \
   --arch relu,jumprelu,topk,batchtopk,rational --shapes 2304x65536,768x24576 --batch 4096 \
-  --variants plain,fast,compiled --steps 20 --warmup 5 --repeats 3 \
-  --e2e relu,jumprelu,topk --e2e-steps 200 --e2e-skip 40 --e2e-workers 3 --e2e-extra-workers 0 --e2e-timeout 150 \
+  --variants plain,fast,compiled,compiled+base --steps 20 --warmup 5 --repeats 3 \
+  --e2e relu,jumprelu,topk --e2e-steps 150 --e2e-skip 30 --e2e-workers 3 --e2e-extra-workers 0 --e2e-timeout 150 \
   --quality relu,topk,rational --quality-steps 150 \
   --time-budget $(( REMAIN - 75 )) --work-dir /tmp/rsae-bench --json "$OUT/train_bench.json" \
   2> "$OUT/bench_progress.log"

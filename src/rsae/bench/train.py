@@ -753,6 +753,13 @@ def main(argv: list[str] | None = None) -> int:
         results["triton"] = None
     if "rational" in archs + csv(args.quality):
         results["rational_dispatch"] = ensure_rational_dispatch()
+    # Many SAEs of one class (shapes x variants) compile the same training_output: keep them all
+    # compiled rather than fall back to eager at the default limit of 8 entries.
+    import torch._dynamo
+
+    for name in ("cache_size_limit", "recompile_limit", "accumulated_cache_size_limit", "accumulated_recompile_limit"):
+        if hasattr(torch._dynamo.config, name):
+            setattr(torch._dynamo.config, name, max(64, getattr(torch._dynamo.config, name)))
 
     def over_budget() -> bool:
         return args.time_budget is not None and time.perf_counter() - started > args.time_budget
@@ -784,19 +791,25 @@ def main(argv: list[str] | None = None) -> int:
             torch.cuda.empty_cache()
 
     # Order of importance, so that a time budget cuts the least useful part: the largest shape (where
-    # the targets are defined), end to end there, the other shapes, the quality check, the gate alone.
+    # the targets are defined), end to end there, the other shapes, the quality check, then the
+    # eager fast variants and remaining baselines, the gate alone.
     by_size = sorted(shapes, key=lambda s: -s[0] * s[1])
 
-    def raw_steps(d, m):
+    pairs = [(a, v) for a in archs for v in variants if not (v.endswith(PROPOSED) and not uses_base_encoder(a))]
+    # First pass: what the targets compare (plain baselines of ReLU / rational / TopK, the compiled
+    # steps, SAELens); the eager fast variants and the other plain baselines come last.
+    first = [(a, v) for a, v in pairs if v != "fast" and not (v == "plain" and a in ("jumprelu", "batchtopk"))]
+    later = [p for p in pairs if p not in first]
+
+    def raw_steps(d, m, todo, saelens: bool):
         for b in batches:
             data, scale = make_batches(d, b, device, args.seed)
             for arch in archs:
-                for variant in variants:
-                    if variant.endswith(PROPOSED) and not uses_base_encoder(arch):
-                        continue
-                    record(bench_rsae, arch, d, m, b, variant, args, device, data, scale,
-                           kind="rsae", arch=arch, variant=variant, d=d, m=m, batch=b)
-                if not args.no_saelens and arch in SAELENS_ARCHS:
+                for a, variant in todo:
+                    if a == arch:
+                        record(bench_rsae, arch, d, m, b, variant, args, device, data, scale,
+                               kind="rsae", arch=arch, variant=variant, d=d, m=m, batch=b)
+                if saelens and not args.no_saelens and arch in SAELENS_ARCHS:
                     try:
                         import sae_lens  # noqa: F401
                     except Exception as exc:  # noqa: BLE001
@@ -846,11 +859,13 @@ def main(argv: list[str] | None = None) -> int:
             for b in batches:
                 record(bench_gate, m, b, args, device, kind="gate", m=m, batch=b)
 
-    raw_steps(*by_size[0])
+    raw_steps(*by_size[0], first, saelens=True)
     end_to_end()
     for d, m in by_size[1:]:
-        raw_steps(d, m)
+        raw_steps(d, m, first, saelens=True)
     quality_checks()
+    for d, m in by_size:
+        raw_steps(d, m, later, saelens=False)
     gates()
     save()
     print(markdown(results, args))

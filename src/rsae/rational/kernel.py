@@ -194,7 +194,7 @@ def _bwd_kernel(
 
     # Per-latent partial sums of the parameter gradients, row k for parameter k (a_0..a_p, b_1..b_q,
     # C_in, C_out); kept as one [NPAR_PAD, BLOCK_N] tile because a loop cannot carry a list.
-    N_PAR: tl.constexpr = P_DEG + 1 + Q_DEG + 2
+    N_PAR = P_DEG + 1 + Q_DEG + 2
     par = tl.arange(0, NPAR_PAD)[:, None]
     acc = tl.full([NPAR_PAD, BLOCK_N], 0.0, tl.float32)
 
