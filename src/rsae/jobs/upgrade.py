@@ -54,6 +54,8 @@ def collect_rows(dm, n_rows: int) -> torch.Tensor:
 def sparsity_lever(sae: SAE) -> str | None:
     """The coefficient HoldL0 adapts for this SAE (None: L0 is fixed by construction)."""
     if isinstance(sae, RationalSAE):
+        if sae.gate == "jumprelu" and sae.sparsity == "mask":
+            return "l0_coefficient"  # thresholds decide L0
         return None if sae.gate == "topk" else "l1_coefficient"
     if isinstance(sae, JumpReLUSAE):
         return "l0_coefficient"
@@ -64,7 +66,8 @@ def sparsity_lever(sae: SAE) -> str | None:
 
 def finetune(cfg: DictConfig, sae: SAE, dm, scale: float, phase: str, run_dir: Path, target_l0: float) -> SAE:
     up = cfg.upgrade
-    module = instantiate(cfg.module, sae=sae, lr=up.lr, warmup_steps=up.warmup_steps)
+    # HoldL0 reads train/l0 after every step, so the module computes it every step.
+    module = instantiate(cfg.module, sae=sae, lr=up.lr, warmup_steps=up.warmup_steps, log_every_n_steps=1)
     module.set_activation_scale(scale)
     callbacks = []
     lever = sparsity_lever(sae)
@@ -146,7 +149,7 @@ def upgrade(cfg: DictConfig) -> dict[str, Any]:
         "teacher_path": str(teacher_dir), "teacher_mechanism": mech, "gate": None, "degrees": list(up.degrees) if up.degrees else None,
         "l0_counting": "exact non-zero count" + (f"; l0_tol_<eps>: |z| > eps (raw units) for eps in {list(up.l0_tolerances)}" if up.l0_tolerances else ""),
         "steps": int(cfg.upgrade.steps), "batch_size": int(cfg.data.batch_size), "hold_l0": bool(up.hold_l0),
-        "calibration_tokens": int(up.calibration_tokens), "eval_tokens": held.n_rows,
+        "calibration_tokens": int(up.calibration_tokens), "eval_tokens": held.n_rows, "sparsity": str(up.sparsity),
     }
 
     # Teacher
@@ -161,7 +164,8 @@ def upgrade(cfg: DictConfig) -> dict[str, Any]:
         rsae = RationalSAE.from_teacher(
             teacher, degrees=up.degrees, gate=up.gate, init_table=up.init_table, denominator=up.denominator,
             sharing=up.sharing, n_groups=up.n_groups, scale_mode=up.scale_mode, l1_coefficient=up.l1_coefficient,
-            l0_coefficient=up.l0_coefficient, unit_norm_decoder=False,
+            l0_coefficient=up.l0_coefficient if up.l0_coefficient is not None else up.control_l0_coefficient,
+            sparsity=up.sparsity, unit_norm_decoder=False,
         )
         x = collect_rows(dm, int(up.calibration_tokens)) * scale
         with torch.no_grad():

@@ -13,8 +13,9 @@ Mask (`gate`):
               BatchTopK -> jumprelu with its global inference threshold on every latent)
 The rational shapes the magnitude of the active codes; the mask decides which are active.
 
-Loss: mse + l1_coefficient * sum_j |z_j| ||W_dec_j|| (linear warm-up over l1_warmup_steps, as
-ReLUSAE) + l0_coefficient * L0 (gate=jumprelu only, JumpReLU's step estimator) + AuxK
+Loss: mse + l1_coefficient * sum_j m_j ||W_dec_j|| (linear warm-up over l1_warmup_steps, as
+ReLUSAE) with m = |z| (`sparsity: codes`, the paper's lambda ||z||_1) or the mask's own sparsity
+mechanism (`sparsity: mask`: ReLU(h) for gate=relu, none for jumprelu/topk) + l0_coefficient * L0 (gate=jumprelu only, JumpReLU's step estimator) + AuxK
 (gate=topk, as TopKSAE, weight aux_coefficient).
 
 Upgrading a trained teacher (DESIGN section 1): `RationalSAE.from_teacher(teacher)` copies the
@@ -106,6 +107,7 @@ class RationalSAE(SAE):
         init_threshold: float = 0.1,
         bandwidth: float = 0.05,
         l1_coefficient: float = 5.0,
+        sparsity: str = "codes",
         l1_warmup_steps: int = 0,
         l0_coefficient: float = 0.0,
         l0_warmup_steps: int = 0,
@@ -131,6 +133,7 @@ class RationalSAE(SAE):
         if gate == "topk":
             require(k is not None and 0 < int(k) <= d_sae, f"gate=topk needs k with 0 < k <= d_sae ({d_sae}), got {k}")
         require(init_table is None or init_table in available_tables(), f"unknown init_table {init_table!r}; available: {available_tables()}")
+        require(sparsity in ("codes", "mask"), f"sparsity must be 'codes' or 'mask', got {sparsity!r}")
         require(l1_coefficient >= 0 and l0_coefficient >= 0 and aux_coefficient >= 0, "loss coefficients must be >= 0")
         require(l1_warmup_steps >= 0 and l0_warmup_steps >= 0, "warm-up steps must be >= 0")
         require(bandwidth > 0 and init_threshold > 0, "bandwidth and init_threshold must be > 0")
@@ -148,6 +151,7 @@ class RationalSAE(SAE):
         self.k = int(k) if k is not None else None
         self.bandwidth = float(bandwidth)
         self.l1_coefficient, self.l1_warmup_steps = float(l1_coefficient), int(l1_warmup_steps)
+        self.sparsity = sparsity
         self.l0_coefficient, self.l0_warmup_steps = float(l0_coefficient), int(l0_warmup_steps)
         self.aux_coefficient = float(aux_coefficient)
         self.k_aux = k_aux if k_aux is not None else min(d_sae, max(1, d_in // 2))
@@ -186,9 +190,10 @@ class RationalSAE(SAE):
     # --- training -----------------------------------------------------------------------------
     def aux_losses(self, x: Tensor, out: SAEOutput, step: int) -> dict[str, Tensor]:
         losses: dict[str, Tensor] = {}
-        if self.l1_coefficient > 0:
+        magnitudes = self._l1_magnitudes(out)
+        if self.l1_coefficient > 0 and magnitudes is not None:
             coef = self.l1_coefficient * linear_warmup(step, self.l1_warmup_steps)
-            losses["l1"] = coef * (out.z.float().abs() * self.decoder_norms().float()).sum(-1).mean()
+            losses["l1"] = coef * (magnitudes * self.decoder_norms().float()).sum(-1).mean()
         if self.gate == "jumprelu" and self.l0_coefficient > 0:
             coef = self.l0_coefficient * linear_warmup(step, self.l0_warmup_steps)
             losses["l0"] = coef * _Step.apply(out.h.float(), self.threshold.float(), self.bandwidth).sum(-1).mean()
@@ -197,6 +202,18 @@ class RationalSAE(SAE):
             # dead_mask and W_dec, which this class has too).
             losses.update(TopKSAE.aux_losses(self, x, out, step))
         return losses
+
+    def _l1_magnitudes(self, out: SAEOutput) -> Tensor | None:
+        """What the L1 term penalises. `codes`: |z| (the paper's lambda ||z||_1). `mask`: the mask's
+        own sparsity mechanism, so the penalty decides which latents fire while the rational shapes
+        magnitudes freely: ReLU(h) for gate=relu (an L1 on |z| can be met by shrinking the rational
+        instead, which leaves L0 unchanged), nothing for jumprelu (its L0 term on the thresholds)
+        and topk (k is fixed)."""
+        if self.sparsity == "codes" or self.gate == "none":
+            return out.z.float().abs()
+        if self.gate == "relu":
+            return torch.relu(out.h.float())
+        return None
 
     # --- L0 of a dense code -------------------------------------------------------------------
     def l0_at_tolerances(self, z: Tensor, tolerances: Sequence[float], reference: float | None = None, relative: bool = True) -> dict[float, float]:
@@ -377,6 +394,7 @@ class RationalSAE(SAE):
             "scale_mode": g.scale_mode,
             "t_max": g.t_max,
             "gate": self.gate,
+            "sparsity": self.sparsity,
             "init_table": g.init_table,  # provenance only: the tensors carry the coefficients
         }
         if self.gate == "topk":
@@ -410,6 +428,7 @@ class RationalSAE(SAE):
             "scale_mode": cfg.get("scale_mode", "latent"),
             "t_max": float(cfg.get("t_max", T_MAX)),
             "gate": gate,
+            "sparsity": cfg.get("sparsity", "codes"),
             "init_table": None,  # the tensors carry the coefficients
         }
         if gate == "topk":
