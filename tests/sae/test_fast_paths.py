@@ -187,3 +187,19 @@ def test_fast_steps_do_not_wait_for_the_gpu(arch, monkeypatch):
             torch.cuda.set_sync_debug_mode(0)
     syncs = [str(w.message) for w in caught if "synchroniz" in str(w.message)]
     assert not syncs, syncs
+
+
+@pytest.mark.parametrize("arch", ["topk", "batchtopk", "jumprelu"])
+def test_fast_path_in_eval_mode_matches_plain_path(arch):
+    torch.manual_seed(4)
+    sae = make(arch)
+    sae.training_output(torch.randn(40, 16)).loss.backward()  # sets BatchTopK's threshold
+    sae.eval()
+    x = torch.randn(30, 16)
+    with torch.no_grad():
+        got = sae.training_output(x)
+        with fast.disabled():
+            ref = sae.training_output(x)
+    torch.testing.assert_close(got.z, ref.z)
+    torch.testing.assert_close(got.x_hat, ref.x_hat, rtol=1e-5, atol=1e-5)
+    assert got.losses.keys() == ref.losses.keys()

@@ -755,11 +755,11 @@ def main(argv: list[str] | None = None) -> int:
         results["rational_dispatch"] = ensure_rational_dispatch()
     # Many SAEs of one class (shapes x variants) compile the same training_output: keep them all
     # compiled rather than fall back to eager at the default limit of 8 entries.
-    import torch._dynamo
+    import torch._dynamo as dynamo
 
     for name in ("cache_size_limit", "recompile_limit", "accumulated_cache_size_limit", "accumulated_recompile_limit"):
-        if hasattr(torch._dynamo.config, name):
-            setattr(torch._dynamo.config, name, max(64, getattr(torch._dynamo.config, name)))
+        if hasattr(dynamo.config, name):
+            setattr(dynamo.config, name, max(64, getattr(dynamo.config, name)))
 
     def over_budget() -> bool:
         return args.time_budget is not None and time.perf_counter() - started > args.time_budget

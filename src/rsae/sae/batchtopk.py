@@ -36,6 +36,10 @@ class BatchTopKSAE(TopKSAE):
         self._update_threshold(values)
         return torch.zeros_like(flat).scatter_(0, indices, values).view_as(h)
 
+    def _fast_path(self) -> bool:
+        # In eval mode the codes come from the global threshold (`activation`), not a batch top-k.
+        return super()._fast_path() and self.training
+
     def _select(self, h: Tensor) -> tuple[Tensor, Tensor, Tensor | None, Tensor]:
         """The k*B largest ReLU'd entries of the batch, sorted by position so that each token's
         entries are contiguous: (values, latent indices, each token's first entry, dense codes)."""

@@ -63,7 +63,7 @@ class TopKSAE(SAE):
 
     # --- the training step ------------------------------------------------------------------------
     def training_output(self, x: Tensor, step: int = 0) -> SAEOutput:
-        if not fast.enabled():
+        if not self._fast_path():
             return super().training_output(x, step)
         self._check_input(x)
         self._step_any_dead = self._any_dead() if self.training and self.aux_coefficient > 0 else None
@@ -83,6 +83,9 @@ class TopKSAE(SAE):
             fast.mark_fired(self.tokens_since_fired, fired > 0, x.shape[0])
             self._record_dead()
         return out
+
+    def _fast_path(self) -> bool:
+        return fast.enabled()
 
     def _select(self, h: Tensor) -> tuple[Tensor, Tensor, Tensor | None, Tensor]:
         """(values [B, k] after the ReLU, latent indices [B, k], None, dense codes z)."""
