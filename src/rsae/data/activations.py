@@ -69,7 +69,7 @@ class ActivationDataModule(L.LightningDataModule):
                  gguf_file: str | None = None, revision: str | None = None, lm_dtype: str = "float32",
                  text_files: Sequence[str] | None = None, dataset: str | None = None,
                  dataset_config: str | None = None, dataset_split: str = "train", text_column: str = "text",
-                 n_tokens: int = 150_000, context_size: int = 128, val_fraction: float = 0.1,
+                 n_tokens: int = 120_000, context_size: int = 128, val_fraction: float = 0.1,
                  storage_dtype: str = "bfloat16", exclude_special_tokens: bool = True, prepend_bos: bool = True,
                  batch_size: int = 4096, shuffle_buffer: int = 65536, block_rows: int = 1024, seed: int = 0,
                  num_workers: int = 0, pin_memory: bool | None = None, harvest_batch_size: int = 8,
