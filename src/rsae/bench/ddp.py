@@ -79,6 +79,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--work-dir", default="/tmp/rsae-ddp")
     p.add_argument("--json", default=None)
     p.add_argument("--cpu", action="store_true", help="tiny CPU smoke run with gloo")
+    p.add_argument("overrides", nargs="*", help="extra train.py overrides for both runs (e.g. module.compile=true)")
     a = p.parse_args(argv)
     work = Path(a.work_dir)
     device = torch.device("cpu" if a.cpu else "cuda")
@@ -86,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
     data = data_overrides(write_synthetic_cache(cache, a.d, a.rows, 16 * a.batch, device))
     common = [f"sae={a.arch}", "data=activations", *data, f"data.batch_size={a.batch}", f"data.num_workers={a.workers}",
               "sae.expansion_factor=null", f"sae.d_sae={a.m}", "logger=csv", "trainer.enable_progress_bar=false",
-              "~callbacks.downstream_eval", "~callbacks.model_checkpoint", "trainer.limit_val_batches=8"]
+              "~callbacks.downstream_eval", "~callbacks.model_checkpoint", "trainer.limit_val_batches=8", *a.overrides]
     hw = ["trainer.accelerator=cpu", "trainer.precision=32-true"] if a.cpu else ["trainer.precision=bf16-mixed"]
     single_steps = a.steps * a.gpus
     results = {
