@@ -46,6 +46,7 @@ def clip_gradients(parameters, max_norm: float, optimizer=None) -> Tensor | None
     grads = [p.grad for p in parameters if p.grad is not None]
     if not grads:
         return None
+    optimizer = getattr(optimizer, "_optimizer", optimizer)  # a LightningOptimizer wraps the real one
     if optimizer is not None and _takes_grad_scale(optimizer, grads):
         norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
         coef = (max_norm / (norm.float() + 1e-6)).clamp(max=1.0)
@@ -99,6 +100,10 @@ class SAEModule(L.LightningModule):
         if fn is None:
             fn = getattr(self.sae, name)
             if self.compile_step:
+                if torch.distributed.is_available() and torch.distributed.is_initialized():
+                    # Dynamo's DDP graph splitting fails on the SAE step (an invalid partition
+                    # node); one graph per step is fine, DDP still overlaps its all-reduce.
+                    torch._dynamo.config.optimize_ddp = False
                 fn = torch.compile(fn)
             self._step_fns[name] = fn
         return fn
@@ -132,8 +137,13 @@ class SAEModule(L.LightningModule):
 
     def on_before_optimizer_step(self, optimizer) -> None:
         self.step_fn("remove_parallel_decoder_grad")()
+        # Fold the clipping into a fused Adam unless a GradScaler (fp16) also drives its grad_scale.
+        scaler = getattr(getattr(self._trainer, "precision_plugin", None), "scaler", None)
+        fold = optimizer if scaler is None else None
         if self.grad_clip:
-            clip_gradients(self.sae.parameters(), self.grad_clip, optimizer)
+            clip_gradients(self.sae.parameters(), self.grad_clip, fold)
+        elif getattr(getattr(fold, "_optimizer", fold), "grad_scale", None) is not None:
+            getattr(fold, "_optimizer", fold).grad_scale = None
 
     def optimizer_step(self, *args, **kwargs) -> None:
         # Re-normalise right after the update, before any callback (e.g. a checkpoint) sees it.
