@@ -379,11 +379,25 @@ def flops_per_step(d: int, m: int, batch: int) -> float:
     return 12.0 * d * m * batch
 
 
+_INITIAL: dict[tuple, object] = {}
+
+
+def initial_sae(arch: str, d: int, m: int, args, device):
+    """A fresh copy of the initial SAE (built on the CPU once per architecture and shape, a slow
+    step at d_sae = 65536, then copied on the device for every variant)."""
+    key = (arch, d, m, args.k, args.seed, str(device))
+    if key not in _INITIAL:
+        for old in [k for k in _INITIAL if k[1:3] != (d, m)]:  # one shape at a time on the device
+            del _INITIAL[old]
+        torch.manual_seed(args.seed)
+        _INITIAL[key] = build_sae(arch, d, m, args.k, args.seed).to(device)
+    return copy.deepcopy(_INITIAL[key])
+
+
 def bench_rsae(arch, d, m, batch, variant, args, device, batches, scale) -> dict:
     from rsae.lit.module import SAEModule
 
-    torch.manual_seed(args.seed)
-    sae = build_sae(arch, d, m, args.k, args.seed).to(device)
+    sae = initial_sae(arch, d, m, args, device)
     module = SAEModule(sae, compile=variant.startswith("compiled")).to(device)
     module.set_activation_scale(scale)
     opt = torch.optim.Adam(sae.parameters(), lr=module.lr, betas=module.betas, fused=device.type == "cuda")
@@ -760,6 +774,10 @@ def main(argv: list[str] | None = None) -> int:
     for name in ("cache_size_limit", "recompile_limit", "accumulated_cache_size_limit", "accumulated_recompile_limit"):
         if hasattr(dynamo.config, name):
             setattr(dynamo.config, name, max(64, getattr(dynamo.config, name)))
+    # Each shape gets its own static graph (as in a real run, which has one shape), rather than a
+    # dynamic-shape graph from the second shape on. No step counter is traced here: the benchmark's
+    # SAEs have no warm-up schedules, so the step argument is never read.
+    dynamo.config.automatic_dynamic_shapes = False
 
     def over_budget() -> bool:
         return args.time_budget is not None and time.perf_counter() - started > args.time_budget
