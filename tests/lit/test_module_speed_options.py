@@ -66,11 +66,13 @@ def test_compile_option_wraps_the_step_functions(monkeypatch):
     calls = []
     monkeypatch.setattr(torch, "compile", lambda fn, **kw: calls.append(fn.__name__) or fn)
     module = SAEModule(TopKSAE(8, 32, k=2), compile=True)
-    assert module.step_fn("training_output") is not None and module.step_fn("normalize_decoder") is not None
-    assert calls == ["training_output", "normalize_decoder"]
-    assert module.step_fn("training_output") is module.step_fn("training_output")  # compiled once
+    assert module.step_fn("train") is not None and module.step_fn("normalize_decoder") is not None
+    assert calls == ["train_losses", "normalize_decoder"]
+    assert module.step_fn("train") is module.step_fn("train")  # compiled once
     plain = SAEModule(TopKSAE(8, 32, k=2))
-    assert plain.step_fn("training_output") == plain.sae.training_output
+    assert plain.step_fn("train") == plain.train_losses
+    loss, losses, l0 = plain.step_fn("train")(torch.randn(5, 8), 0)
+    assert loss.requires_grad and set(losses) == {"mse", "aux"} and float(l0) == 2.0
 
 
 @pytest.mark.parametrize("max_norm", [0.05, 1e6])  # clipping active / inactive

@@ -157,18 +157,22 @@ def test_deepcopy_and_pickle_of_a_trained_topk():
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-@pytest.mark.parametrize("arch", ["topk", "batchtopk", "jumprelu"])
-def test_fast_steps_do_not_wait_for_the_gpu(arch, monkeypatch):
+@pytest.mark.parametrize("arch,selection,decode", [("topk", "torch", "dense"), ("topk", "chunked", "dense"),
+                                                   ("topk", "torch", "sparse"), ("batchtopk", "auto", "dense"),
+                                                   ("batchtopk", "auto", "sparse"), ("jumprelu", "auto", "dense")])
+def test_fast_steps_do_not_wait_for_the_gpu(arch, selection, decode, monkeypatch):
     """After the first step (top-k method timing, first dead-latent read) a bf16 training step of the
-    fast path makes no host synchronisation, with dead latents present (AuxK on). Dense decoding:
-    embedding_bag's backward is outside our control."""
+    fast path makes no host synchronisation, with dead latents present (AuxK on); one case per
+    selection method and decoder, so that a failure names the operation."""
     import warnings
 
-    monkeypatch.setattr(topk_module, "SPARSE_DECODE_RATIO", 10**9)
+    monkeypatch.setattr(fast, "SELECTION", selection)
+    monkeypatch.setattr(topk_module, "SPARSE_DECODE_RATIO", 1 if decode == "sparse" else 10**9)
     torch.manual_seed(0)
-    sae = make(arch, k=4).cuda()
+    sae = (JumpReLUSAE(64, 2048, l0_coefficient=0.3) if arch == "jumprelu" else
+           (TopKSAE if arch == "topk" else BatchTopKSAE)(64, 2048, k=16, dead_after_tokens=50)).cuda()
     sae.tokens_since_fired[::3] = 1000
-    x = torch.randn(3, 256, 16, device="cuda")
+    x = torch.randn(3, 512, 64, device="cuda")
 
     def step(i):
         with torch.autocast("cuda", dtype=torch.bfloat16):

@@ -85,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
         for p, q, den_a, mode, per_col in cases:
             base = dict(P_DEG=p, Q_DEG=q, DEN_A=den_a, COEF_MODE=mode, SCALE_PER_COL=per_col)
             jobs = [("forward", fwd, base, cfg) for cfg in K.FWD_CONFIGS]
-            bwd_consts = {**base, "NEED_DH": True, "NEED_PARAMS": True, "NPAR_PAD": 1 << (p + q + 2).bit_length()}
+            bwd_consts = {**base, "NEED_DH": True, "NEED_PARAMS": True, "N_PAR": p + q + 3}
             jobs += [("backward", bwd, bwd_consts, cfg) for cfg in K.BWD_CONFIGS]
             for name, kernel, consts, (m, n, w) in jobs:
                 res = resources(kernel, args.dtype, {**consts, "BLOCK_M": m, "BLOCK_N": n}, w, args.arch, workdir)

@@ -354,12 +354,12 @@ def count_syncs(step, batch, index: int, device: torch.device) -> int | None:
 
 
 def rsae_step(module, opt, device, dtype):
-    train = module.step_fn("training_output")
+    train = module.step_fn("train")  # what SAEModule.training_step runs (the same compiled graph)
 
     def step(x, i):
         with autocast(device, dtype):
-            out = train(x * module.act_scale, i)
-        out.loss.backward()
+            loss = train(x * module.act_scale, i)[0]
+        loss.backward()
         module.on_before_optimizer_step(opt)
         opt.step()
         opt.zero_grad(set_to_none=True)

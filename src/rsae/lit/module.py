@@ -4,8 +4,8 @@ Raw activations are multiplied by `act_scale` (E||x|| = sqrt(d_in), estimated by
 before they reach the SAE; reported MSE is converted back to raw units so it compares across
 runs and with exported SAEs.
 
-Speed: with `compile=True` the SAE's training step (`sae.training_output`: forward, losses,
-dead-latent bookkeeping) and the decoder-norm constraint are compiled with `torch.compile`
+Speed: with `compile=True` the SAE's training step (`train_losses` around `sae.training_output`:
+forward, losses, dead-latent bookkeeping) and the decoder-norm constraint are compiled with `torch.compile`
 (mixed precision comes from the trainer, e.g. `precision: bf16-mixed`, with float32 master
 weights; Adam is fused on CUDA, with the gradient clipping folded into it: `clip_gradients`).
 Nothing in a step makes the host wait for the GPU: training metrics are tensors handed to
@@ -95,10 +95,11 @@ class SAEModule(L.LightningModule):
         self._step_fns: dict[str, object] = {}
 
     def step_fn(self, name: str):
-        """`sae.<name>`, compiled on first use when `compile=True`."""
+        """The step's pieces, compiled on first use when `compile=True`: "train" (`train_losses`),
+        or a method of the SAE ("remove_parallel_decoder_grad", "normalize_decoder")."""
         fn = self._step_fns.get(name)
         if fn is None:
-            fn = getattr(self.sae, name)
+            fn = self.train_losses if name == "train" else getattr(self.sae, name)
             if self.compile_step:
                 if torch.distributed.is_available() and torch.distributed.is_initialized():
                     # Dynamo's DDP graph splitting fails on the SAE step (an invalid partition
@@ -107,6 +108,14 @@ class SAEModule(L.LightningModule):
                 fn = torch.compile(fn)
             self._step_fns[name] = fn
         return fn
+
+    def train_losses(self, x: Tensor, step: int) -> tuple[Tensor, dict[str, Tensor], Tensor]:
+        """`sae.training_output` reduced to what training uses: the loss, the (detached) loss terms
+        and the mean L0. Compiled, the [batch, d_sae] pre-activations and codes then stay inside
+        the graph instead of being written out as outputs."""
+        out = self.sae.training_output(x, step)
+        l0 = (out.z.detach() != 0).sum(-1, dtype=torch.float32).mean()
+        return out.loss, {k: v.detach() for k, v in out.losses.items()}, l0
 
     def _log_now(self) -> bool:
         """Whether the logger writes this step's metrics (Lightning's rule for on_step values)."""
@@ -123,13 +132,12 @@ class SAEModule(L.LightningModule):
     # --- training -----------------------------------------------------------------------------
     def training_step(self, batch: Tensor, batch_idx: int) -> Tensor:
         x = batch * self.act_scale
-        out = self.step_fn("training_output")(x, self.global_step)
-        loss = out.loss
-        logs = {"train/l0": (out.z.detach() != 0).sum(-1, dtype=torch.float32).mean()}
+        loss, losses, l0 = self.step_fn("train")(x, self.global_step)
+        logs = {"train/l0": l0}
         if self._log_now():
             logs["train/loss"] = loss.detach()
-            logs["train/mse"] = out.losses["mse"].detach() / self.act_scale.pow(2)
-            logs.update({f"train/{k}_loss": v.detach() for k, v in out.losses.items() if k != "mse"})
+            logs["train/mse"] = losses["mse"] / self.act_scale.pow(2)
+            logs.update({f"train/{k}_loss": v for k, v in losses.items() if k != "mse"})
             logs["train/dead_fraction"] = self.sae.dead_mask().float().mean()
             logs["train/lr"] = self.lr * self._lr_mult(self.global_step)
         self.log_dict(logs, on_step=True, on_epoch=False, prog_bar=False)

@@ -49,13 +49,14 @@ except Exception:  # noqa: BLE001 - any import problem means "no kernel"
 
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # Tile shapes (rows, latents, warps). The first is used by the interpreter; on a GPU each kernel
-# picks the fastest once per problem shape (triton.autotune). All are spill-free on sm_90 up to
-# degrees (9, 8) (ptxas -v); the backward holds ~25 live float32 values per element, hence smaller
-# tiles per thread than the forward.
+# picks the fastest once per problem shape (triton.autotune). The backward's tiles put a few rows
+# of one or two latents in each thread (latents across the threads), so that its p + q + 3
+# gradient accumulators stay in registers; `python -m rsae.bench rational_kernel` shows every shape
+# is free of register spills on sm_90 up to degrees (9, 8).
 FWD_CONFIGS = ((16, 128, 4), (32, 128, 8), (8, 256, 4), (32, 64, 4))
-BWD_CONFIGS = ((8, 128, 4), (16, 64, 4), (16, 128, 8), (32, 64, 8))
-ROW_QUANTUM = 32  # rows per backward program are a multiple of every BLOCK_M above
-TARGET_PROGRAMS = 1024  # backward programs to aim at (several per multiprocessor)
+BWD_CONFIGS = ((4, 128, 4), (4, 256, 8), (2, 256, 4), (4, 64, 2))
+ROW_QUANTUM = 8  # rows per backward program are a multiple of this
+TARGET_PROGRAMS = 2048  # backward programs to aim at (several waves of several per multiprocessor)
 
 _disabled = 0
 
@@ -124,7 +125,7 @@ def _fwd_kernel(
         b_off = sets * stride_b
 
     h = tl.load(h_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    t = h / c_in
+    t = h * (1.0 / c_in)
     t = tl.where(t > t_max, t_max, t)
     t = tl.where(t < -t_max, -t_max, t)
 
@@ -165,11 +166,15 @@ def _coef(ptr, off, col_ok, COEF_MODE: tl.constexpr, ABS: tl.constexpr):
 
 def _bwd_kernel(
     h_ptr, g_ptr, dh_ptr, part_ptr, a_ptr, b_ptr, set_ptr, cin_ptr, cout_ptr,
-    n_rows, n_cols, stride_a, stride_b, t_max, big,
+    n_rows, n_cols, stride_a, stride_b, t_max, big, ROWS_PER_PROG,
     P_DEG: tl.constexpr, Q_DEG: tl.constexpr, DEN_A: tl.constexpr, COEF_MODE: tl.constexpr,
-    SCALE_PER_COL: tl.constexpr, NEED_DH: tl.constexpr, NEED_PARAMS: tl.constexpr, ROWS_PER_PROG,
-    NPAR_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    SCALE_PER_COL: tl.constexpr, NEED_DH: tl.constexpr, NEED_PARAMS: tl.constexpr, N_PAR: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
+    # N_PAR = P_DEG + Q_DEG + 3 parameters. A program owns BLOCK_N latents and ROWS_PER_PROG rows, walked BLOCK_M rows at a time. The
+    # gradient of each parameter (a_0..a_p, b_1..b_q, C_in, C_out) is accumulated elementwise in a
+    # [BLOCK_M, BLOCK_N] tile (a tuple of them is the loop state), and reduced over rows once at the
+    # end into this program's partial sums: no reduction, shuffle or atomic inside the loop.
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -181,6 +186,7 @@ def _bwd_kernel(
     else:
         c_in = tl.load(cin_ptr)
         c_out = tl.load(cout_ptr)
+    inv_c_in = 1.0 / c_in
     if COEF_MODE == 0:
         a_off = 0
         b_off = 0
@@ -192,31 +198,39 @@ def _bwd_kernel(
         a_off = sets * stride_a
         b_off = sets * stride_b
 
-    # Per-latent partial sums of the parameter gradients, row k for parameter k (a_0..a_p, b_1..b_q,
-    # C_in, C_out); kept as one [NPAR_PAD, BLOCK_N] tile because a loop cannot carry a list.
-    N_PAR = P_DEG + 1 + Q_DEG + 2
-    par = tl.arange(0, NPAR_PAD)[:, None]
-    acc = tl.full([NPAR_PAD, BLOCK_N], 0.0, tl.float32)
+    # Coefficients, loaded once: scalars (shared) or [1, BLOCK_N] rows (per latent / group).
+    a_c = ()
+    for i in tl.static_range(P_DEG + 1):
+        a_c = a_c + (_coef(a_ptr, a_off + i, col_ok, COEF_MODE, False),)
+    b_c = ()
+    for j in tl.static_range(Q_DEG):
+        b_c = b_c + (_coef(b_ptr, b_off + j, col_ok, COEF_MODE, DEN_A),)
 
-    for rt in range(0, ROWS_PER_PROG // BLOCK_M):
-        rows = pid_m * ROWS_PER_PROG + rt * BLOCK_M + tl.arange(0, BLOCK_M)
-        mask = (rows[:, None] < n_rows) & col_ok[None, :]
+    acc = ()
+    if NEED_PARAMS:
+        for _ in tl.static_range(N_PAR):
+            acc = acc + (tl.full([BLOCK_M, BLOCK_N], 0.0, tl.float32),)
+
+    row_start = pid_m * ROWS_PER_PROG
+    row_stop = tl.minimum(row_start + ROWS_PER_PROG, n_rows)
+    for r0 in range(row_start, row_stop, BLOCK_M):
+        rows = r0 + tl.arange(0, BLOCK_M)
+        mask = (rows[:, None] < row_stop) & col_ok[None, :]
         offs = rows[:, None].to(tl.int64) * n_cols + cols[None, :]
         h = tl.load(h_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
 
-        t_raw = h / c_in
+        t_raw = h * inv_c_in
         inside = (t_raw >= -t_max) & (t_raw <= t_max)
         t = tl.where(t_raw > t_max, t_max, t_raw)
         t = tl.where(t < -t_max, -t_max, t)
 
         # P and P' by Horner.
-        num = _coef(a_ptr, a_off + P_DEG, col_ok, COEF_MODE, False)
+        num = a_c[P_DEG] + 0.0 * t
         dnum = 0.0 * t
         for i2 in tl.static_range(P_DEG):
             dnum = dnum * t + num
-            num = num * t + _coef(a_ptr, a_off + (P_DEG - 1 - i2), col_ok, COEF_MODE, False)
-        num = num + 0.0 * t
+            num = num * t + a_c[P_DEG - 1 - i2]
         if Q_DEG > 0:
             # S(u) = c_1 + c_2 u + ... + c_q u^(q-1) and S'(u); B: u = t, c = b, Q = 1 + |u S|;
             # A: u = |t|, c = |b|, Q = 1 + u S.
@@ -224,37 +238,38 @@ def _bwd_kernel(
                 u = tl.abs(t)
             else:
                 u = t
-            s = _coef(b_ptr, b_off + (Q_DEG - 1), col_ok, COEF_MODE, DEN_A)
+            s = b_c[Q_DEG - 1] + 0.0 * t
             ds = 0.0 * t
             for j2 in tl.static_range(Q_DEG - 1):
                 ds = ds * u + s
-                s = s * u + _coef(b_ptr, b_off + (Q_DEG - 2 - j2), col_ok, COEF_MODE, DEN_A)
+                s = s * u + b_c[Q_DEG - 2 - j2]
             su = s * u
             dsu = s + u * ds  # d(u S)/du
             if DEN_A:
-                den = 1.0 + su
+                inv_den = 1.0 / (1.0 + su)
                 sgn = tl.where(t > 0, 1.0, tl.where(t < 0, -1.0, 0.0))  # du/dt
             else:
-                den = 1.0 + tl.abs(su)
+                inv_den = 1.0 / (1.0 + tl.abs(su))
                 sgn = tl.where(su > 0, 1.0, tl.where(su < 0, -1.0, 0.0))  # d|su|/dsu
             dden = sgn * dsu
-            r = num / den
+            r = num * inv_den
         else:
             u = t
             sgn = 0.0 * t
-            den = 1.0 + 0.0 * t
+            inv_den = 1.0 + 0.0 * t
             dden = 0.0 * t
             r = num
         y = c_out * r
         g = tl.where((y <= big) & (y >= -big), g, 0.0)  # the cast-back clamp passes no gradient
-        w = g * c_out / den  # dL/dP
+        w = g * c_out * inv_den  # dL/dP
         gt = tl.where(inside, w * (dnum - r * dden), 0.0)  # dL/dt (zero where the clamp is active)
         if NEED_DH:
-            tl.store(dh_ptr + offs, (gt / c_in).to(dh_ptr.dtype.element_ty), mask=mask)
+            tl.store(dh_ptr + offs, (gt * inv_c_in).to(dh_ptr.dtype.element_ty), mask=mask)
         if NEED_PARAMS:
+            new = ()
             pw = 1.0 + 0.0 * t
             for i in tl.static_range(P_DEG + 1):  # dL/da_i = w t^i
-                acc = tl.where(par == i, acc + tl.sum(w * pw, axis=0)[None, :], acc)
+                new = new + (acc[i] + w * pw,)
                 pw = pw * t
             # B: dL/db_j = -w r sign(su) t^j; A: -w r |t|^j (sign(b_j) is applied on the host).
             if DEN_A:
@@ -263,15 +278,16 @@ def _bwd_kernel(
                 base = -w * r * sgn
             pw = u
             for j in tl.static_range(Q_DEG):
-                acc = tl.where(par == P_DEG + 1 + j, acc + tl.sum(base * pw, axis=0)[None, :], acc)
+                new = new + (acc[P_DEG + 1 + j] + base * pw,)
                 pw = pw * u
-            # dL/dC_in (t = h / C_in) and dL/dC_out.
-            acc = tl.where(par == N_PAR - 2, acc + tl.sum(-gt * t_raw / c_in, axis=0)[None, :], acc)
-            acc = tl.where(par == N_PAR - 1, acc + tl.sum(g * r, axis=0)[None, :], acc)
+            new = new + (acc[N_PAR - 2] - gt * t_raw * inv_c_in,)  # dL/dC_in (t = h / C_in)
+            new = new + (acc[N_PAR - 1] + g * r,)  # dL/dC_out
+            acc = new
 
     if NEED_PARAMS:
-        part_offs = (pid_m * N_PAR + par).to(tl.int64) * n_cols + cols[None, :]
-        tl.store(part_ptr + part_offs, acc, mask=(par < N_PAR) & col_ok[None, :])
+        for k in tl.static_range(N_PAR):
+            part_offs = (pid_m * N_PAR + k).to(tl.int64) * n_cols + cols
+            tl.store(part_ptr + part_offs, tl.sum(acc[k], axis=0), mask=col_ok)
 
 
 def interpreting() -> bool:
@@ -343,7 +359,7 @@ def _check_device(h: Tensor) -> None:
 
 def _rows_per_program(n_rows: int, d: int) -> int:
     """Rows each backward program reduces: enough programs to fill a GPU, few partial sums."""
-    progs = max(1, triton.cdiv(TARGET_PROGRAMS, triton.cdiv(d, 128)))
+    progs = max(1, triton.cdiv(TARGET_PROGRAMS, triton.cdiv(d, 128)))  # with 128 latents per program
     return max(ROW_QUANTUM, triton.cdiv(triton.cdiv(n_rows, progs), ROW_QUANTUM) * ROW_QUANTUM)
 
 
@@ -395,8 +411,7 @@ class _RationalGate(torch.autograd.Function):
             bwd[grid](
                 h2, g2, dh, part, a, b, sets, c_in, c_out, n_rows, d, a.stride(0), b.stride(0), t_max, big,
                 ROWS_PER_PROG=rows_per_prog, P_DEG=p1 - 1, Q_DEG=q, DEN_A=denominator == "A", COEF_MODE=coef_mode,
-                SCALE_PER_COL=scale_per_col, NEED_DH=need_h, NEED_PARAMS=need_params,
-                NPAR_PAD=triton.next_power_of_2(n_par),
+                SCALE_PER_COL=scale_per_col, NEED_DH=need_h, NEED_PARAMS=need_params, N_PAR=n_par,
             )
         ga = gb = gcin = gcout = None
         if need_params:
