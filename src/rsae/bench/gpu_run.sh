@@ -6,11 +6,12 @@
 #
 #   bash src/rsae/bench/gpu_run.sh            # device tool: run(command=..., carry=[".gpu-wheels"])
 #
-# Stays under ~8.5 minutes: each stage has a timeout and the benchmark a time budget (it saves its
+# Stays under ~9 minutes: each stage has a timeout and the benchmark a time budget (it saves its
 # JSON after every measurement, so a cut-off run still returns what it measured). Files in $OUT:
 #   gpu_run.log        everything printed (install, tests, benchmark progress)
 #   pytest_gpu.log     `pytest -m gpu` of the rational kernel and the fast SAE paths
 #   train_bench.json   all measurements;  train_bench.md  the tables (also printed last)
+#   train_bench_profile.md  kernels by GPU time of each compiled step (torch.profiler)
 #   bench_progress.log one line per measurement as it finishes
 #   env.txt            GPU, driver, clocks, package versions
 set -uo pipefail
@@ -18,7 +19,7 @@ OUT=${OUT:-/tmp/rsae-gpu-out}
 mkdir -p "$OUT"
 exec > >(tee -a "$OUT/gpu_run.log") 2>&1
 START=$(date +%s)
-LIMIT=${RSAE_GPU_RUN_SECONDS:-510}  # whole script (the device tool allows 600 per command)
+LIMIT=${RSAE_GPU_RUN_SECONDS:-540}  # whole script (the device tool allows 600 per command)
 elapsed() { echo $(( $(date +%s) - START )); }
 log() { echo "[gpu_run +$(elapsed)s] $*"; }
 export PYTHONUNBUFFERED=1 WANDB_MODE=offline HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
@@ -52,7 +53,7 @@ REMAIN=$(( LIMIT - $(elapsed) ))
 log "benchmark (${REMAIN}s left)"
 timeout $(( REMAIN > 60 ? REMAIN : 60 )) python3 -m rsae.bench train \
   --arch relu,jumprelu,topk,batchtopk,rational --shapes 2304x65536,768x24576 --batch 4096 \
-  --variants plain,fast,compiled,compiled+base --steps 20 --warmup 5 --repeats 3 \
+  --variants compiled,compiled+base,compiled+cg --profile compiled --steps 20 --warmup 5 --repeats 3 \
   --e2e relu,jumprelu,topk --e2e-steps 150 --e2e-skip 30 --e2e-workers 3 --e2e-timeout 150 \
   --quality relu,topk,rational --quality-steps 150 \
   --time-budget $(( REMAIN - 70 )) --work-dir /tmp/rsae-bench --json "$OUT/train_bench.json" \

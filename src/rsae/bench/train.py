@@ -13,6 +13,7 @@ train.py on a cached activation stream, and a quality check of the fast path.
      fast      eager, fast paths on (encoder without input gradient, top-k selection and sparse
                decoding, sync-free bookkeeping, fused Triton rational gate);
      compiled  fast + `SAEModule(compile=True)` (torch.compile of the step and the decoder norm);
+     compiled+cg  compiled with `compile_mode=reduce-overhead` (the step replayed as CUDA graphs);
      compiled+base  compiled, plus two edits of rsae.sae.base proposed for the architectures that
                use its encoder and firing tracker (ReLU, rational): `pre_acts` through
                `fast.linear_encoder`, `_track_firing` through `fast.mark_fired` (applied in this
@@ -61,7 +62,7 @@ import lightning as L
 
 ARCHS = ("relu", "jumprelu", "topk", "batchtopk", "rational")
 SAELENS_ARCHS = {"relu": "standard", "jumprelu": "jumprelu", "topk": "topk"}
-VARIANTS = ("plain", "fast", "compiled", "fast+base", "compiled+base")
+VARIANTS = ("plain", "fast", "compiled", "fast+base", "compiled+base", "compiled+cg")
 PROPOSED = "+base"  # variants measuring the base.py edits proposed for ReLU / rational (not in train.py)
 
 
@@ -72,6 +73,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--shapes", default="768x24576,2304x65536", help="comma list of d_in x d_sae")
     p.add_argument("--batch", default="4096", help="comma list of batch sizes (tokens per step)")
     p.add_argument("--variants", default="plain,fast,compiled", help="comma list of " + ",".join(VARIANTS))
+    p.add_argument("--cg-archs", default="relu,topk,rational",
+                   help="architectures measured with compiled+cg (CUDA graphs; at the smallest shape only)")
     p.add_argument("--k", type=int, default=32, help="k of TopK / BatchTopK")
     p.add_argument("--steps", type=int, default=20, help="timed steps per repeat")
     p.add_argument("--warmup", type=int, default=5, help="untimed steps first (compilation happens here)")
@@ -79,6 +82,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--device", default=None, help="cuda (default when available) or cpu")
     p.add_argument("--dtype", default="bf16", choices=("bf16", "fp32"), help="autocast dtype of the forward")
     p.add_argument("--peak-tflops", type=float, default=790.0, help="bf16 matrix rate for the roofline")
+    p.add_argument("--profile", default="", help="variants to profile (torch.profiler, 3 steps): kernels by GPU time, "
+                   "GPU-busy ms per step; written to <json stem>_profile.md")
     p.add_argument("--no-saelens", action="store_true")
     p.add_argument("--no-gate", action="store_true", help="skip the rational gate microbenchmark")
     p.add_argument("--e2e", default="", help="architectures to run end to end through train.py")
@@ -353,12 +358,35 @@ def count_syncs(step, batch, index: int, device: torch.device) -> int | None:
     return sum("synchroniz" in str(w.message) for w in caught)
 
 
-def rsae_step(module, opt, device, dtype):
-    train = module.step_fn("train")  # what SAEModule.training_step runs (the same compiled graph)
+def profile_steps(step, batches, start: int, device, n: int = 3, rows: int = 18) -> dict:
+    """torch.profiler over `n` steps: the top kernels by GPU time, and the GPU-busy time per step
+    (sum of kernel times; against the measured ms/step it shows idle gaps, e.g. a host-bound step)."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
 
-    def step(x, i):
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    sync(device)
+    with profile(activities=activities) as prof:
+        for i in range(n):
+            step(batches[i % len(batches)], start + i)
+        sync(device)
+    events = prof.key_averages()
+    dev_time = lambda e: getattr(e, "self_device_time_total", None) or getattr(e, "self_cuda_time_total", 0)  # noqa: E731
+    gpu_us = sum(dev_time(e) for e in events if e.device_type == DeviceType.CUDA)
+    table = None
+    for key in ("self_device_time_total", "self_cuda_time_total", "self_cpu_time_total"):
+        try:
+            table = events.table(sort_by=key, row_limit=rows, max_name_column_width=70)
+            break
+        except Exception:  # noqa: BLE001 - the sort key's name changed across torch versions
+            continue
+    return {"gpu_busy_ms_per_step": gpu_us / 1e3 / n, "table": table}
+
+
+def rsae_step(module, opt, device, dtype):
+    def step(x, i):  # what SAEModule.training_step runs (the same compiled graph)
         with autocast(device, dtype):
-            loss = train(x * module.act_scale, i)[0]
+            loss = module.run_train(x * module.act_scale, i)[0]
         loss.backward()
         module.on_before_optimizer_step(opt)
         opt.step()
@@ -398,7 +426,8 @@ def bench_rsae(arch, d, m, batch, variant, args, device, batches, scale) -> dict
     from rsae.lit.module import SAEModule
 
     sae = initial_sae(arch, d, m, args, device)
-    module = SAEModule(sae, compile=variant.startswith("compiled")).to(device)
+    module = SAEModule(sae, compile=variant.startswith("compiled"),
+                       compile_mode="reduce-overhead" if variant.endswith("+cg") else None).to(device)
     module.set_activation_scale(scale)
     opt = torch.optim.Adam(sae.parameters(), lr=module.lr, betas=module.betas, fused=device.type == "cuda")
     if device.type == "cuda":
@@ -409,8 +438,11 @@ def bench_rsae(arch, d, m, batch, variant, args, device, batches, scale) -> dict
         timing = time_steps(step, batches, device, args.warmup, args.steps, args.repeats)
         total = time.perf_counter() - t_compile
         syncs = count_syncs(step, batches[0], timing["next_step"], device)
+        prof = profile_steps(step, batches, timing["next_step"] + 1, device) if variant in csv(args.profile) else None
     res = {"kind": "rsae", "arch": arch, "variant": variant, "d": d, "m": m, "batch": batch, **timing,
            "syncs_per_step": syncs, "wall_s": round(total, 1)}
+    if prof is not None:
+        res["profile"] = prof
     if device.type == "cuda":
         res["peak_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
     if arch in ("topk", "batchtopk"):
@@ -788,6 +820,12 @@ def main(argv: list[str] | None = None) -> int:
             Path(out_path).parent.mkdir(parents=True, exist_ok=True)
             Path(out_path).write_text(json.dumps(results, indent=1, default=str))
             Path(out_path).with_suffix(".md").write_text(markdown(results, args) + "\n")
+            profiles = [r for r in results["runs"] if r.get("profile")]
+            if profiles:
+                Path(out_path).with_name(Path(out_path).stem + "_profile.md").write_text("\n\n".join(
+                    f"## {r['arch']} {r['variant']} {r['d']}x{r['m']} batch {r['batch']}: {r['ms']:.2f} ms/step measured, "
+                    f"{r['profile']['gpu_busy_ms_per_step']:.2f} ms/step of kernels\n\n```\n{r['profile']['table']}\n```"
+                    for r in profiles) + "\n")
 
     def record(fn, *a, **info) -> None:
         if over_budget():
@@ -824,6 +862,8 @@ def main(argv: list[str] | None = None) -> int:
             data, scale = make_batches(d, b, device, args.seed)
             for arch in archs:
                 for a, variant in todo:
+                    if variant.endswith("+cg") and ((d, m) != by_size[-1] or arch not in csv(args.cg_archs)):
+                        continue  # CUDA graphs cut launch overhead, which matters at the small shape
                     if a == arch:
                         record(bench_rsae, arch, d, m, b, variant, args, device, data, scale,
                                kind="rsae", arch=arch, variant=variant, d=d, m=m, batch=b)

@@ -6,6 +6,7 @@ runs and with exported SAEs.
 
 Speed: with `compile=True` the SAE's training step (`train_losses` around `sae.training_output`:
 forward, losses, dead-latent bookkeeping) and the decoder-norm constraint are compiled with `torch.compile`
+(`compile_mode: reduce-overhead` also replays the step as CUDA graphs)
 (mixed precision comes from the trainer, e.g. `precision: bf16-mixed`, with float32 master
 weights; Adam is fused on CUDA, with the gradient clipping folded into it: `clip_gradients`).
 Nothing in a step makes the host wait for the GPU: training metrics are tensors handed to
@@ -75,6 +76,7 @@ class SAEModule(L.LightningModule):
         l0_tolerances: tuple[float, ...] = (),
         grad_clip: float | None = 1.0,
         compile: bool = False,
+        compile_mode: str | None = None,
         log_every_n_steps: int | None = None,
     ) -> None:
         super().__init__()
@@ -90,7 +92,10 @@ class SAEModule(L.LightningModule):
         # Clipped here rather than by Lightning, which refuses to clip for fused Adam under AMP.
         self.grad_clip = grad_clip
         self.val_metrics = ReconstructionMetrics(sae.d_in, sae.d_sae, l0_tolerances=tuple(l0_tolerances))
+        require(compile_mode in (None, "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"),
+                f"compile_mode must be null, default, reduce-overhead, max-autotune or max-autotune-no-cudagraphs, got {compile_mode!r}")
         self.compile_step = bool(compile)  # (not `self.compile`: nn.Module.compile is a method)
+        self.compile_mode = compile_mode
         self.log_every_n_steps = log_every_n_steps
         self._step_fns: dict[str, object] = {}
 
@@ -100,7 +105,9 @@ class SAEModule(L.LightningModule):
         fn = self._step_fns.get(name)
         if fn is None:
             fn = self.train_losses if name == "train" else getattr(self.sae, name)
-            if self.compile_step:
+            if self.compile_step and name == "train" and self.compile_mode not in (None, "default"):
+                fn = torch.compile(fn, mode=self.compile_mode)
+            elif self.compile_step:
                 if torch.distributed.is_available() and torch.distributed.is_initialized():
                     # Dynamo's DDP graph splitting fails on the SAE step (an invalid partition
                     # node); one graph per step is fine, DDP still overlaps its all-reduce.
@@ -108,6 +115,17 @@ class SAEModule(L.LightningModule):
                 fn = torch.compile(fn)
             self._step_fns[name] = fn
         return fn
+
+    def run_train(self, x: Tensor, step: int) -> tuple[Tensor, dict[str, Tensor], Tensor]:
+        """`train_losses` through `step_fn("train")`. With CUDA graphs (compile_mode
+        reduce-overhead) each call starts a new graph step, and the logged values are copied out of
+        the graph's memory, which the next replay reuses."""
+        fn = self.step_fn("train")
+        if not (self.compile_step and self.compile_mode == "reduce-overhead"):
+            return fn(x, step)
+        torch.compiler.cudagraph_mark_step_begin()
+        loss, losses, l0 = fn(x, step)
+        return loss, {k: v.clone() for k, v in losses.items()}, l0.clone()
 
     def train_losses(self, x: Tensor, step: int) -> tuple[Tensor, dict[str, Tensor], Tensor]:
         """`sae.training_output` reduced to what training uses: the loss, the (detached) loss terms
@@ -132,7 +150,7 @@ class SAEModule(L.LightningModule):
     # --- training -----------------------------------------------------------------------------
     def training_step(self, batch: Tensor, batch_idx: int) -> Tensor:
         x = batch * self.act_scale
-        loss, losses, l0 = self.step_fn("train")(x, self.global_step)
+        loss, losses, l0 = self.run_train(x, self.global_step)
         logs = {"train/l0": l0}
         if self._log_now():
             logs["train/loss"] = loss.detach()
