@@ -96,6 +96,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                    help="also run the first --e2e architecture with this many data workers")
     p.add_argument("--e2e-rows", type=int, default=262144, help="training rows in the synthetic cache")
     p.add_argument("--e2e-timeout", type=int, default=420)
+    p.add_argument("--e2e-profile-steps", type=int, default=0,
+                   help="profile this many steps before the timed window (host and GPU time by operation)")
     p.add_argument("--quality", default="", help="architectures for the quality check")
     p.add_argument("--quality-shape", default=None, help="default: the smallest of --shapes")
     p.add_argument("--quality-steps", type=int, default=200)
@@ -530,23 +532,57 @@ def bench_gate(m: int, batch: int, args, device) -> dict:
 
 class StepTimer(L.Callback):
     """Wall time of the training steps after the first `skip` (synchronised at both ends), written
-    as JSON to `out` when training ends."""
+    as JSON to `out` when training ends. With `profile_steps`, torch.profiler also records that
+    many steps just before the timed window (host and GPU time by operation, GPU-busy ms per step)
+    into `<out stem>_profile.txt`."""
 
-    def __init__(self, out: str, skip: int = 50) -> None:
-        self.out, self.skip = Path(out), int(skip)
+    def __init__(self, out: str, skip: int = 50, profile_steps: int = 0) -> None:
+        self.out, self.skip, self.profile_steps = Path(out), int(skip), int(profile_steps)
         self.t0: float | None = None
         self.step0 = 0
         self.batch_size = None
+        self._prof = None
+        self._prof_start = max(1, self.skip - self.profile_steps - 2)
 
     def _sync(self, pl_module) -> None:
         if pl_module.device.type == "cuda":
             torch.cuda.synchronize(pl_module.device)
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-        if self.t0 is None and trainer.global_step >= self.skip:
+        step = trainer.global_step
+        if self.profile_steps and self._prof is None and step == self._prof_start:
+            from torch.profiler import ProfilerActivity, profile
+
             self._sync(pl_module)
-            self.t0, self.step0 = time.perf_counter(), trainer.global_step
+            acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if pl_module.device.type == "cuda" else [])
+            self._prof = profile(activities=acts)
+            self._prof.start()
+        if self.t0 is None and step >= self.skip:
+            self._sync(pl_module)
+            self.t0, self.step0 = time.perf_counter(), step
             self.batch_size = int(batch.shape[0])
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if self._prof is not None and trainer.global_step == self._prof_start + self.profile_steps:
+            self._sync(pl_module)
+            self._prof.stop()
+            self._write_profile(self._prof)
+            self._prof = False  # done
+
+    def _write_profile(self, prof) -> None:
+        from torch.autograd import DeviceType
+
+        events = prof.key_averages()
+        dev = lambda e: getattr(e, "self_device_time_total", None) or getattr(e, "self_cuda_time_total", 0)  # noqa: E731
+        gpu_ms = sum(dev(e) for e in events if e.device_type == DeviceType.CUDA) / 1e3 / self.profile_steps
+        parts = [f"GPU-busy {gpu_ms:.2f} ms per step over {self.profile_steps} profiled steps"]
+        for key in ("self_cpu_time_total", "self_device_time_total", "self_cuda_time_total"):
+            try:
+                parts.append(f"sorted by {key}:\n" + events.table(sort_by=key, row_limit=18, max_name_column_width=70))
+            except Exception:  # noqa: BLE001 - sort keys differ across torch versions
+                continue
+        self.out.parent.mkdir(parents=True, exist_ok=True)
+        self.out.with_name(self.out.stem + "_profile.txt").write_text("\n\n".join(parts) + "\n")
 
     def on_train_end(self, trainer, pl_module) -> None:
         self._sync(pl_module)
@@ -581,6 +617,7 @@ def run_e2e(arch, d, m, batch, args, device, data_args: list[str], work: Path, w
         "~callbacks.downstream_eval", "~callbacks.model_checkpoint",
         "+callbacks.step_timer._target_=rsae.bench.train.StepTimer", f"+callbacks.step_timer.out={timer}",
         f"+callbacks.step_timer.skip={min(args.e2e_skip, max(0, args.e2e_steps - 2))}",
+        f"+callbacks.step_timer.profile_steps={args.e2e_profile_steps if args.e2e_skip >= args.e2e_profile_steps + 8 else 0}",
         f"hydra.run.dir={run_dir}", f"seed={args.seed}",
     ]
     if arch in ("topk", "batchtopk"):
@@ -598,6 +635,9 @@ def run_e2e(arch, d, m, batch, args, device, data_args: list[str], work: Path, w
         res["error"] = (proc.stderr or proc.stdout)[-2000:]
         return res
     res.update(json.loads(timer.read_text()))
+    prof = timer.with_name(timer.stem + "_profile.txt")
+    if prof.is_file():
+        res["profile_text"] = prof.read_text()
     metrics = run_dir / "metrics.json"
     if metrics.is_file():
         m_ = json.loads(metrics.read_text())
@@ -820,12 +860,14 @@ def main(argv: list[str] | None = None) -> int:
             Path(out_path).parent.mkdir(parents=True, exist_ok=True)
             Path(out_path).write_text(json.dumps(results, indent=1, default=str))
             Path(out_path).with_suffix(".md").write_text(markdown(results, args) + "\n")
-            profiles = [r for r in results["runs"] if r.get("profile")]
-            if profiles:
-                Path(out_path).with_name(Path(out_path).stem + "_profile.md").write_text("\n\n".join(
-                    f"## {r['arch']} {r['variant']} {r['d']}x{r['m']} batch {r['batch']}: {r['ms']:.2f} ms/step measured, "
-                    f"{r['profile']['gpu_busy_ms_per_step']:.2f} ms/step of kernels\n\n```\n{r['profile']['table']}\n```"
-                    for r in profiles) + "\n")
+            texts = [f"## {r['arch']} {r['variant']} {r['d']}x{r['m']} batch {r['batch']}: {r['ms']:.2f} ms/step measured, "
+                     f"{r['profile']['gpu_busy_ms_per_step']:.2f} ms/step of kernels\n\n```\n{r['profile']['table']}\n```"
+                     for r in results["runs"] if r.get("profile")]
+            texts += [f"## end to end (train.py) {r['arch']} {r['variant']} {r['d']}x{r['m']} batch {r['batch']}, "
+                      f"{r.get('num_workers')} data workers: {r.get('ms', float('nan')):.2f} ms/step measured\n\n```\n{r['profile_text']}\n```"
+                      for r in results["runs"] if r.get("profile_text")]
+            if texts:
+                Path(out_path).with_name(Path(out_path).stem + "_profile.md").write_text("\n\n".join(texts) + "\n")
 
     def record(fn, *a, **info) -> None:
         if over_budget():
