@@ -73,6 +73,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--shapes", default="768x24576,2304x65536", help="comma list of d_in x d_sae")
     p.add_argument("--batch", default="4096", help="comma list of batch sizes (tokens per step)")
     p.add_argument("--variants", default="plain,fast,compiled", help="comma list of " + ",".join(VARIANTS))
+    p.add_argument("--base-archs", default="relu,rational",
+                   help="architectures measured with the +base variants (those using rsae.sae.base's encoder)")
     p.add_argument("--cg-archs", default="relu,topk,rational",
                    help="architectures measured with compiled+cg (CUDA graphs; at the smallest shape only)")
     p.add_argument("--k", type=int, default=32, help="k of TopK / BatchTopK")
@@ -893,7 +895,8 @@ def main(argv: list[str] | None = None) -> int:
     # eager fast variants and remaining baselines, the gate alone.
     by_size = sorted(shapes, key=lambda s: -s[0] * s[1])
 
-    pairs = [(a, v) for a in archs for v in variants if not (v.endswith(PROPOSED) and not uses_base_encoder(a))]
+    pairs = [(a, v) for a in archs for v in variants
+             if not (v.endswith(PROPOSED) and (not uses_base_encoder(a) or a not in csv(args.base_archs)))]
     # First pass: what the targets compare (plain baselines of ReLU / rational / TopK, the compiled
     # steps, SAELens); the eager fast variants and the other plain baselines come last.
     first = [(a, v) for a, v in pairs if v != "fast" and not (v == "plain" and a in ("jumprelu", "batchtopk"))]
