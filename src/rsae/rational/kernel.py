@@ -213,12 +213,22 @@ def _bwd_kernel(
 
     row_start = pid_m * ROWS_PER_PROG
     row_stop = tl.minimum(row_start + ROWS_PER_PROG, n_rows)
+    # The next tile's h and dL/dphi are loaded while this one is computed (a register double
+    # buffer), so that memory latency overlaps the arithmetic.
+    rows = row_start + tl.arange(0, BLOCK_M)
+    mask = (rows[:, None] < row_stop) & col_ok[None, :]
+    offs = rows[:, None].to(tl.int64) * n_cols + cols[None, :]
+    h_next = tl.load(h_ptr + offs, mask=mask, other=0.0)
+    g_next = tl.load(g_ptr + offs, mask=mask, other=0.0)
     for r0 in range(row_start, row_stop, BLOCK_M):
         rows = r0 + tl.arange(0, BLOCK_M)
         mask = (rows[:, None] < row_stop) & col_ok[None, :]
         offs = rows[:, None].to(tl.int64) * n_cols + cols[None, :]
-        h = tl.load(h_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        h = h_next.to(tl.float32)
+        g = g_next.to(tl.float32)
+        mask_next = ((rows[:, None] + BLOCK_M) < row_stop) & col_ok[None, :]
+        h_next = tl.load(h_ptr + offs + BLOCK_M * n_cols, mask=mask_next, other=0.0)
+        g_next = tl.load(g_ptr + offs + BLOCK_M * n_cols, mask=mask_next, other=0.0)
 
         t_raw = h * inv_c_in
         inside = (t_raw >= -t_max) & (t_raw <= t_max)
