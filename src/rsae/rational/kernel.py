@@ -13,10 +13,15 @@ a fused backward kernel:
 * a result cast back to a narrower dtype is first clamped to that dtype's finite range (and gets
   zero gradient where that clamp is active), as `cast_back` does;
 * the backward recomputes P, Q from h (nothing but h is saved) and writes dh plus per-program
-  partial sums of the gradients of every coefficient and scale: each program reduces its
-  [rows x latents] tile over rows into one partial per latent, the host then sums the partials
-  over programs (and over latents for shared coefficients / scalar scales, over each group's
-  latents for group sharing). No atomics anywhere, so the result is deterministic.
+  partial sums of the gradients of every coefficient and scale: a program walks its rows for a
+  block of latents, accumulating each parameter's gradient elementwise in registers, reduces
+  over rows once at the end into one partial per latent, and the host sums the partials over
+  programs (and over latents for shared coefficients / scalar scales, over each group's latents
+  for group sharing). No atomics anywhere, so the result is deterministic.
+* t = h / C_in is computed as h * (1 / C_in) (one division per latent, not per element): the
+  values can differ from the reference in the last bit of t.
+* On CPU tensors `rational_gate_triton` needs Triton's interpreter (TRITON_INTERPRET=1 before
+  triton is imported); tests run it so.
 
 Coefficient layout as in the gate: `a` [n_sets, p + 1] (a_0 .. a_p), `b` [n_sets, q] (b_1 .. b_q)
 with n_sets = 1 (shared), d (one set per latent) or any n_sets with `set_index` [d] giving each
@@ -25,8 +30,8 @@ latent's set (group sharing). `c_in`, `c_out`: the positive scales (e.g. `gate.c
 them (exp of the stored logs).
 
 `use_kernel(h)` says whether the kernel applies (CUDA tensor of a supported dtype, Triton
-importable, not switched off by `RSAE_RATIONAL_KERNEL=0` or `kernel_disabled()`). On a CPU tensor
-`rational_gate_triton` runs Triton's interpreter (slow; for tests).
+importable, not switched off by `RSAE_RATIONAL_KERNEL=0` or `kernel_disabled()`).
+RSAE_KERNEL_CONFIG="i,j" fixes the forward / backward tile shapes instead of autotuning them.
 """
 
 from __future__ import annotations
