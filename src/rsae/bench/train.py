@@ -890,9 +890,9 @@ def main(argv: list[str] | None = None) -> int:
         if device.type == "cuda":
             torch.cuda.empty_cache()
 
-    # Order of importance, so that a time budget cuts the least useful part: the largest shape (where
-    # the targets are defined), end to end there, the other shapes, the quality check, then the
-    # eager fast variants and remaining baselines, the gate alone.
+    # Order of importance, so that a time budget cuts the least useful part: the raw steps of every
+    # shape (largest first), end to end at the largest, the quality check, then the eager fast
+    # variants and remaining baselines, the gate alone.
     by_size = sorted(shapes, key=lambda s: -s[0] * s[1])
 
     pairs = [(a, v) for a in archs for v in variants
@@ -962,10 +962,9 @@ def main(argv: list[str] | None = None) -> int:
             for b in batches:
                 record(bench_gate, m, b, args, device, kind="gate", m=m, batch=b)
 
-    raw_steps(*by_size[0], first, saelens=True)
-    end_to_end()
-    for d, m in by_size[1:]:
+    for d, m in by_size:
         raw_steps(d, m, first, saelens=True)
+    end_to_end()
     quality_checks()
     for d, m in by_size:
         raw_steps(d, m, later, saelens=False)
