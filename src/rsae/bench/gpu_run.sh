@@ -6,8 +6,10 @@
 #
 #   bash src/rsae/bench/gpu_run.sh            # device tool: run(command=..., carry=[".gpu-wheels"])
 #
-# Stays under ~8.5 minutes (RSAE_GPU_RUN_SECONDS, default 500, sets the limit): each stage has a timeout and the benchmark a time budget (it saves its
-# JSON after every measurement, so a cut-off run still returns what it measured). Files in $OUT:
+# Stays under ~8.5 minutes (RSAE_GPU_RUN_SECONDS, default 500, sets the limit): each stage has a
+# timeout and the benchmark a time budget that drops the least important measurements first (it
+# saves its JSON after every measurement, so a cut-off run still returns what it measured).
+# Files in $OUT:
 #   gpu_run.log        everything printed (install, tests, benchmark progress)
 #   pytest_gpu.log     `pytest -m gpu` of the rational kernel and the fast SAE paths
 #   train_bench.json   all measurements;  train_bench.md  the tables (also printed last)
