@@ -2,7 +2,7 @@
 # One command for the lent GPU machine (H200): install the carried wheels, run the GPU tests, run the
 # training-step benchmark, leave everything under $OUT. Run from the repository root, carrying
 # .gpu-wheels (hydra-core, omegaconf, wandb, datasets and, for the SAELens columns, the wheels of
-# `bash ../shared/gpu/fetch-wheels.sh .gpu-wheels --with-saelens`):
+# the GPU wheel-fetching script of this workplace, run with `.gpu-wheels --with-saelens`):
 #
 #   bash src/rsae/bench/gpu_run.sh            # device tool: run(command=..., carry=[".gpu-wheels"])
 #
