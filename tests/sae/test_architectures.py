@@ -151,3 +151,18 @@ def test_jumprelu_l0_follows_its_coefficient():
 
 def test_registry_names():
     assert ARCHITECTURES["standard"] is ReLUSAE and ARCHITECTURES["topk"] is TopKSAE
+
+
+def test_auxk_weight_scales_with_the_number_of_dead_latents():
+    """min(n_dead / k_aux, 1): one dead latent with k_aux=4 weighs a quarter of the unscaled loss."""
+    torch.manual_seed(0)
+    sae = TopKSAE(8, 32, k=2, k_aux=4, dead_after_tokens=10)
+    x = torch.randn(64, 8)
+    sae.tokens_since_fired.fill_(0)
+    sae.tokens_since_fired[5] = 100  # exactly one dead latent
+    out = sae.training_output(x)
+    z_aux = torch.zeros_like(out.h)
+    z_aux[:, 5] = out.h[:, 5].relu()
+    e = (x - out.x_hat).detach()
+    unscaled = sae.aux_coefficient * ((z_aux @ sae.W_dec - e) ** 2).sum() / ((x - x.mean(0)) ** 2).sum()
+    torch.testing.assert_close(out.losses["aux"], unscaled * 0.25)

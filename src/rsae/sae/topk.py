@@ -129,13 +129,15 @@ class TopKSAE(SAE):
                 return {"aux": out.h.new_zeros((), dtype=torch.float32)}
             k_aux = min(self.k_aux, n_dead)
         # Top-k_aux among dead latents only: live ones are pushed to -inf before selection.
-        # The weight min(n_dead / k_aux, 1) is 1 whenever a latent is dead (k_aux <= n_dead).
         h_dead = out.h.masked_fill(~dead, float("-inf"))
         z_aux = topk_relu(h_dead, k_aux)
         residual = (x - out.x_hat).detach().float()
         e_hat = (z_aux @ self.W_dec).float()
         variance = (x.float() - x.float().mean(0)).pow(2).sum().clamp_min(1e-12)
-        return {"aux": self.aux_coefficient * (e_hat - residual).pow(2).sum() / variance}
+        # Weight min(n_dead / k_aux, 1) with the configured k_aux (Gao et al.): fewer dead latents
+        # than k_aux weigh less. A tensor, so the fast path stays free of host syncs.
+        weight = (dead.sum(dtype=torch.float32) / self.k_aux).clamp(max=1.0)
+        return {"aux": self.aux_coefficient * weight * (e_hat - residual).pow(2).sum() / variance}
 
     def export_config(self) -> dict:
         return {"architecture": "topk", "k": self.k}
