@@ -26,6 +26,9 @@ def test_upgrade_reproduces_teacher_then_fine_tunes(tmp_path, sae):
     # Engineering bar: RSAE-init reproduces the teacher (MSE within 2%, same exact L0 within 2%).
     assert i["mse"] == pytest.approx(t["mse"], rel=0.02)
     assert i["l0"] == pytest.approx(t["l0"], rel=0.02)
+    # L0 is held at the teacher's L0 on training rows (same distribution as held-out here).
+    target = res["settings"]["l0_target_train"]
+    assert target == 4.0 if sae == "topk" else target == pytest.approx(t["l0"], rel=0.15)
     assert res["settings"]["gate"] == {"relu": "relu", "jumprelu": "jumprelu", "topk": "topk"}[sae]
     # The exports load back and the fine-tuned RSAE differs from its init.
     init, tuned = load_sae(up / "rsae_init"), load_sae(up / "rsae")

@@ -33,6 +33,10 @@ CASES = [  # (name, sharing, scale_mode, denominator, degrees, extra)
     ("many-rows", "shared", "latent", "B", (5, 4), {"rows": 300, "d": 70}),
 ]
 TOL = 2e-4  # relative L2 error: float32 arithmetic against float64 lands near 1e-6
+# ... except where the problem itself is ill-conditioned in float32 (degree-9 polynomials at |t| up
+# to 8): there the kernel may be off by a few times what the reference gate computed in float32 on
+# the same input is off by (`ref32_*`), never more.
+REF32_FACTOR = 4.0
 
 
 def make_gate(sharing, scale_mode, denominator, degrees, d, t_max, gen):
@@ -96,6 +100,16 @@ def run_case(name: str, device: str, seed: int) -> dict:
     out = {"y": rel(y, y_ref), "dtype_ok": y.dtype == torch.float32 and tuple(y.shape) == shape}
     wrt_names = ([names[0]] if h_grad else []) + (names[1:] if param_grad else [])
     out.update({f"d_{n}": rel(gk, gr) for n, gk, gr in zip(wrt_names, g_k, g_ref)})
+
+    # The reference gate in float32 on the same input: how well float32 can do here at all.
+    r_gate = ref_gate.float()
+    h_r = h.float().requires_grad_(h_grad)
+    r_params = [r_gate.a, r_gate.b, r_gate.log_c_in, r_gate.log_c_out]
+    y_r = r_gate(h_r)
+    r_wrt = ([h_r] if h_grad else []) + (r_params if param_grad else [])
+    g_r = torch.autograd.grad(y_r, r_wrt, gy.float(), allow_unused=True) if r_wrt else []
+    out["ref32_y"] = rel(y_r, y_ref)
+    out.update({f"ref32_d_{n}": rel(gk, gr) for n, gk, gr in zip(wrt_names, g_r, g_ref)})
     out["grads"] = len(g_k)
     return out
 
@@ -148,9 +162,10 @@ def run_all(device: str, seed: int) -> dict:
 
 
 def check_case(res: dict, name: str, seed: int) -> None:
-    bad = {k: v for k, v in res.items() if k.startswith(("y", "d_")) and not v <= TOL}
+    tol = {k: max(TOL, REF32_FACTOR * res.get(f"ref32_{k}", 0.0)) for k in res if k.startswith(("y", "d_"))}
+    bad = {k: (res[k], tol[k]) for k in tol if not res[k] <= tol[k]}
     assert res["dtype_ok"], f"{name}: wrong dtype/shape (seed {seed})"
-    assert not bad, f"{name}: relative errors above {TOL}: {bad} (seed {seed})"
+    assert not bad, f"{name}: relative errors above their tolerance (error, tolerance): {bad} (seed {seed})"
 
 
 def check_edge(res: dict, seed: int) -> None:
