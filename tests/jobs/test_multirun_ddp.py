@@ -2,6 +2,8 @@
 
 import json
 
+import pytest
+
 from conftest import run_train
 
 
@@ -17,11 +19,12 @@ def test_multirun_records_failed_trials_and_keeps_the_others(tmp_path):
     assert (tmp_path / "0" / "sae" / "cfg.json").is_file() and (tmp_path / "2" / "sae" / "cfg.json").is_file()
 
 
-def test_ddp_two_cpu_processes(tmp_path):
+@pytest.mark.parametrize("compression", ["none", "bf16"])
+def test_ddp_two_cpu_processes(tmp_path, compression):
     run_train(
         "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2", "data=synthetic", "sae=topk",
         "trainer.max_steps=40", "trainer.val_check_interval=20", "data.batch_size=128", "logger=csv",
-        f"hydra.run.dir={tmp_path}",
+        f"trainer.strategy.grad_compression={compression}", f"hydra.run.dir={tmp_path}",
     )
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     assert metrics["status"] == "ok" and metrics["train/steps"] == 40
@@ -29,3 +32,16 @@ def test_ddp_two_cpu_processes(tmp_path):
     # Only rank 0 exports; the second process logged to its own file in the same run dir.
     assert (tmp_path / "sae" / "sae_weights.safetensors").is_file()
     assert (tmp_path / "train_ddp_process_1.log").is_file()
+
+
+def test_ddp_strategy_options():
+    from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
+
+    from rsae.errors import ConfigError
+    from rsae.lit.ddp import ddp_strategy
+
+    assert ddp_strategy()._ddp_comm_hook is None
+    assert ddp_strategy("bf16")._ddp_comm_hook is default_hooks.bf16_compress_hook
+    assert ddp_strategy("fp16", bucket_cap_mb=100)._ddp_kwargs["bucket_cap_mb"] == 100
+    with pytest.raises(ConfigError, match="grad_compression"):
+        ddp_strategy("int8")

@@ -80,6 +80,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", default=None)
     p.add_argument("--cpu", action="store_true", help="tiny CPU smoke run with gloo")
     p.add_argument("overrides", nargs="*", help="extra train.py overrides for both runs (e.g. module.compile=true)")
+    p.add_argument("--ddp-overrides", nargs="*", default=[],
+                   help="overrides for the DDP run only (e.g. trainer.strategy.grad_compression=bf16)")
     a = p.parse_args(argv)
     work = Path(a.work_dir)
     device = torch.device("cpu" if a.cpu else "cuda")
@@ -96,7 +98,8 @@ def main(argv: list[str] | None = None) -> int:
                                  f"trainer.max_steps={single_steps}", f"trainer.val_check_interval={single_steps}",
                                  f"+callbacks.step_timer.skip={min(50, single_steps // 4)}"], work, a.timeout),
         "ddp": run("ddp", [*common, "trainer=ddp", f"trainer.devices={a.gpus}", *hw, f"trainer.max_steps={a.steps}",
-                           f"trainer.val_check_interval={a.steps}", f"+callbacks.step_timer.skip={min(50, a.steps // 4)}"],
+                           f"trainer.val_check_interval={a.steps}", f"+callbacks.step_timer.skip={min(50, a.steps // 4)}",
+                           *a.ddp_overrides],
                    work, a.timeout),
     }
     s, d = results["single"], results["ddp"]

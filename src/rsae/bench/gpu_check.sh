@@ -1,0 +1,58 @@
+#!/usr/bin/env bash
+# Focused GPU checks for the lent H200 machines (one or two GPUs), stage by stage, each with its own
+# time limit, everything under $OUT:
+#
+#   STAGES="tests gate steps ddp" bash src/rsae/bench/gpu_check.sh   # device tool, carry [".gpu-wheels"]
+#
+#   tests  pytest -m gpu of the fused rational kernel (every tile shape against float64)
+#   gate   the rational gate alone, forward + backward: fused kernel, reference, compiled reference
+#   steps  compiled training steps at 2304 x 65536 (ReLU, rational with and without the fused kernel)
+#   ddp    `python -m rsae.bench ddp` variants listed in DDP_VARIANTS ("name|bench args|ddp overrides;...")
+#   topo   how the GPUs are linked (nvidia-smi topo -m) and a measured NCCL all-reduce bandwidth
+set -uo pipefail
+OUT=${OUT:-/tmp/rsae-gpu-out}
+mkdir -p "$OUT"
+exec > >(tee -a "$OUT/gpu_check.log") 2>&1
+START=$(date +%s)
+log() { echo "[gpu_check +$(( $(date +%s) - START ))s] $*"; }
+export PYTHONUNBUFFERED=1 WANDB_MODE=offline HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+export TORCHINDUCTOR_CACHE_DIR=${TORCHINDUCTOR_CACHE_DIR:-/tmp/rsae-inductor}
+STAGES=${STAGES:-"tests gate steps"}
+
+log "install"
+python3 -m pip install -q --no-index --find-links .gpu-wheels hydra-core omegaconf wandb datasets \
+  && python3 -m pip install -q --no-deps --no-build-isolation -e . || { log "install failed"; exit 1; }
+nvidia-smi --query-gpu=name,driver_version,clocks.max.sm --format=csv,noheader
+python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, 'gpus', torch.cuda.device_count())"
+
+for stage in $STAGES; do
+  case $stage in
+  tests)
+    log "tests"
+    timeout 240 python3 -m pytest -q -m gpu -p no:cacheprovider tests/rational/test_kernel.py > "$OUT/pytest_gpu.log" 2>&1
+    log "pytest exit $? ($(tail -1 "$OUT/pytest_gpu.log"))" ;;
+  gate|steps)
+    [ "$stage" = gate ] && ARGS="--arch rational --shapes 2304x65536,768x24576 --variants compiled --steps 1 --warmup 1 --repeats 1" \
+      || ARGS="--arch relu,rational --shapes 2304x65536 --variants compiled --no-gate --steps 20 --warmup 5 --repeats 3"
+    for kern in 1 0; do
+      log "$stage (RSAE_RATIONAL_KERNEL=$kern)"
+      RSAE_RATIONAL_KERNEL=$kern timeout 240 python3 -m rsae.bench train $ARGS --no-saelens \
+        --json "$OUT/${stage}_kernel$kern.json" > "$OUT/${stage}_kernel$kern.md" 2> "$OUT/${stage}_kernel$kern.err"
+      log "exit $?"; cat "$OUT/${stage}_kernel$kern.md"
+    done ;;
+  topo)
+    log "topology"
+    nvidia-smi topo -m
+    timeout 120 torchrun --nproc_per_node=2 -m rsae.bench.allreduce > "$OUT/allreduce.txt" 2>&1; cat "$OUT/allreduce.txt" ;;
+  ddp)
+    IFS=';' read -ra VARS <<< "${DDP_VARIANTS:-}"
+    for v in "${VARS[@]}"; do
+      IFS='|' read -r name bargs dover <<< "$v"
+      log "ddp $name: $bargs -- $dover"
+      timeout ${DDP_TIMEOUT:-300} python3 -m rsae.bench ddp $bargs --work-dir /tmp/rsae-ddp --json "$OUT/ddp_$name.json" \
+        --ddp-overrides $dover > "$OUT/ddp_$name.md" 2>&1
+      log "exit $?"; tail -n 8 "$OUT/ddp_$name.md"
+    done ;;
+  esac
+done
+log "done"
