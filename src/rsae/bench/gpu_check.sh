@@ -34,9 +34,9 @@ for stage in $STAGES; do
   gate|steps)
     [ "$stage" = gate ] && ARGS="--arch rational --shapes 2304x65536,768x24576 --variants compiled --steps 1 --warmup 1 --repeats 1" \
       || ARGS="--arch relu,rational --shapes 2304x65536 --variants compiled --no-gate --steps 20 --warmup 5 --repeats 3"
-    for kern in 1 0; do
+    for kern in ${KERNEL_MODES:-1 0}; do
       log "$stage (RSAE_RATIONAL_KERNEL=$kern)"
-      RSAE_RATIONAL_KERNEL=$kern timeout 240 python3 -m rsae.bench train $ARGS --no-saelens \
+      TORCH_LOGS=${TORCH_LOGS_STEPS:-recompiles} RSAE_RATIONAL_KERNEL=$kern timeout 240 python3 -m rsae.bench train $ARGS --no-saelens \
         --json "$OUT/${stage}_kernel$kern.json" > "$OUT/${stage}_kernel$kern.md" 2> "$OUT/${stage}_kernel$kern.err"
       log "exit $?"; cat "$OUT/${stage}_kernel$kern.md"
     done ;;
@@ -56,3 +56,5 @@ for stage in $STAGES; do
   esac
 done
 log "done"
+# One archive of everything (the device tool returns a limited number of files).
+tar czf /tmp/gpu_check.tgz -C "$OUT" . && mv /tmp/gpu_check.tgz "$OUT/gpu_check.tgz"

@@ -20,6 +20,7 @@ from torch import Tensor, nn
 
 from rsae.rational.coefficients import load_table
 from rsae.rational.function import DENOMINATORS, T_MAX, cast_back, compute_dtype, rational_compute
+from rsae.rational.kernel import rational_gate_triton, use_kernel
 
 SHARING = ("shared", "group", "latent")
 SCALE_MODES = ("scalar", "latent")
@@ -158,6 +159,9 @@ class RationalGate(nn.Module):
 
     # --- the gate ------------------------------------------------------------------------------
     def forward(self, h: Tensor) -> Tensor:
+        if use_kernel(h):  # CUDA: the fused Triton kernel (same formula, checked against this path)
+            return rational_gate_triton(h, self.a, self.b, self.c_in, self.c_out, denominator=self.denominator,
+                                        set_index=self.set_index if self.sharing == "group" else None, t_max=self.t_max)
         ct = compute_dtype(h.dtype)
         with torch.autocast(device_type=h.device.type, enabled=False):
             a, b = self.coefficients()
