@@ -44,10 +44,11 @@ class FirstBatchProbe(L.Callback):
         (self.out / f"rank{trainer.global_rank}.json").write_text(json.dumps(fp))
 
 
-def run(name: str, overrides: list[str], work: Path, timeout: int) -> dict:
+def run(name: str, overrides: list[str], work: Path, timeout: int, profile_steps: int = 0) -> dict:
     run_dir = work / name
     cmd = [sys.executable, str(repo_root() / "train.py"), *overrides,
            "+callbacks.step_timer._target_=rsae.bench.train.StepTimer", f"+callbacks.step_timer.out={run_dir / 'timer.json'}",
+           f"+callbacks.step_timer.profile_steps={profile_steps}",
            "+callbacks.probe._target_=rsae.bench.ddp.FirstBatchProbe", f"+callbacks.probe.out={run_dir / 'probe'}",
            f"hydra.run.dir={run_dir}"]
     t0 = time.perf_counter()
@@ -62,6 +63,9 @@ def run(name: str, overrides: list[str], work: Path, timeout: int) -> dict:
     res["timer"] = json.loads((run_dir / "timer.json").read_text()) if (run_dir / "timer.json").is_file() else None
     res["metrics"] = json.loads((run_dir / "metrics.json").read_text())
     res["probes"] = [json.loads(p.read_text()) for p in sorted((run_dir / "probe").glob("rank*.json"))]
+    prof = run_dir / "timer_profile.txt"
+    if prof.is_file():  # rank 0's host and GPU time by operation over a few steps before the timed window
+        res["profile_text"] = prof.read_text()
     return res
 
 
@@ -80,6 +84,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", default=None)
     p.add_argument("--cpu", action="store_true", help="tiny CPU smoke run with gloo")
     p.add_argument("overrides", nargs="*", help="extra train.py overrides for both runs (e.g. module.compile=true)")
+    p.add_argument("--profile-steps", type=int, default=0,
+                   help="torch.profiler over this many steps of rank 0 before the timed window (GPU-busy vs wall time)")
     p.add_argument("--ddp-overrides", nargs="*", default=[],
                    help="overrides for the DDP run only (e.g. trainer.strategy.grad_compression=bf16)")
     a = p.parse_args(argv)
@@ -96,11 +102,11 @@ def main(argv: list[str] | None = None) -> int:
         "args": vars(a),
         "single": run("single", [*common, "trainer=gpu" if not a.cpu else "trainer=cpu", *hw,
                                  f"trainer.max_steps={single_steps}", f"trainer.val_check_interval={single_steps}",
-                                 f"+callbacks.step_timer.skip={min(50, single_steps // 4)}"], work, a.timeout),
+                                 f"+callbacks.step_timer.skip={min(50, single_steps // 4)}"], work, a.timeout, a.profile_steps),
         "ddp": run("ddp", [*common, "trainer=ddp", f"trainer.devices={a.gpus}", *hw, f"trainer.max_steps={a.steps}",
                            f"trainer.val_check_interval={a.steps}", f"+callbacks.step_timer.skip={min(50, a.steps // 4)}",
                            *a.ddp_overrides],
-                   work, a.timeout),
+                   work, a.timeout, a.profile_steps),
     }
     s, d = results["single"], results["ddp"]
     lines = ["| run | GPUs | steps | rows/step | tokens/s | ms/step | val/mse | val/fvu | val/l0 |", "|---|---|---|---|---|---|---|---|---|"]
