@@ -33,7 +33,7 @@ for stage in $STAGES; do
     log "pytest exit $? ($(tail -1 "$OUT/pytest_gpu.log"))" ;;
   gate|steps)
     [ "$stage" = gate ] && ARGS="--arch rational --shapes 2304x65536,768x24576 --variants compiled --steps 1 --warmup 1 --repeats 1" \
-      || ARGS="--arch ${STEP_ARCHS:-relu,rational} --shapes 2304x65536 --variants compiled --no-gate --steps 20 --warmup 5 --repeats 3"
+      || ARGS="--arch ${STEP_ARCHS:-relu,rational} --shapes ${STEP_SHAPES:-2304x65536} --variants compiled --no-gate --steps 20 --warmup 5 --repeats 3"
     for kern in ${KERNEL_MODES:-1 0}; do
       log "$stage (RSAE_RATIONAL_KERNEL=$kern)"
       TORCH_LOGS=${TORCH_LOGS_STEPS:-recompiles} RSAE_RATIONAL_KERNEL=$kern timeout 240 python3 -m rsae.bench train $ARGS --no-saelens \
