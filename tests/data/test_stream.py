@@ -163,3 +163,30 @@ def test_a_shard_truncated_under_a_running_stream_is_named(shards, tmp_path):
         handle.truncate(200)
     with pytest.raises(CacheCorruptError, match="00001.safetensors"):
         take(iter(stream(([tmp_path / f.name for f in shards[0]], shards[1]))), 40)
+
+
+def test_device_side_gather_gives_the_same_batches(shards):
+    """The device-side shuffle (window copied to a device, batches gathered there) reads the same
+    rows in the same order as the host gather, across window and epoch boundaries, and resumes
+    the same way; here the device is the CPU, on a GPU the path is the same."""
+    host = take(iter(stream(shards, start_batch=3)), 60)  # 1920 rows: past an epoch of 1184
+    dev = take(iter(stream(shards, start_batch=3, device="cpu")), 60)
+    assert all(torch.equal(a, b) for a, b in zip(host, dev))
+
+
+def test_device_side_gather_refuses_loader_workers(shards):
+    loader = DataLoader(stream(shards, device="cpu"), batch_size=None, num_workers=1)
+    with pytest.raises(RuntimeError, match="num_workers=0"):
+        next(iter(loader))
+
+
+def test_datamodule_rejects_impossible_shuffle_device():
+    from rsae.data.activations import ActivationDataModule
+
+    with pytest.raises(ValueError, match="num_workers=0"):
+        ActivationDataModule("x", text_files=["x"], layer=0, shuffle_device="cuda", num_workers=2)
+    with pytest.raises(ValueError, match="'cpu' or 'cuda'"):
+        ActivationDataModule("x", text_files=["x"], layer=0, shuffle_device="tpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="CUDA is not available"):
+            ActivationDataModule("x", text_files=["x"], layer=0, shuffle_device="cuda")

@@ -59,6 +59,8 @@ class ActivationDataModule(L.LightningDataModule):
         batch_size: rows per batch; seed: stream order; shuffle_buffer: rows shuffled together;
             block_rows: rows read contiguously (unit of the per-epoch shuffle and of the split
             across ranks and workers); num_workers, pin_memory (None: when CUDA is available).
+        shuffle_device: `cpu` (batches gathered on the host) or `cuda` (each shuffle window is copied
+            to the GPU once and batches are gathered there; needs num_workers=0).
         harvest_batch_size: sequences per forward pass; harvest_device: `auto`, `cpu`, `cuda`;
         shard_mb: shard size; verify_checksums: sha256 every shard when reusing a cache.
         d_in: expected width (None: read from the cache).
@@ -74,7 +76,7 @@ class ActivationDataModule(L.LightningDataModule):
                  batch_size: int = 4096, shuffle_buffer: int = 65536, block_rows: int = 1024, seed: int = 0,
                  num_workers: int = 0, pin_memory: bool | None = None, harvest_batch_size: int = 8,
                  harvest_device: str = "auto", shard_mb: float = 64, verify_checksums: bool = True,
-                 d_in: int | None = None, progress: bool = True):
+                 d_in: int | None = None, progress: bool = True, shuffle_device: str = "cpu"):
         super().__init__()
         if dataset is not None:
             text_files = None
@@ -101,7 +103,16 @@ class ActivationDataModule(L.LightningDataModule):
         self.batch_size, self.seed = int(batch_size), int(seed)
         self.shuffle_buffer, self.block_rows = int(shuffle_buffer), int(block_rows)
         self.num_workers = int(num_workers)
-        self.pin_memory = torch.cuda.is_available() if pin_memory is None else bool(pin_memory)
+        if shuffle_device not in ("cpu", "cuda"):
+            raise ValueError(f"data.shuffle_device must be 'cpu' or 'cuda', got {shuffle_device!r}")
+        if shuffle_device == "cuda" and int(num_workers) != 0:
+            raise ValueError("data.shuffle_device=cuda gathers batches on the GPU in the training process: "
+                             f"set data.num_workers=0 (got {num_workers})")
+        if shuffle_device == "cuda" and not torch.cuda.is_available():
+            raise ValueError("data.shuffle_device=cuda but CUDA is not available")
+        self.shuffle_device = shuffle_device
+        # Batches gathered on the GPU are not pinned (nothing left to copy).
+        self.pin_memory = (torch.cuda.is_available() if pin_memory is None else bool(pin_memory)) and shuffle_device == "cpu"
         self.harvest_args = {"batch_size": int(harvest_batch_size), "device": harvest_device,
                              "shard_mb": float(shard_mb), "verify_checksums": bool(verify_checksums),
                              "progress": bool(progress)}
@@ -157,7 +168,8 @@ class ActivationDataModule(L.LightningDataModule):
         rank, world = self._rank_world()
         stream = TrainStream(*self._split("train"), batch_size=self.batch_size, seed=self.seed,
                              block_rows=self.block_rows, shuffle_buffer=self.shuffle_buffer, rank=rank,
-                             world_size=world, start_batch=self.position())
+                             world_size=world, start_batch=self.position(),
+                             device="cuda" if self.shuffle_device == "cuda" else None)
         loader = StreamLoader(stream, batch_size=None, num_workers=self.num_workers, pin_memory=self.pin_memory)
         loader.position_fn = self.position
         return loader

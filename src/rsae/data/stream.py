@@ -115,10 +115,12 @@ class _WindowLoader:
     window is read from disk (and widened to float32) while batches are gathered from this one.
     File reads and numpy's shift release the GIL."""
 
-    def __init__(self, shards: _Shards, max_rows: int, block_rows: int):
+    def __init__(self, shards: _Shards, max_rows: int, block_rows: int, pinned: bool = False):
         d, _ = shards.dims()
         self.shards = shards
-        self.buffers = [np.empty((max_rows, d), dtype=np.float32) for _ in range(2)]
+        # Pinned (page-locked) buffers when windows go on to a GPU: one fast copy per window.
+        self.buffers = [torch.empty((max_rows, d), dtype=torch.float32, pin_memory=True).numpy() if pinned
+                        else np.empty((max_rows, d), dtype=np.float32) for _ in range(2)]
         self.staging = np.empty((block_rows, d), dtype=np.uint16)
         self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rsae-window")
         self.turn = 0
@@ -139,11 +141,12 @@ class _WindowLoader:
 
 
 class TrainStream(IterableDataset):
-    """Endless, shuffled, resumable stream of float32 `[batch_size, d]` training batches."""
+    """Endless, shuffled, resumable stream of float32 `[batch_size, d]` training batches (on the
+    host, or on `device` when the shuffle window lives there)."""
 
     def __init__(self, files: Sequence[str | Path], rows: Sequence[int], batch_size: int, seed: int = 0,
                  block_rows: int = 1024, shuffle_buffer: int = 65536, rank: int = 0, world_size: int = 1,
-                 start_batch: int = 0):
+                 start_batch: int = 0, device: str | None = None):
         if sum(rows) == 0:
             raise ValueError("the training split has no rows")
         if not 0 <= rank < world_size:
@@ -152,6 +155,10 @@ class TrainStream(IterableDataset):
         self.batch_size, self.seed, self.rank, self.world_size = int(batch_size), int(seed), rank, world_size
         self.block_rows, self.shuffle_buffer = int(block_rows), int(shuffle_buffer)
         self.start_batch = int(start_batch)
+        # device: None gathers batches on the host (in loader workers or the main process). "cuda"
+        # copies each shuffle window to the current GPU once and gathers the batches there: no
+        # per-batch host gather, allocation or host-to-device copy (same rows in the same order).
+        self.device = device
         starts = [(s, lo, min(lo + self.block_rows, n)) for s, n in enumerate(self.shards.rows)
                   for lo in range(0, n, self.block_rows)]
         self.blocks = np.array(starts, dtype=np.int64).reshape(-1, 3)  # (shard, start, stop)
@@ -217,7 +224,9 @@ class TrainStream(IterableDataset):
     def slot_batches(self, slot: int, n_slots: int, skip: int = 0) -> Iterator[torch.Tensor]:
         """Batches of one slot from its batch number `skip` on."""
         windows = self.windows(slot, n_slots, skip * self.batch_size)
-        loader = _WindowLoader(self.shards, self._window_blocks(n_slots) * self.block_rows, self.block_rows)
+        device = self._gather_device()
+        loader = _WindowLoader(self.shards, self._window_blocks(n_slots) * self.block_rows, self.block_rows,
+                               pinned=device is not None and device.type == "cuda")
         try:
             current = next(windows)
             pending = loader.submit(self.blocks[current[2]], int(self.block_sizes[current[2]].sum()))
@@ -225,6 +234,8 @@ class TrainStream(IterableDataset):
             while True:
                 epoch, index, window, offset = current
                 rows = pending.result()
+                if device is not None:  # the whole window to the device (before its buffer is reused)
+                    rows = rows.to(device)
                 current = next(windows)  # read the next window while this one is served
                 pending = loader.submit(self.blocks[current[2]], int(self.block_sizes[current[2]].sum()))
                 order = self._window_permutation(slot, n_slots, epoch, index, len(rows))[offset:]
@@ -244,11 +255,25 @@ class TrainStream(IterableDataset):
         finally:
             loader.close()
 
-    @staticmethod
-    def _gather(rows: torch.Tensor, positions: np.ndarray) -> torch.Tensor:
+    def _gather_device(self) -> torch.device | None:
+        if self.device is None:
+            return None
+        if get_worker_info() is not None:
+            raise RuntimeError("a device-side shuffle runs in the training process: use num_workers=0")
+        device = torch.device(self.device)
+        if device.type == "cuda" and device.index is None:
+            if not torch.cuda.is_available():
+                raise RuntimeError("shuffle_device=cuda but CUDA is not available")
+            device = torch.device("cuda", torch.cuda.current_device())  # this rank's GPU under DDP
+        return device
+
+    def _gather(self, rows: torch.Tensor, positions: np.ndarray) -> torch.Tensor:
         """One gather of float32 rows (sorted positions read memory in order; the order of rows
-        inside a batch does not matter to training)."""
+        inside a batch does not matter to training). With a device-side shuffle: a plain
+        index_select where the window is (a fresh tensor from that device's allocator)."""
         index = torch.from_numpy(np.sort(positions))
+        if self.device is not None:
+            return torch.index_select(rows, 0, index.to(rows.device))
         with one_thread():
             return torch.index_select(rows, 0, index, out=new_batch(len(index), rows.shape[1]))
 
