@@ -65,10 +65,12 @@ def sparsity_lever(sae: SAE) -> str | None:
     return None  # TopK / BatchTopK
 
 
-def finetune(cfg: DictConfig, sae: SAE, dm, scale: float, phase: str, run_dir: Path, target_l0: float) -> SAE:
+def finetune(cfg: DictConfig, sae: SAE, dm, scale: float, phase: str, run_dir: Path, target_l0: float,
+             lr_scales: dict[str, float] | None = None) -> SAE:
     up = cfg.upgrade
     # HoldL0 reads train/l0 after every step, so the module computes it every step.
-    module = instantiate(cfg.module, sae=sae, lr=up.lr, warmup_steps=up.warmup_steps, log_every_n_steps=1)
+    extra = {"lr_scales": {**(cfg.module.get("lr_scales") or {}), **lr_scales}} if lr_scales else {}
+    module = instantiate(cfg.module, sae=sae, lr=up.lr, warmup_steps=up.warmup_steps, log_every_n_steps=1, **extra)
     module.set_activation_scale(scale)
     callbacks = []
     lever = sparsity_lever(sae)
@@ -151,6 +153,7 @@ def upgrade(cfg: DictConfig) -> dict[str, Any]:
         "l0_counting": "exact non-zero count" + (f"; l0_tol_<eps>: |z| > eps (raw units) for eps in {list(up.l0_tolerances)}" if up.l0_tolerances else ""),
         "steps": int(cfg.upgrade.steps), "batch_size": int(cfg.data.batch_size), "hold_l0": bool(up.hold_l0),
         "calibration_tokens": int(up.calibration_tokens), "eval_tokens": held.n_rows, "sparsity": str(up.sparsity),
+        "gate_lr_scale": float(up.get("gate_lr_scale", 1.0)),
     }
 
     # Teacher
@@ -192,7 +195,9 @@ def upgrade(cfg: DictConfig) -> dict[str, Any]:
         rsae.train()
         for p in rsae.parameters():
             p.requires_grad_(True)
-        rsae = finetune(cfg, rsae, dm, scale, "rsae", run_dir, target_l0)
+        gate_scale = float(up.get("gate_lr_scale", 1.0))
+        rsae = finetune(cfg, rsae, dm, scale, "rsae", run_dir, target_l0,
+                        lr_scales={"rational_gate.": gate_scale} if gate_scale != 1.0 else None)
         save_sae(rsae, run_dir / "rsae", scale=scale, metadata={"phase": "rsae", **settings})
         evaluate("rsae", rsae)
 

@@ -78,6 +78,7 @@ class SAEModule(L.LightningModule):
         compile: bool = False,
         compile_mode: str | None = None,
         log_every_n_steps: int | None = None,
+        lr_scales: dict[str, float] | None = None,
     ) -> None:
         super().__init__()
         require(lr > 0, f"lr must be > 0, got {lr}")
@@ -86,6 +87,15 @@ class SAEModule(L.LightningModule):
         require(0 <= min_lr_ratio <= 1, f"min_lr_ratio must be in [0, 1], got {min_lr_ratio}")
         self.sae = sae
         self.lr, self.betas = lr, tuple(betas)
+        # Learning-rate multipliers by parameter-name prefix, e.g. {"log_threshold": 10} or
+        # {"rational_gate.": 10}: parameters that take many small Adam steps to move (a threshold in
+        # log space, a handful of shared gate coefficients) can be given a faster rate.
+        self.lr_scales = {str(k): float(v) for k, v in (lr_scales or {}).items()}
+        for name, value in self.lr_scales.items():
+            require(value > 0, f"module.lr_scales[{name!r}] must be > 0, got {value}")
+            require(any(n.startswith(name) for n, _ in sae.named_parameters()),
+                    f"module.lr_scales: no parameter of {type(sae).__name__} starts with {name!r} "
+                    f"(parameters: {sorted({n.split('.')[0] for n, _ in sae.named_parameters()})})")
         self.warmup_steps, self.decay_fraction, self.min_lr_ratio = warmup_steps, decay_fraction, min_lr_ratio
         self.register_buffer("act_scale", torch.tensor(1.0))
         self.ground_truth = ground_truth
@@ -182,9 +192,17 @@ class SAEModule(L.LightningModule):
 
     def configure_optimizers(self):
         fused = self.device.type == "cuda"
-        opt = torch.optim.Adam(self.sae.parameters(), lr=self.lr, betas=self.betas, fused=fused)
+        opt = torch.optim.Adam(self._param_groups(), lr=self.lr, betas=self.betas, fused=fused)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, self._lr_mult)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    def _param_groups(self) -> list[dict]:
+        """One Adam group per learning-rate multiplier (the first matching prefix wins)."""
+        groups: dict[float, list] = {}
+        for name, param in self.sae.named_parameters():
+            scale = next((v for k, v in self.lr_scales.items() if name.startswith(k)), 1.0)
+            groups.setdefault(scale, []).append(param)
+        return [{"params": params, "lr": self.lr * scale} for scale, params in groups.items()]
 
     # --- validation ---------------------------------------------------------------------------
     def validation_step(self, batch: Tensor, batch_idx: int) -> None:
