@@ -38,3 +38,13 @@ def test_lr_scales_reject_unknown_prefix_and_bad_values():
         SAEModule(sae, lr_scales={"rational_gate.": 10.0})
     with pytest.raises(ConfigError, match="must be > 0"):
         SAEModule(sae, lr_scales={"log_threshold": 0.0})
+
+
+def test_jumprelu_asks_for_its_threshold_rate_and_module_entries_win():
+    sae = JumpReLUSAE(8, 32, threshold_lr_scale=20.0)
+    groups = SAEModule(sae, lr=1e-3)._param_groups()
+    by_lr = {g["lr"]: g["params"] for g in groups}
+    assert set(by_lr) == {1e-3, 2e-2} and by_lr[2e-2] == [sae.log_threshold]
+    groups = SAEModule(sae, lr=1e-3, lr_scales={"log_threshold": 3.0})._param_groups()
+    assert sorted(g["lr"] for g in groups) == pytest.approx([1e-3, 3e-3])
+    assert JumpReLUSAE(8, 32).lr_scales() == {}

@@ -198,9 +198,10 @@ class SAEModule(L.LightningModule):
 
     def _param_groups(self) -> list[dict]:
         """One Adam group per learning-rate multiplier (the first matching prefix wins)."""
+        scales = {**self.sae.lr_scales(), **self.lr_scales}
         groups: dict[float, list] = {}
         for name, param in self.sae.named_parameters():
-            scale = next((v for k, v in self.lr_scales.items() if name.startswith(k)), 1.0)
+            scale = next((v for k, v in scales.items() if name.startswith(k)), 1.0)
             groups.setdefault(scale, []).append(param)
         return [{"params": params, "lr": self.lr * scale} for scale, params in groups.items()]
 

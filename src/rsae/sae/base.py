@@ -136,6 +136,11 @@ class SAE(nn.Module):
         if self.unit_norm_decoder:
             self.W_dec /= self.W_dec.norm(dim=1, keepdim=True).clamp_min(1e-12)
 
+    def lr_scales(self) -> dict[str, float]:
+        """Learning-rate multipliers this architecture asks for, by parameter-name prefix (the
+        training module applies them; `module.lr_scales` entries win)."""
+        return {}
+
     def decoder_norms(self) -> Tensor:
         return self.W_dec.norm(dim=1)
 

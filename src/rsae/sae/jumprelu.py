@@ -95,9 +95,11 @@ class JumpReLUSAE(SAE):
         init_threshold: float = 0.1,
         penalty: str = "step",
         tanh_scale: float = 4.0,
+        threshold_lr_scale: float = 1.0,
         **kw,
     ) -> None:
         require(l0_coefficient >= 0, f"l0_coefficient must be >= 0, got {l0_coefficient}")
+        require(threshold_lr_scale > 0, f"threshold_lr_scale must be > 0, got {threshold_lr_scale}")
         require(bandwidth > 0, f"bandwidth must be > 0, got {bandwidth}")
         require(init_threshold > 0, f"init_threshold must be > 0, got {init_threshold}")
         require(penalty in ("step", "tanh"), f"penalty must be 'step' or 'tanh', got {penalty!r}")
@@ -105,6 +107,13 @@ class JumpReLUSAE(SAE):
         self.l0_coefficient, self.l0_warmup_steps = l0_coefficient, l0_warmup_steps
         self.bandwidth, self.penalty, self.tanh_scale = bandwidth, penalty, tanh_scale
         self.log_threshold = nn.Parameter(torch.full((self.d_sae,), math.log(init_threshold)))
+        # Adam moves log(theta) by about lr per step whatever the L0 coefficient, so with the
+        # weights' lr a short run cannot move the thresholds far and L0 barely follows the
+        # coefficient; a faster rate for the thresholds lets it (the training module reads this).
+        self.threshold_lr_scale = float(threshold_lr_scale)
+
+    def lr_scales(self) -> dict[str, float]:
+        return {"log_threshold": self.threshold_lr_scale} if self.threshold_lr_scale != 1.0 else {}
 
     @property
     def threshold(self) -> Tensor:
