@@ -151,6 +151,23 @@ def test_resume_from_a_checkpoint_continues_the_stream_exactly(sources, tmp_path
         assert all(torch.equal(a, b) for a, b in zip(resumed, full[step:]))
 
 
+def test_training_sees_the_same_batches_through_the_reused_buffers(sources, tmp_path):
+    """Under a trainer (num_workers=0) batches come from a ring of reused buffers: every step must
+    still see exactly the batch a fresh loader yields (nothing overwritten while in use)."""
+    from rsae.data.activations import REUSE_BUFFERS
+
+    trained = make_dm(sources)
+    trained.prepare_data(), trained.setup("fit")
+    seen = _fit(trained, tmp_path, max_steps=3 * REUSE_BUFFERS + 1)
+    assert trained.train_dataloader().dataset.reuse_buffers == REUSE_BUFFERS
+    direct = make_dm(sources)
+    direct.prepare_data(), direct.setup("fit")
+    loader = direct.train_dataloader()
+    assert loader.dataset.reuse_buffers == 0  # no trainer: fresh tensors
+    expected = [b for _, b in zip(range(len(seen)), loader)]
+    assert all(torch.equal(a, b) for a, b in zip(seen, expected))
+
+
 def test_state_dict_round_trip_without_a_trainer(dm, sources):
     other = make_dm(sources)
     other.load_state_dict({**dm.state_dict(), "batches_consumed": 3})

@@ -190,3 +190,14 @@ def test_datamodule_rejects_impossible_shuffle_device():
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="CUDA is not available"):
             ActivationDataModule("x", text_files=["x"], layer=0, shuffle_device="cuda")
+
+
+def test_reused_batch_buffers_give_the_same_batches_and_cycle(shards):
+    fresh = take(iter(stream(shards)), 50)  # crosses windows (carry batches) and an epoch
+    ring, ptrs = [], []
+    for batch in itertools.islice(iter(stream(shards, reuse_buffers=3)), 50):
+        ptrs.append(batch.data_ptr())
+        ring.append(batch.clone())  # a consumer done with each batch before the next ones
+    assert all(torch.equal(a, b) for a, b in zip(fresh, ring))
+    assert len(set(ptrs)) <= 3 + 10  # the ring's 3 buffers (+ the window-crossing batches, fresh)
+    assert ptrs.count(ptrs[0]) > 5

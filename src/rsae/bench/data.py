@@ -156,15 +156,16 @@ def replicate(files: list[Path], rows: list[int], copies: int, into: Path) -> tu
 
 
 def stream_gbps(files: list[Path], rows: list[int], d_in: int, itemsize: int, args, workers: int, cold: bool,
-                passes: int = 3) -> float:
+                passes: int = 3, reuse: int = 0) -> float:
     """Cache bytes per second consumed by the training stream (float32 batches out), best of
     `passes` passes over all rows. It is the loader `ActivationDataModule.train_dataloader()`
-    builds. Cold: page cache dropped and a new loader each pass (start-up included); warm: one
-    loader, after a first pass that brings every page into memory."""
+    builds (`reuse`: its ring of reused batch buffers under a trainer, num_workers=0). Cold: page
+    cache dropped and a new loader each pass (start-up included); warm: one loader, after a first
+    pass that brings every page into memory."""
     from rsae.data.stream import StreamLoader, TrainStream
 
     def new_loader():
-        stream = TrainStream(files, rows, batch_size=args.batch_size, seed=0)
+        stream = TrainStream(files, rows, batch_size=args.batch_size, seed=0, reuse_buffers=reuse)
         return iter(StreamLoader(stream, batch_size=None, num_workers=workers))
 
     n_batches = max(1, sum(rows) // args.batch_size)
@@ -197,12 +198,15 @@ def bench_stream(args, cache_dir: Path, scratch: Path) -> dict:
                             args.stream_copies, scratch / "replicas")
     out = {"rows": sum(rows), "bytes": sum(f.stat().st_size for f in files), "batch_size": args.batch_size,
            "shuffle_buffer": 65536}
-    for workers in args.num_workers:
+    from rsae.data.activations import REUSE_BUFFERS
+
+    variants = [(w, r) for w in args.num_workers for r in ((0, REUSE_BUFFERS) if w == 0 else (0,))]
+    for workers, reuse in variants:
         for cache in ("cold", "warm"):
             raw = raw_read_gbps(files, cold=cache == "cold")
-            gbps = stream_gbps(files, rows, manifest.d_in, itemsize, args, workers, cold=cache == "cold")
+            gbps = stream_gbps(files, rows, manifest.d_in, itemsize, args, workers, cold=cache == "cold", reuse=reuse)
             raw = max(raw, raw_read_gbps(files, cold=cache == "cold"))  # the machine may be shared
-            key = f"{cache}, num_workers={workers}"
+            key = f"{cache}, num_workers={workers}" + (f", {reuse} reused batch buffers" if reuse else "")
             out[key] = {"stream_GBps": round(gbps, 3), "raw_read_GBps": round(raw, 3), "ratio": round(gbps / raw, 3)}
             print(f"stream {key}: {out[key]}", flush=True)
     return out

@@ -6,6 +6,9 @@ Contract relied on by training and evaluation:
 * after `setup("fit")`: `d_in` (int), `norm_scale` (float: E||norm_scale * x|| = sqrt(d_in) over
   the training rows), `ground_truth = None` (real data has no known features).
 * `train_dataloader()`: endless deterministic stream of raw float32 `[batch_size, d_in]` batches.
+  Under a Lightning trainer with `num_workers=0` they are gathered into a ring of
+  `REUSE_BUFFERS` reused tensors (a batch stays valid for the next `REUSE_BUFFERS - 1` batches;
+  the training loop holds two); called directly, every batch is a fresh tensor.
 * `val_dataloader()`: the held-out split in fixed order (finite).
 * `state_dict()` / `load_state_dict()`: the stream position (batches the trainer consumed).
 * `eval_tokens()`: held-out token ids and keep-mask; `lm_kwargs`, `hook`, `layer`: how to load and
@@ -29,6 +32,7 @@ from rsae.data.harvest import build_request, harvest
 from rsae.data.hooks import HOOK_NAMES
 from rsae.data.stream import StreamLoader, TrainStream, ValStream
 
+REUSE_BUFFERS = 4  # training batches live in a ring of this many buffers (num_workers=0)
 _STREAM_KEYS = ("seed", "batch_size", "block_rows", "shuffle_buffer", "world_size", "num_workers")
 
 
@@ -169,7 +173,8 @@ class ActivationDataModule(L.LightningDataModule):
         stream = TrainStream(*self._split("train"), batch_size=self.batch_size, seed=self.seed,
                              block_rows=self.block_rows, shuffle_buffer=self.shuffle_buffer, rank=rank,
                              world_size=world, start_batch=self.position(),
-                             device="cuda" if self.shuffle_device == "cuda" else None)
+                             device="cuda" if self.shuffle_device == "cuda" else None,
+                             reuse_buffers=REUSE_BUFFERS if self.num_workers == 0 and self._trainer_or_none() else 0)
         loader = StreamLoader(stream, batch_size=None, num_workers=self.num_workers, pin_memory=self.pin_memory)
         loader.position_fn = self.position
         return loader

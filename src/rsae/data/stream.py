@@ -146,7 +146,7 @@ class TrainStream(IterableDataset):
 
     def __init__(self, files: Sequence[str | Path], rows: Sequence[int], batch_size: int, seed: int = 0,
                  block_rows: int = 1024, shuffle_buffer: int = 65536, rank: int = 0, world_size: int = 1,
-                 start_batch: int = 0, device: str | None = None):
+                 start_batch: int = 0, device: str | None = None, reuse_buffers: int = 0):
         if sum(rows) == 0:
             raise ValueError("the training split has no rows")
         if not 0 <= rank < world_size:
@@ -159,6 +159,14 @@ class TrainStream(IterableDataset):
         # copies each shuffle window to the current GPU once and gathers the batches there: no
         # per-batch host gather, allocation or host-to-device copy (same rows in the same order).
         self.device = device
+        # reuse_buffers = R > 0 (training process only): full batches are gathered into a ring of R
+        # preallocated tensors instead of fresh ones. A fresh 4096 x 2304 float32 batch costs its
+        # page faults on every allocation: 18.8 ms against 3.0 ms for the same gather into a
+        # reused buffer (one thread, 2-core VM). The consumer must be done with a batch R - 1
+        # batches later (a training loop holds two; pinning copies it at once); clone to keep one.
+        self.reuse_buffers = int(reuse_buffers)
+        self._ring: list[torch.Tensor] = []
+        self._ring_next = 0
         starts = [(s, lo, min(lo + self.block_rows, n)) for s, n in enumerate(self.shards.rows)
                   for lo in range(0, n, self.block_rows)]
         self.blocks = np.array(starts, dtype=np.int64).reshape(-1, 3)  # (shard, start, stop)
@@ -275,7 +283,18 @@ class TrainStream(IterableDataset):
         if self.device is not None:
             return torch.index_select(rows, 0, index.to(rows.device))
         with one_thread():
-            return torch.index_select(rows, 0, index, out=new_batch(len(index), rows.shape[1]))
+            return torch.index_select(rows, 0, index, out=self._out(len(index), rows.shape[1]))
+
+    def _out(self, n: int, d: int) -> torch.Tensor:
+        """Where a gather of n rows goes: the next ring buffer (full batches in the training
+        process, with reuse_buffers), else a fresh tensor."""
+        if self.reuse_buffers <= 0 or n != self.batch_size or get_worker_info() is not None:
+            return new_batch(n, d)
+        if not self._ring:
+            self._ring = [torch.empty(n, d, dtype=torch.float32) for _ in range(self.reuse_buffers)]
+        out = self._ring[self._ring_next]
+        self._ring_next = (self._ring_next + 1) % self.reuse_buffers
+        return out
 
 
 class ValStream(IterableDataset):

@@ -45,7 +45,7 @@ def collect_rows(dm, n_rows: int) -> torch.Tensor:
     """The first `n_rows` raw training activations of the stream (for calibration)."""
     rows, n = [], 0
     for batch in dm.train_dataloader():
-        rows.append(batch[: n_rows - n])
+        rows.append(batch[: n_rows - n].clone())  # the loader reuses its batch buffers
         n += rows[-1].shape[0]
         if n >= n_rows:
             break
