@@ -6,6 +6,7 @@
 #
 #   tests  pytest -m gpu of the fused rational kernel (every tile shape against float64)
 #   gate   the rational gate alone, forward + backward: fused kernel, reference, compiled reference
+#          (its training-step rows are single steps that include compilation: ignore them)
 #   steps  compiled training steps at 2304 x 65536 (ReLU, rational with and without the fused kernel)
 #   ddp    `python -m rsae.bench ddp` variants listed in DDP_VARIANTS ("name|bench args|ddp overrides;...")
 #   topo   how the GPUs are linked (nvidia-smi topo -m) and a measured NCCL all-reduce bandwidth
@@ -37,7 +38,7 @@ for stage in $STAGES; do
     for kern in ${KERNEL_MODES:-1 0}; do
       log "$stage (RSAE_RATIONAL_KERNEL=$kern)"
       TORCH_LOGS=${TORCH_LOGS_STEPS:-recompiles} RSAE_RATIONAL_KERNEL=$kern timeout 240 python3 -m rsae.bench train $ARGS --no-saelens \
-        --json "$OUT/${stage}_kernel$kern.json" > "$OUT/${stage}_kernel$kern.md" 2> "$OUT/${stage}_kernel$kern.err"
+        --json "$OUT/${stage}_kernel$kern.json" > "$OUT/${stage}_kernel$kern.out" 2> "$OUT/${stage}_kernel$kern.err"
       log "exit $?"; cat "$OUT/${stage}_kernel$kern.md"
     done ;;
   topo)
