@@ -174,7 +174,7 @@ class ActivationDataModule(L.LightningDataModule):
                              block_rows=self.block_rows, shuffle_buffer=self.shuffle_buffer, rank=rank,
                              world_size=world, start_batch=self.position(),
                              device="cuda" if self.shuffle_device == "cuda" else None,
-                             reuse_buffers=REUSE_BUFFERS if self.num_workers == 0 and self._trainer_or_none() else 0)
+                             reuse_buffers=REUSE_BUFFERS if self.num_workers == 0 and self._trainer_or_none() is not None else 0)
         loader = StreamLoader(stream, batch_size=None, num_workers=self.num_workers, pin_memory=self.pin_memory)
         loader.position_fn = self.position
         return loader
