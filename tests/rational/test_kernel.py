@@ -31,6 +31,9 @@ CASES = [  # (name, sharing, scale_mode, denominator, degrees, extra)
     ("no-input-grad", "latent", "latent", "B", (5, 4), {"h_grad": False}),
     ("frozen-gate", "group", "latent", "A", (5, 4), {"param_grad": False}),
     ("many-rows", "shared", "latent", "B", (5, 4), {"rows": 300, "d": 70}),
+    ("relu-mask-latent-B", "latent", "latent", "B", (5, 4), {"positive_only": True}),
+    ("relu-mask-group-A", "group", "scalar", "A", (5, 4), {"positive_only": True}),
+    ("relu-mask-no-input-grad", "shared", "latent", "B", (5, 4), {"positive_only": True, "h_grad": False}),
 ]
 TOL = 2e-4  # relative L2 error: float32 arithmetic against float64 lands near 1e-6
 # ... except where the problem itself is ill-conditioned in float32 (degree-9 polynomials at |t| up
@@ -67,6 +70,7 @@ def run_case(name: str, device: str, seed: int) -> dict:
     h.view(-1)[5:: 13] = 40.0 * torch.randn(h.view(-1)[5:: 13].shape, generator=gen, dtype=torch.float64)
     gy = torch.randn(shape, generator=gen, dtype=torch.float64)
     h_grad, param_grad = extra.get("h_grad", True), extra.get("param_grad", True)
+    positive_only = extra.get("positive_only", False)
 
     ref_gate = gate.double()
     names = ["h", "a", "b", "log_c_in", "log_c_out"]
@@ -74,7 +78,7 @@ def run_case(name: str, device: str, seed: int) -> dict:
     params = [ref_gate.a, ref_gate.b, ref_gate.log_c_in, ref_gate.log_c_out]
     for p in params:
         p.requires_grad_(param_grad)
-    y_ref = ref_gate(h64)
+    y_ref = ref_gate(h64, positive_only=positive_only)
     wrt = ([h64] if h_grad else []) + (params if param_grad else [])
     g_ref = torch.autograd.grad(y_ref, wrt, gy, allow_unused=True) if wrt else []
 
@@ -85,7 +89,8 @@ def run_case(name: str, device: str, seed: int) -> dict:
     for p in k_params:
         p.requires_grad_(param_grad)
     y = rational_gate_triton(h32, k_gate.a, k_gate.b, k_gate.c_in, k_gate.c_out, denominator=denominator,
-                             set_index=k_gate.set_index if sharing == "group" else None, t_max=t_max)
+                             set_index=k_gate.set_index if sharing == "group" else None, t_max=t_max,
+                             positive_only=positive_only)
     k_wrt = ([h32] if h_grad else []) + (k_params if param_grad else [])
     g_k = torch.autograd.grad(y, k_wrt, gy.float().to(device), allow_unused=True) if k_wrt else []
 
@@ -105,7 +110,7 @@ def run_case(name: str, device: str, seed: int) -> dict:
     r_gate = ref_gate.float()
     h_r = h.float().requires_grad_(h_grad)
     r_params = [r_gate.a, r_gate.b, r_gate.log_c_in, r_gate.log_c_out]
-    y_r = r_gate(h_r)
+    y_r = r_gate(h_r, positive_only=positive_only)
     r_wrt = ([h_r] if h_grad else []) + (r_params if param_grad else [])
     g_r = torch.autograd.grad(y_r, r_wrt, gy.float(), allow_unused=True) if r_wrt else []
     out["ref32_y"] = rel(y_r, y_ref)
@@ -152,6 +157,34 @@ def run_edge_cases(device: str, seed: int) -> dict:
     ye = rational_gate_triton(he, *args)
     ga = torch.autograd.grad(ye.sum(), gate.a, allow_unused=True)[0]
     out["empty_ok"] = tuple(ye.shape) == (0, 33) and (ga is None or float(ga.abs().sum()) == 0.0)
+    out.update(run_compiled_check(device, gen))
+    return out
+
+
+def run_compiled_check(device: str, gen: torch.Generator) -> dict:
+    """The operator inside torch.compile(fullgraph=True): one graph (a graph break would raise),
+    the same values and gradients as the eager call, for the plain and the ReLU-masked gate."""
+    from rsae.rational.kernel import rational_gate_triton
+
+    gate = make_gate("group", "latent", "B", (5, 4), 29, 8.0, gen).to(device)
+    h = (torch.randn(24, 29, generator=gen) * 3).to(device)
+    gy = torch.randn(h.shape, generator=gen).to(device)
+
+    def step(x, positive_only):
+        y = rational_gate_triton(torch.tanh(x) * 4, gate.a, gate.b, gate.c_in, gate.c_out, set_index=gate.set_index,
+                                 positive_only=positive_only)
+        return (y * gy).sum()
+
+    out = {}
+    for po in (False, True):
+        compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+        grads = []
+        for fn in (step, compiled):
+            x = h.clone().requires_grad_()
+            loss = fn(x, po)
+            grads.append([loss.detach()] + list(torch.autograd.grad(loss, [x, gate.a, gate.b, gate.log_c_in, gate.log_c_out])))
+        out[f"compiled_err_{po}"] = max(float((c - e).abs().max() / e.abs().max().clamp_min(1e-30))
+                                        for e, c in zip(*grads))
     return out
 
 
@@ -174,6 +207,7 @@ def check_edge(res: dict, seed: int) -> None:
     assert res["fp16_finite"] and res["fp16_err"] < 1e-3, (res, seed)
     assert res["nan_kept"] and res["inf_finite"] and res["special_err"] < 1e-4, (res, seed)
     assert res["empty_ok"], (res, seed)
+    assert res["compiled_err_False"] < 1e-5 and res["compiled_err_True"] < 1e-5, (res, seed)
 
 
 # --- CPU: Triton's interpreter in a subprocess ------------------------------------------------------
@@ -196,7 +230,8 @@ def test_kernel_matches_float64_reference_interpreted(interpreted, name):
     seed, results = interpreted
     res = results[name]
     check_case(res, name, seed)
-    assert res["grads"] == {"no-input-grad": 4, "frozen-gate": 1}.get(name, 5)
+    extra = next(c for c in CASES if c[0] == name)[-1]
+    assert res["grads"] == extra.get("h_grad", True) + 4 * extra.get("param_grad", True)
 
 
 def test_kernel_dtypes_and_special_values_interpreted(interpreted):

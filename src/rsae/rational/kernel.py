@@ -2,8 +2,9 @@
 
 `rational_gate_triton(h, a, b, c_in, c_out, denominator=..., set_index=..., t_max=...)` computes
 exactly what `RationalGate.forward` computes (the reference in `rsae.rational.gate` /
-`rsae.rational.function` is the oracle), as one autograd Function with a fused forward kernel and
-a fused backward kernel:
+`rsae.rational.function` is the oracle), as a differentiable torch.library operator
+(`rsae::rational_gate`, backward `rsae::rational_gate_backward`) around a fused forward kernel and a
+fused backward kernel, so that `torch.compile` keeps a training step in one graph around it:
 
 * arithmetic in float32 whatever the input dtype (bf16 / fp16 / fp32 in, same dtype out; float64
   is left to the reference), Horner's rule for P, Q and their derivatives;
@@ -15,9 +16,11 @@ a fused backward kernel:
 * the backward recomputes P, Q from h (nothing but h is saved) and writes dh plus per-program
   partial sums of the gradients of every coefficient and scale: a program walks its rows for a
   block of latents, accumulating each parameter's gradient elementwise in registers, reduces
-  over rows once at the end into one partial per latent, and the host sums the partials over
+  over rows once at the end into one partial per latent; torch ops then sum the partials over
   programs (and over latents for shared coefficients / scalar scales, over each group's latents
   for group sharing). No atomics anywhere, so the result is deterministic.
+* `positive_only=True` multiplies by the ReLU mask [h > 0] in the same pass (forward and
+  backward), which saves the mask's own passes over the [rows, d] tensors.
 * t = h / C_in is computed as h * (1 / C_in) (one division per latent, not per element): the
   values can differ from the reference in the last bit of t.
 * On CPU tensors `rational_gate_triton` needs Triton's interpreter (TRITON_INTERPRET=1 before
@@ -102,7 +105,7 @@ def _fwd_kernel(
     h_ptr, y_ptr, a_ptr, b_ptr, set_ptr, cin_ptr, cout_ptr,
     n_rows, n_cols, stride_a, stride_b, t_max, big,
     P_DEG: tl.constexpr, Q_DEG: tl.constexpr, DEN_A: tl.constexpr, COEF_MODE: tl.constexpr,
-    SCALE_PER_COL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    SCALE_PER_COL: tl.constexpr, POSITIVE_ONLY: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
@@ -155,6 +158,8 @@ def _fwd_kernel(
     y = c_out * r
     y = tl.where(y > big, big, y)
     y = tl.where(y < -big, -big, y)
+    if POSITIVE_ONLY:  # times the 0/1 mask [h > 0] (a product, so NaN stays NaN as in phi * mask)
+        y = y * tl.where(h > 0, 1.0, 0.0)
     tl.store(y_ptr + offs, y.to(y_ptr.dtype.element_ty), mask=mask)
 
 
@@ -173,8 +178,8 @@ def _bwd_kernel(
     h_ptr, g_ptr, dh_ptr, part_ptr, a_ptr, b_ptr, set_ptr, cin_ptr, cout_ptr,
     n_rows, n_cols, stride_a, stride_b, t_max, big, ROWS_PER_PROG,
     P_DEG: tl.constexpr, Q_DEG: tl.constexpr, DEN_A: tl.constexpr, COEF_MODE: tl.constexpr,
-    SCALE_PER_COL: tl.constexpr, NEED_DH: tl.constexpr, NEED_PARAMS: tl.constexpr, N_PAR: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    SCALE_PER_COL: tl.constexpr, POSITIVE_ONLY: tl.constexpr, NEED_DH: tl.constexpr, NEED_PARAMS: tl.constexpr,
+    N_PAR: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     # N_PAR = P_DEG + Q_DEG + 3 parameters. A program owns BLOCK_N latents and ROWS_PER_PROG rows, walked BLOCK_M rows at a time. The
     # gradient of each parameter (a_0..a_p, b_1..b_q, C_in, C_out) is accumulated elementwise in a
@@ -276,6 +281,8 @@ def _bwd_kernel(
             r = num
         y = c_out * r
         g = tl.where((y <= big) & (y >= -big), g, 0.0)  # the cast-back clamp passes no gradient
+        if POSITIVE_ONLY:  # the mask [h > 0] passes dL/dz where it is 1 and has no gradient itself
+            g = g * tl.where(h > 0, 1.0, 0.0)
         w = g * c_out * inv_den  # dL/dP
         gt = tl.where(inside, w * (dnum - r * dden), 0.0)  # dL/dt (zero where the clamp is active)
         if NEED_DH:
@@ -343,7 +350,7 @@ def _kernels(mode: str | tuple[int, int] = "autotune"):
     fwd, bwd = _jit()
     if mode != "autotune":
         return _Fixed(fwd, FWD_CONFIGS[mode[0]]), _Fixed(bwd, BWD_CONFIGS[mode[1]])
-    key = ["n_cols", "P_DEG", "Q_DEG", "DEN_A", "COEF_MODE", "SCALE_PER_COL"]
+    key = ["n_cols", "P_DEG", "Q_DEG", "DEN_A", "COEF_MODE", "SCALE_PER_COL", "POSITIVE_ONLY"]
     fwd = triton.autotune([triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w) for m, n, w in FWD_CONFIGS],
                           key=key)(fwd)
     bwd = triton.autotune([triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w) for m, n, w in BWD_CONFIGS],
@@ -369,7 +376,11 @@ def _check_device(h: Tensor) -> None:
                            "before triton is first imported")
 
 
-# --- autograd ---------------------------------------------------------------------------------------
+# --- the operators ------------------------------------------------------------------------------------
+# Two torch.library custom ops (forward, backward) tied together by `register_autograd`: torch.compile
+# sees them as single opaque operators with known output shapes (the fake implementations) and keeps
+# the whole training step in one graph around them, instead of breaking the graph at the kernel.
+# Both take h as a contiguous [rows, d] matrix; `rational_gate_triton` reshapes around them.
 
 
 def _rows_per_program(n_rows: int, d: int) -> int:
@@ -378,82 +389,112 @@ def _rows_per_program(n_rows: int, d: int) -> int:
     return max(ROW_QUANTUM, triton.cdiv(triton.cdiv(n_rows, progs), ROW_QUANTUM) * ROW_QUANTUM)
 
 
-class _RationalGate(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, h, a, b, c_in, c_out, set_index, denominator, t_max):
-        d = h.shape[-1]
-        h2 = h.reshape(-1, d)
-        if not h2.is_contiguous():
-            h2 = h2.contiguous()
-        n_rows = h2.shape[0]
-        y = torch.empty_like(h2)
-        coef_mode = 0 if a.shape[0] == 1 else (2 if set_index is not None else 1)
-        scale_per_col = c_in.numel() > 1
-        big = float(torch.finfo(h.dtype).max) if h.dtype != torch.float32 else float("inf")
-        fwd, _ = _kernels(_kernel_mode())
-        sets = set_index if set_index is not None else a  # any pointer when unused
-        if n_rows > 0 and d > 0:
-            grid = lambda meta: (triton.cdiv(d, meta["BLOCK_N"]), triton.cdiv(n_rows, meta["BLOCK_M"]))  # noqa: E731
-            fwd[grid](
-                h2, y, a, b, sets, c_in, c_out, n_rows, d, a.stride(0), b.stride(0), float(t_max), big,
-                P_DEG=a.shape[1] - 1, Q_DEG=b.shape[1], DEN_A=denominator == "A", COEF_MODE=coef_mode,
-                SCALE_PER_COL=scale_per_col,
-            )
-        ctx.save_for_backward(h2, a, b, c_in, c_out, set_index)
-        ctx.meta = (h.shape, denominator, float(t_max), coef_mode, scale_per_col, big)
-        return y.view(h.shape)
+def _big(dtype: torch.dtype) -> float:
+    """The clamp of the result before the cast back to h's dtype (none for float32)."""
+    return float(torch.finfo(dtype).max) if dtype != torch.float32 else float("inf")
 
-    @staticmethod
-    def backward(ctx, grad):
-        h2, a, b, c_in, c_out, set_index = ctx.saved_tensors
-        shape, denominator, t_max, coef_mode, scale_per_col, big = ctx.meta
-        need_h, need_a, need_b, need_cin, need_cout = ctx.needs_input_grad[:5]
-        need_params = need_a or need_b or need_cin or need_cout
-        n_rows, d = h2.shape
+
+def _coef_mode(a: Tensor, set_index: Tensor | None) -> int:
+    return 0 if a.shape[0] == 1 else (2 if set_index is not None else 1)
+
+
+@torch.library.custom_op("rsae::rational_gate", mutates_args=())
+def _gate_op(h: Tensor, a: Tensor, b: Tensor, c_in: Tensor, c_out: Tensor, set_index: Tensor | None,
+             denominator: str, t_max: float, positive_only: bool) -> Tensor:
+    n_rows, d = h.shape
+    y = torch.empty_like(h)
+    fwd, _ = _kernels(_kernel_mode())
+    if n_rows > 0 and d > 0:
+        grid = lambda meta: (triton.cdiv(d, meta["BLOCK_N"]), triton.cdiv(n_rows, meta["BLOCK_M"]))  # noqa: E731
+        fwd[grid](
+            h, y, a, b, set_index if set_index is not None else a, c_in, c_out, n_rows, d, a.stride(0), b.stride(0),
+            t_max, _big(h.dtype), P_DEG=a.shape[1] - 1, Q_DEG=b.shape[1], DEN_A=denominator == "A",
+            COEF_MODE=_coef_mode(a, set_index), SCALE_PER_COL=c_in.numel() > 1, POSITIVE_ONLY=positive_only,
+        )
+    return y
+
+
+@_gate_op.register_fake
+def _gate_op_fake(h, a, b, c_in, c_out, set_index, denominator, t_max, positive_only):
+    return torch.empty_like(h)
+
+
+@torch.library.custom_op("rsae::rational_gate_backward", mutates_args=())
+def _gate_backward_op(grad: Tensor, h: Tensor, a: Tensor, b: Tensor, c_in: Tensor, c_out: Tensor,
+                      set_index: Tensor | None, denominator: str, t_max: float, positive_only: bool,
+                      need_h: bool, need_params: bool) -> tuple[Tensor, Tensor]:
+    """(dL/dh or an empty tensor, per-latent gradient sums [p + q + 3, d] float32 or an empty tensor):
+    rows a_0..a_p, b_1..b_q (before sign(b) for denominator A), C_in, C_out."""
+    n_rows, d = h.shape
+    n_par = a.shape[1] + b.shape[1] + 2
+    rows_per_prog = _rows_per_program(n_rows, d)
+    n_row_progs = triton.cdiv(n_rows, rows_per_prog)
+    dh = torch.empty_like(h) if need_h else h.new_empty(0)
+    part = h.new_empty((n_row_progs, n_par, d), dtype=torch.float32) if need_params else h.new_empty(0)
+    _, bwd = _kernels(_kernel_mode())
+    if n_rows > 0 and d > 0 and (need_h or need_params):
+        grid = lambda meta: (triton.cdiv(d, meta["BLOCK_N"]), n_row_progs)  # noqa: E731
+        bwd[grid](
+            h, grad, dh if need_h else h, part if need_params else h, a, b, set_index if set_index is not None else a,
+            c_in, c_out, n_rows, d, a.stride(0), b.stride(0), t_max, _big(h.dtype),
+            ROWS_PER_PROG=rows_per_prog, P_DEG=a.shape[1] - 1, Q_DEG=b.shape[1], DEN_A=denominator == "A",
+            COEF_MODE=_coef_mode(a, set_index), SCALE_PER_COL=c_in.numel() > 1, POSITIVE_ONLY=positive_only,
+            NEED_DH=need_h, NEED_PARAMS=need_params, N_PAR=n_par,
+        )
+    if not need_params:
+        return dh, part
+    if n_rows == 0:
+        return dh, torch.zeros(n_par, d, dtype=torch.float32, device=h.device)
+    return dh, part.sum(0)
+
+
+@_gate_backward_op.register_fake
+def _gate_backward_op_fake(grad, h, a, b, c_in, c_out, set_index, denominator, t_max, positive_only, need_h, need_params):
+    dh = torch.empty_like(h) if need_h else h.new_empty(0)
+    n_par = a.shape[1] + b.shape[1] + 2
+    tot = h.new_empty((n_par, h.shape[1]), dtype=torch.float32) if need_params else h.new_empty(0)
+    return dh, tot
+
+
+def _setup_context(ctx, inputs, output):
+    h, a, b, c_in, c_out, set_index, denominator, t_max, positive_only = inputs
+    ctx.save_for_backward(h, a, b, c_in, c_out, set_index)
+    ctx.meta = (denominator, t_max, positive_only)
+
+
+def _backward(ctx, grad):
+    h, a, b, c_in, c_out, set_index = ctx.saved_tensors
+    denominator, t_max, positive_only = ctx.meta
+    need_h, need_a, need_b, need_cin, need_cout = ctx.needs_input_grad[:5]
+    need_params = need_a or need_b or need_cin or need_cout
+    dh, tot = _gate_backward_op(grad.contiguous(), h, a, b, c_in, c_out, set_index, denominator, t_max,
+                                positive_only, need_h, need_params)
+    ga = gb = gcin = gcout = None
+    if need_params:  # per-latent sums -> per coefficient set / scale ([n_par, d] values, not per element)
         p1, q = a.shape[1], b.shape[1]
-        n_par = p1 + q + 2
-        g2 = grad.reshape(-1, d)
-        if not g2.is_contiguous():
-            g2 = g2.contiguous()
-        rows_per_prog = _rows_per_program(n_rows, d)
-        n_row_progs = triton.cdiv(n_rows, rows_per_prog)
-        dh = torch.empty_like(h2) if need_h else h2  # any pointer when unused
-        part = h2.new_empty((n_row_progs, n_par, d), dtype=torch.float32) if need_params else h2
-        _, bwd = _kernels(_kernel_mode())
-        sets = set_index if set_index is not None else a
-        if n_rows > 0 and d > 0 and (need_h or need_params):
-            grid = lambda meta: (triton.cdiv(d, meta["BLOCK_N"]), n_row_progs)  # noqa: E731
-            bwd[grid](
-                h2, g2, dh, part, a, b, sets, c_in, c_out, n_rows, d, a.stride(0), b.stride(0), t_max, big,
-                ROWS_PER_PROG=rows_per_prog, P_DEG=p1 - 1, Q_DEG=q, DEN_A=denominator == "A", COEF_MODE=coef_mode,
-                SCALE_PER_COL=scale_per_col, NEED_DH=need_h, NEED_PARAMS=need_params, N_PAR=n_par,
-            )
-        ga = gb = gcin = gcout = None
-        if need_params:
-            if n_rows == 0:
-                tot = torch.zeros(n_par, d, dtype=torch.float32, device=h2.device)
-            else:
-                tot = part.sum(0)  # [n_par, d]: per-latent sums
-            per_latent = tot[: p1 + q].t()  # [d, p + 1 + q]
-            if coef_mode == 0:
-                per_set = per_latent.sum(0, keepdim=True)
-            elif coef_mode == 1:
-                per_set = per_latent
-            else:  # group: add up each set's latents (d x (p + q + 1) values, not per element)
-                per_set = per_latent.new_zeros(a.shape[0], p1 + q).index_add_(0, set_index.long(), per_latent)
-            ga = per_set[:, :p1].contiguous() if need_a else None
-            if need_b:
-                gb = per_set[:, p1:].contiguous()
-                if denominator == "A":
-                    gb = gb * torch.sign(b)
-            if need_cin:
-                gcin = tot[p1 + q] if scale_per_col else tot[p1 + q].sum().reshape(1)
-            if need_cout:
-                gcout = tot[p1 + q + 1] if scale_per_col else tot[p1 + q + 1].sum().reshape(1)
-        return (dh.view(shape) if need_h else None), ga, gb, gcin, gcout, None, None, None
+        per_latent = tot[: p1 + q].t()  # [d, p + 1 + q]
+        if a.shape[0] == 1:
+            per_set = per_latent.sum(0, keepdim=True)
+        elif set_index is None:
+            per_set = per_latent
+        else:  # group: add up each set's latents
+            per_set = per_latent.new_zeros(a.shape[0], p1 + q).index_add(0, set_index.long(), per_latent)
+        ga = per_set[:, :p1].contiguous() if need_a else None
+        if need_b:
+            gb = per_set[:, p1:].contiguous()
+            if denominator == "A":
+                gb = gb * torch.sign(b)
+        scale_per_col = c_in.numel() > 1
+        if need_cin:
+            gcin = tot[p1 + q] if scale_per_col else tot[p1 + q].sum().reshape(1)
+        if need_cout:
+            gcout = tot[p1 + q + 1] if scale_per_col else tot[p1 + q + 1].sum().reshape(1)
+    return (dh if need_h else None), ga, gb, gcin, gcout, None, None, None, None
 
 
-@torch.compiler.disable  # torch.compile runs around it (a graph break), not through it
+_gate_op.register_autograd(_backward, setup_context=_setup_context)
+
+
 def rational_gate_triton(
     h: Tensor,
     a: Tensor,
@@ -464,8 +505,10 @@ def rational_gate_triton(
     denominator: str = "B",
     set_index: Tensor | None = None,
     t_max: float = T_MAX,
+    positive_only: bool = False,
 ) -> Tensor:
-    """phi(h) = c_out * r(h / c_in) along the last dimension of h, fused (see the module docstring).
+    """phi(h) = c_out * r(h / c_in) along the last dimension of h, fused (see the module docstring);
+    with `positive_only`, phi(h) * [h > 0] (the ReLU-masked gate in the same pass).
 
     h: [..., d] in float32, bfloat16 or float16 (the result has h's dtype).
     a: [n_sets, p + 1] (or [p + 1]); b: [n_sets, q] (or [q]); n_sets = 1, or d without
@@ -505,4 +548,6 @@ def rational_gate_triton(
             b32 = b32.new_zeros((n_sets, 0))
         cin32 = c_in.to(torch.float32).clamp_min(torch.finfo(torch.float32).tiny).contiguous()
         cout32 = c_out.to(torch.float32).contiguous()
-        return _RationalGate.apply(h, a32, b32, cin32, cout32, set_index, denominator, float(t_max))
+        h2 = h.reshape(-1, d).contiguous()
+        y = _gate_op(h2, a32, b32, cin32, cout32, set_index, denominator, float(t_max), bool(positive_only))
+        return y.view(h.shape)

@@ -183,6 +183,8 @@ class RationalSAE(SAE):
         return (top & (h > 0)).to(h.dtype)
 
     def activation(self, h: Tensor) -> Tensor:
+        if self.gate == "relu":  # phi(h) * [h > 0] in one pass on the GPU
+            return self.rational_gate(h, positive_only=True)
         phi = self.rational_gate(h)
         mask = self.gate_mask(h)
         return phi if mask is None else phi * mask
