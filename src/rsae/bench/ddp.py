@@ -3,10 +3,13 @@
     python -m rsae.bench ddp --d 2304 --m 65536 --batch 4096 --steps 300 --gpus 2 --json out.json
 
 Writes a synthetic activation cache in rsae's format (no LM needed), then runs
-`train.py trainer=gpu` for `steps * gpus` steps and `train.py trainer=ddp trainer.devices=gpus`
-for `steps` steps at the same per-rank batch, so both see the same number of tokens. Reports
-tokens/s (timed by `StepTimer` on rank 0, times the number of ranks), the scaling factor,
-the final validation metrics of both, and which rows each rank read first (they must differ).
+`train.py trainer=ddp trainer.devices=gpus` for `steps` steps at `batch` rows per rank, and
+`train.py trainer=gpu` for the same `steps` at `gpus * batch` rows: the same tokens, the same
+number of optimizer steps and the same effective batch, so the two runs compute the same
+gradient mean and their metrics must agree within noise (data order aside). Reports tokens/s
+(timed by `StepTimer` on rank 0, times the number of ranks), the scaling factor (the 1-GPU run
+does the same work per step as all ranks together), the final validation metrics of both, and
+which rows each rank read first (they must differ).
 The cache is small enough that the DDP run passes the end of the data (an epoch boundary) and
 must not hang there.
 """
@@ -74,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--d", type=int, default=2304)
     p.add_argument("--m", type=int, default=65536)
     p.add_argument("--batch", type=int, default=4096, help="rows per rank per step")
-    p.add_argument("--steps", type=int, default=300, help="DDP steps (the 1-GPU run does steps * gpus)")
+    p.add_argument("--steps", type=int, default=300, help="optimizer steps of both runs")
     p.add_argument("--gpus", type=int, default=2)
     p.add_argument("--arch", default="relu")
     p.add_argument("--rows", type=int, default=1 << 20, help="training rows in the synthetic cache")
@@ -93,31 +96,31 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.device("cpu" if a.cpu else "cuda")
     cache = work / f"cache-d{a.d}"
     data = data_overrides(write_synthetic_cache(cache, a.d, a.rows, 16 * a.batch, device))
-    common = [f"sae={a.arch}", "data=activations", *data, f"data.batch_size={a.batch}", f"data.num_workers={a.workers}",
+    common = [f"sae={a.arch}", "data=activations", *data, f"data.num_workers={a.workers}",
               "sae.expansion_factor=null", f"sae.d_sae={a.m}", "logger=csv", "trainer.enable_progress_bar=false",
               "~callbacks.downstream_eval", "~callbacks.model_checkpoint", "trainer.limit_val_batches=8", *a.overrides]
     hw = ["trainer.accelerator=cpu", "trainer.precision=32-true"] if a.cpu else ["trainer.precision=bf16-mixed"]
-    single_steps = a.steps * a.gpus
+    skip = f"+callbacks.step_timer.skip={min(50, a.steps // 4)}"
     results = {
         "args": vars(a),
-        "single": run("single", [*common, "trainer=gpu" if not a.cpu else "trainer=cpu", *hw,
-                                 f"trainer.max_steps={single_steps}", f"trainer.val_check_interval={single_steps}",
-                                 f"+callbacks.step_timer.skip={min(50, single_steps // 4)}"], work, a.timeout, a.profile_steps),
-        "ddp": run("ddp", [*common, "trainer=ddp", f"trainer.devices={a.gpus}", *hw, f"trainer.max_steps={a.steps}",
-                           f"trainer.val_check_interval={a.steps}", f"+callbacks.step_timer.skip={min(50, a.steps // 4)}",
-                           *a.ddp_overrides],
+        "single": run("single", [*common, f"data.batch_size={a.batch * a.gpus}", "trainer=gpu" if not a.cpu else "trainer=cpu",
+                                 *hw, f"trainer.max_steps={a.steps}", f"trainer.val_check_interval={a.steps}", skip],
+                      work, a.timeout, a.profile_steps),
+        "ddp": run("ddp", [*common, f"data.batch_size={a.batch}", "trainer=ddp", f"trainer.devices={a.gpus}", *hw,
+                           f"trainer.max_steps={a.steps}",
+                           f"trainer.val_check_interval={a.steps}", skip, *a.ddp_overrides],
                    work, a.timeout, a.profile_steps),
     }
     s, d = results["single"], results["ddp"]
     lines = ["| run | GPUs | steps | rows/step | tokens/s | ms/step | val/mse | val/fvu | val/l0 |", "|---|---|---|---|---|---|---|---|---|"]
-    for r, n, steps in ((s, 1, single_steps), (d, a.gpus, a.steps)):
+    for r, n, steps in ((s, 1, a.steps), (d, a.gpus, a.steps)):
         if "error" in r or not r.get("timer"):
             lines.append(f"| {r['name']} | {n} | {steps} | | failed: {r.get('error', 'no timer')[-200:]!r} | | | | |")
             continue
         tps = r["timer"]["tokens_per_s"] * n
         r["tokens_per_s_total"] = tps
         m = r["metrics"]
-        lines.append(f"| {r['name']} | {n} | {steps} | {a.batch * n} | {tps:,.0f} | {r['timer']['ms']:.2f} | "
+        lines.append(f"| {r['name']} | {n} | {steps} | {a.batch * a.gpus} | {tps:,.0f} | {r['timer']['ms']:.2f} | "
                      f"{m.get('val/mse', float('nan')):.4g} | {m.get('val/fvu', float('nan')):.4f} | {m.get('val/l0', float('nan')):.2f} |")
     if "tokens_per_s_total" in s and "tokens_per_s_total" in d:
         results["scaling"] = d["tokens_per_s_total"] / s["tokens_per_s_total"]

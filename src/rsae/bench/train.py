@@ -97,6 +97,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--e2e-extra-workers", type=int, default=None,
                    help="also run the first --e2e architecture with this many data workers")
     p.add_argument("--e2e-rows", type=int, default=262144, help="training rows in the synthetic cache")
+    p.add_argument("--e2e-overrides", default="", help="extra train.py overrides for the end-to-end runs, space "
+                   "separated (e.g. 'data.shuffle_device=cuda' with --e2e-workers 0)")
     p.add_argument("--e2e-timeout", type=int, default=420)
     p.add_argument("--e2e-profile-steps", type=int, default=0,
                    help="profile this many steps before the timed window (host and GPU time by operation)")
@@ -626,7 +628,7 @@ def run_e2e(arch, d, m, batch, args, device, data_args: list[str], work: Path, w
         "+callbacks.step_timer._target_=rsae.bench.train.StepTimer", f"+callbacks.step_timer.out={timer}",
         f"+callbacks.step_timer.skip={min(args.e2e_skip, max(0, args.e2e_steps - 2))}",
         f"+callbacks.step_timer.profile_steps={args.e2e_profile_steps if args.e2e_skip >= args.e2e_profile_steps + 8 else 0}",
-        f"hydra.run.dir={run_dir}", f"seed={args.seed}",
+        f"hydra.run.dir={run_dir}", f"seed={args.seed}", *args.e2e_overrides.split(),
     ]
     if arch in ("topk", "batchtopk"):
         overrides.append(f"sae.k={args.k}")
