@@ -8,6 +8,8 @@
 #   gate   the rational gate alone, forward + backward: fused kernel, reference, compiled reference
 #          (its training-step rows are single steps that include compilation: ignore them)
 #   steps  compiled training steps at 2304 x 65536 (ReLU, rational with and without the fused kernel)
+#   train  one `python -m rsae.bench train $TRAIN_ARGS` run (raw steps, SAELens, end to end, targets),
+#          cut at TRAIN_TIMEOUT seconds (default 420; pass --time-budget below it to keep the tables)
 #   ddp    `python -m rsae.bench ddp` variants listed in DDP_VARIANTS ("name|bench args|ddp overrides;...")
 #   topo   how the GPUs are linked (nvidia-smi topo -m) and a measured NCCL all-reduce bandwidth
 set -uo pipefail
@@ -23,6 +25,11 @@ STAGES=${STAGES:-"tests gate steps"}
 log "install"
 python3 -m pip install -q --no-index --find-links .gpu-wheels hydra-core omegaconf wandb datasets \
   && python3 -m pip install -q --no-deps --no-build-isolation -e . || { log "install failed"; exit 1; }
+if [[ " $STAGES " == *" train "* ]] && ls .gpu-wheels/sae_lens-*.whl >/dev/null 2>&1; then  # SAELens beside rsae
+  python3 -m pip install -q --no-deps --no-index --find-links .gpu-wheels sae-lens transformer-lens babe nltk plotly \
+    plotly-express python-dotenv simple-parsing tenacity beartype better-abc fancy-einsum transformers-stream-generator \
+    typeguard docstring-parser || log "SAELens install failed: the benchmark runs without it"
+fi
 nvidia-smi --query-gpu=name,driver_version,clocks.max.sm --format=csv,noheader
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, 'gpus', torch.cuda.device_count())"
 
@@ -41,6 +48,11 @@ for stage in $STAGES; do
         --json "$OUT/${stage}_kernel$kern.json" > "$OUT/${stage}_kernel$kern.out" 2> "$OUT/${stage}_kernel$kern.err"
       log "exit $?"; cat "$OUT/${stage}_kernel$kern.md"
     done ;;
+  train)
+    log "train: $TRAIN_ARGS"
+    timeout ${TRAIN_TIMEOUT:-420} python3 -m rsae.bench train $TRAIN_ARGS --work-dir /tmp/rsae-train --json "$OUT/train.json" \
+      > "$OUT/train.out" 2> "$OUT/train.err"
+    log "exit $?"; cat "$OUT/train.md"; tail -n 5 "$OUT/train.err" ;;
   topo)
     log "topology"
     nvidia-smi topo -m
