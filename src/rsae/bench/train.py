@@ -14,10 +14,6 @@ train.py on a cached activation stream, and a quality check of the fast path.
                decoding, sync-free bookkeeping, fused Triton rational gate);
      compiled  fast + `SAEModule(compile=True)` (torch.compile of the step and the decoder norm);
      compiled+cg  compiled with `compile_mode=reduce-overhead` (the step replayed as CUDA graphs);
-     compiled+base  compiled, plus two edits of rsae.sae.base proposed for the architectures that
-               use its encoder and firing tracker (ReLU, rational): `pre_acts` through
-               `fast.linear_encoder`, `_track_firing` through `fast.mark_fired` (applied in this
-               process only; TopK, BatchTopK and JumpReLU have them already, so it is skipped there).
    Reported: ms/step (median of --repeats timed runs of --steps steps, CUDA events), tokens/s,
    TFLOP/s and % of the roofline, counting 12 d m FLOP per token for every architecture (the
    dense step's arithmetic) at --peak-tflops, peak device memory, and the host synchronisations
@@ -62,8 +58,7 @@ import lightning as L
 
 ARCHS = ("relu", "jumprelu", "topk", "batchtopk", "rational")
 SAELENS_ARCHS = {"relu": "standard", "jumprelu": "jumprelu", "topk": "topk"}
-VARIANTS = ("plain", "fast", "compiled", "fast+base", "compiled+base", "compiled+cg")
-PROPOSED = "+base"  # variants measuring the base.py edits proposed for ReLU / rational (not in train.py)
+VARIANTS = ("plain", "fast", "compiled", "compiled+cg")
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -73,8 +68,6 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--shapes", default="768x24576,2304x65536", help="comma list of d_in x d_sae")
     p.add_argument("--batch", default="4096", help="comma list of batch sizes (tokens per step)")
     p.add_argument("--variants", default="plain,fast,compiled", help="comma list of " + ",".join(VARIANTS))
-    p.add_argument("--base-archs", default="relu,rational",
-                   help="architectures measured with the +base variants (those using rsae.sae.base's encoder)")
     p.add_argument("--cg-archs", default="relu,topk,rational",
                    help="architectures measured with compiled+cg (CUDA graphs; at the smallest shape only)")
     p.add_argument("--k", type=int, default=32, help="k of TopK / BatchTopK")
@@ -268,43 +261,8 @@ def variant_context(variant: str):
     if variant == "plain":
         with fast.disabled(), kernel_disabled():
             yield
-    elif variant.endswith(PROPOSED):
-        with proposed_base_edits():
-            yield
     else:
         yield
-
-
-def uses_base_encoder(arch: str) -> bool:
-    from rsae.sae.base import SAE
-
-    cls = type(build_sae(arch, 2, 4, 1))
-    return cls.pre_acts is SAE.pre_acts or cls._track_firing is SAE._track_firing
-
-
-@contextlib.contextmanager
-def proposed_base_edits():
-    """SAE.pre_acts through fast.linear_encoder and SAE._track_firing through fast.mark_fired, in
-    this process only: what the proposed rsae.sae.base edits would give ReLU and the rational SAE."""
-    from rsae.sae import fast
-    from rsae.sae.base import SAE
-
-    saved = SAE.pre_acts, SAE._track_firing
-
-    def pre_acts(self, x):
-        if fast.enabled():
-            return fast.linear_encoder(x, self.W_enc, self.b_enc, self.b_dec)
-        return saved[0](self, x)
-
-    @torch.no_grad()
-    def _track_firing(self, z):
-        fast.mark_fired(self.tokens_since_fired, (z != 0).any(dim=0), z.shape[0])
-
-    SAE.pre_acts, SAE._track_firing = pre_acts, _track_firing
-    try:
-        yield
-    finally:
-        SAE.pre_acts, SAE._track_firing = saved
 
 
 def autocast(device: torch.device, dtype: str):
@@ -769,13 +727,12 @@ def markdown(results: dict, args) -> str:
     return "\n".join(lines)
 
 
-def find(results, kind, arch, d, m, batch, variant=None, proposed=False):
-    """The fastest matching run (variants with the proposed base.py edits only when `proposed`)."""
+def find(results, kind, arch, d, m, batch, variant=None):
+    """The fastest matching run."""
     best = None
     for r in results["runs"]:
         if r["kind"] == kind and r.get("arch") == arch and r.get("d") == d and r.get("m") == m and r.get("batch") == batch \
-                and "ms" in r and (variant is None or r.get("variant") == variant) \
-                and (proposed or variant is not None or not str(r.get("variant", "")).endswith(PROPOSED)):
+                and "ms" in r and (variant is None or r.get("variant") == variant):
             if best is None or r["ms"] < best["ms"]:
                 best = r
     return best
@@ -793,10 +750,6 @@ def targets(results, args) -> list[str]:
             ratio = rat["ms"] / relu["ms"]
             out.append(f"rational / ReLU step ({tag}, best variants {rat['variant']} / {relu['variant']}): {ratio:.2f}x "
                        f"(target <= 1.15x: {'met' if ratio <= 1.15 else 'NOT met'})")
-        relu_p, rat_p = find(results, "rsae", "relu", d, m, b, proposed=True), find(results, "rsae", "rational", d, m, b, proposed=True)
-        if relu_p and rat_p and (relu_p is not relu or rat_p is not rat):
-            out.append(f"with the proposed base.py edits ({tag}): ReLU {relu_p['ms']:.2f} ms ({relu_p['variant']}), rational "
-                       f"{rat_p['ms']:.2f} ms ({rat_p['variant']}), ratio {rat_p['ms'] / relu_p['ms']:.2f}x")
         if relu and topk:
             ratio = topk["ms"] / relu["ms"]
             out.append(f"TopK / ReLU step ({tag}): {ratio:.2f}x (target <= 1: {'met' if ratio <= 1.0 else 'NOT met'})")
@@ -903,8 +856,7 @@ def main(argv: list[str] | None = None) -> int:
     # variants and remaining baselines, the gate alone.
     by_size = sorted(shapes, key=lambda s: -s[0] * s[1])
 
-    pairs = [(a, v) for a in archs for v in variants
-             if not (v.endswith(PROPOSED) and (not uses_base_encoder(a) or a not in csv(args.base_archs)))]
+    pairs = [(a, v) for a in archs for v in variants]
     # First pass: what the targets compare (plain baselines of ReLU / rational / TopK, the compiled
     # steps, SAELens); the eager fast variants and the other plain baselines come last.
     first = [(a, v) for a, v in pairs if v != "fast" and not (v == "plain" and a in ("jumprelu", "batchtopk"))]

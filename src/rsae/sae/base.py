@@ -4,6 +4,9 @@ Pure torch (no Lightning/Hydra/W&B). Each architecture subclasses `SAE` and supp
 (`activation`) and its extra loss terms (`aux_losses`). All inputs are in *normalised* units:
 the training module multiplies raw activations by `act_scale` (E||x|| = sqrt(d_in)) and the
 export folds that factor back into the weights so the saved SAE works on raw activations.
+
+Training, unless `rsae.sae.fast.disabled()`: the encoder GEMM runs without the input-gradient GEMM
+that b_dec would otherwise cost, and the dead-latent counter updates without a host sync.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from torch import Tensor, nn
 
 
 from rsae.errors import ConfigError, require  # noqa: F401  (re-exported for the architectures)
+from rsae.sae import fast
 
 
 def resolve_d_sae(d_in: int, d_sae: int | None, expansion_factor: int | None) -> int:
@@ -77,6 +81,8 @@ class SAE(nn.Module):
 
     # --- the skeleton -------------------------------------------------------------------------
     def pre_acts(self, x: Tensor) -> Tensor:
+        if fast.enabled():  # the same h, without the input-gradient GEMM (see rsae.sae.fast)
+            return fast.linear_encoder(x, self.W_enc, self.b_enc, self.b_dec)
         return (x - self.b_dec) @ self.W_enc + self.b_enc
 
     def activation(self, h: Tensor) -> Tensor:  # the gate phi
@@ -111,6 +117,9 @@ class SAE(nn.Module):
     @torch.no_grad()
     def _track_firing(self, z: Tensor) -> None:
         fired = (z != 0).any(dim=0)
+        if fast.enabled():  # no boolean-mask assignment: the host does not wait for the GPU
+            fast.mark_fired(self.tokens_since_fired, fired, z.shape[0])
+            return
         self.tokens_since_fired += z.shape[0]
         self.tokens_since_fired[fired] = 0
 

@@ -119,17 +119,8 @@ class JumpReLUSAE(SAE):
     def threshold(self) -> Tensor:
         return self.log_threshold.exp()
 
-    def pre_acts(self, x: Tensor) -> Tensor:
-        if fast.enabled():
-            return fast.linear_encoder(x, self.W_enc, self.b_enc, self.b_dec)
-        return super().pre_acts(x)
-
     def activation(self, h: Tensor) -> Tensor:
         return _JumpReLU.apply(h, self.threshold.to(h.dtype), self.bandwidth)
-
-    @torch.no_grad()
-    def _track_firing(self, z: Tensor) -> None:
-        fast.mark_fired(self.tokens_since_fired, (z != 0).any(dim=0), z.shape[0])
 
     def aux_losses(self, x: Tensor, out: SAEOutput, step: int) -> dict[str, Tensor]:
         coef = self.l0_coefficient * linear_warmup(step, self.l0_warmup_steps)

@@ -53,11 +53,6 @@ class TopKSAE(SAE):
         self.k_aux = k_aux if k_aux is not None else min(d_sae, max(1, d_in // 2))
         self._dead_flag = fast.AsyncFlag()
 
-    def pre_acts(self, x: Tensor) -> Tensor:
-        if fast.enabled():
-            return fast.linear_encoder(x, self.W_enc, self.b_enc, self.b_dec)
-        return super().pre_acts(x)
-
     def activation(self, h: Tensor) -> Tensor:
         return topk_relu(h, self.k)
 
@@ -105,10 +100,6 @@ class TopKSAE(SAE):
     def _record_dead(self) -> None:
         if self.tokens_since_fired.is_cuda:
             self._dead_flag.record(self.dead_mask().any(), fast.tensor_version(self.tokens_since_fired))
-
-    @torch.no_grad()
-    def _track_firing(self, z: Tensor) -> None:
-        fast.mark_fired(self.tokens_since_fired, (z != 0).any(dim=0), z.shape[0])
 
     # --- AuxK ---------------------------------------------------------------------------------------
     def aux_losses(self, x: Tensor, out: SAEOutput, step: int) -> dict[str, Tensor]:
