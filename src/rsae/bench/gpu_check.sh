@@ -37,7 +37,7 @@ for stage in $STAGES; do
   case $stage in
   tests)
     log "tests"
-    timeout ${TESTS_TIMEOUT:-240} python3 -m pytest -q -m gpu -p no:cacheprovider tests/rational/test_kernel.py > "$OUT/pytest_gpu.log" 2>&1
+    timeout ${TESTS_TIMEOUT:-240} python3 -m pytest -q -m gpu -p no:cacheprovider ${TEST_FILES:-tests/rational/test_kernel.py} > "$OUT/pytest_gpu.log" 2>&1
     log "pytest exit $? ($(tail -1 "$OUT/pytest_gpu.log"))" ;;
   gate|steps)
     [ "$stage" = gate ] && ARGS="--arch rational --shapes 2304x65536,768x24576 --variants compiled --steps 1 --warmup 1 --repeats 1" \

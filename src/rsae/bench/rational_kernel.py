@@ -83,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
     worst = 0
     with tempfile.TemporaryDirectory() as workdir:
         for p, q, den_a, mode, per_col in cases:
-            base = dict(P_DEG=p, Q_DEG=q, DEN_A=den_a, COEF_MODE=mode, SCALE_PER_COL=per_col)
+            base = dict(P_DEG=p, Q_DEG=q, DEN_A=den_a, COEF_MODE=mode, SCALE_PER_COL=per_col, POSITIVE_ONLY=per_col)
             jobs = [("forward", fwd, base, cfg) for cfg in K.FWD_CONFIGS]
             bwd_consts = {**base, "NEED_DH": True, "NEED_PARAMS": True, "N_PAR": p + q + 3}
             jobs += [("backward", bwd, bwd_consts, cfg) for cfg in K.BWD_CONFIGS]

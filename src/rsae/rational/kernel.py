@@ -61,8 +61,8 @@ SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # of one or two latents in each thread (latents across the threads), so that its p + q + 3
 # gradient accumulators stay in registers; `python -m rsae.bench rational_kernel` shows every shape
 # is free of register spills on sm_90 up to degrees (9, 8).
-FWD_CONFIGS = ((16, 128, 4), (32, 128, 8), (8, 256, 4), (32, 64, 4))
-BWD_CONFIGS = ((4, 128, 4), (4, 256, 8), (2, 256, 4), (4, 64, 2))
+FWD_CONFIGS = ((16, 128, 4), (32, 128, 8), (8, 256, 4), (32, 64, 4), (32, 256, 8), (64, 128, 8), (16, 256, 4))
+BWD_CONFIGS = ((4, 128, 4), (4, 256, 8), (2, 256, 4), (4, 64, 2), (8, 128, 4), (8, 256, 8), (8, 64, 2))
 ROW_QUANTUM = 8  # rows per backward program are a multiple of this
 TARGET_PROGRAMS = 2048  # backward programs to aim at (several waves of several per multiprocessor)
 
