@@ -276,12 +276,13 @@ def test_kernel_matches_float64_reference_cuda(name, monkeypatch):
 
 @pytest.mark.gpu
 @gpu
-@pytest.mark.parametrize("config", range(4))
-@pytest.mark.parametrize("name", ["group-latent-A", "deg9_8-latent-B", "many-rows"])
+@pytest.mark.parametrize("config", range(7))  # every entry of FWD_CONFIGS / BWD_CONFIGS (7 each)
+@pytest.mark.parametrize("name", ["group-latent-A", "deg9_8-latent-B", "many-rows", "relu-mask-latent-B"])
 def test_every_tile_shape_matches_reference_cuda(name, config, monkeypatch):
     from rsae.rational.kernel import BWD_CONFIGS, FWD_CONFIGS
 
     pytest.importorskip("triton")
+    assert len(FWD_CONFIGS) == len(BWD_CONFIGS) == 7, "update the parametrisation to cover every tile shape"
     monkeypatch.setenv("RSAE_KERNEL_CONFIG", f"{config % len(FWD_CONFIGS)},{config % len(BWD_CONFIGS)}")
     seed = int.from_bytes(os.urandom(4), "little")
     check_case(run_case(name, "cuda", seed), name, seed)
