@@ -124,16 +124,33 @@ class _WindowLoader:
         self.staging = np.empty((block_rows, d), dtype=np.uint16)
         self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rsae-window")
         self.turn = 0
+        self.copies: list = [None, None]  # per buffer: a CUDA event marking the end of its copy to the GPU
 
     def submit(self, pieces: np.ndarray, n_rows: int) -> Future:
-        buffer = self.buffers[self.turn]
+        """A future of (rows, buffer number): the window read into the next buffer."""
+        index = self.turn
+        buffer = self.buffers[index]
         self.turn ^= 1
 
-        def load() -> torch.Tensor:
+        def load() -> tuple[torch.Tensor, int]:
+            if self.copies[index] is not None:  # the GPU must have read this buffer before it is refilled
+                self.copies[index].synchronize()
             self.shards.load(pieces, buffer, self.staging)
-            return torch.from_numpy(buffer[:n_rows])
+            return torch.from_numpy(buffer[:n_rows]), index
 
         return self.pool.submit(load)
+
+    def to_device(self, rows: torch.Tensor, index: int, device: torch.device) -> torch.Tensor:
+        """Copy a window (in pinned buffer `index`) to the GPU without making the host wait: the
+        copy is queued behind the GPU's work, and the loader thread waits for its event before it
+        refills that buffer (a blocking copy would drain the GPU's queue once per window)."""
+        if device.type != "cuda":
+            return rows.to(device)
+        out = rows.to(device, non_blocking=True)
+        event = torch.cuda.Event()
+        event.record()
+        self.copies[index] = event
+        return out
 
     def close(self) -> None:
         if not sys.is_finalizing():  # at interpreter exit the thread is gone already
@@ -241,9 +258,9 @@ class TrainStream(IterableDataset):
             carry: torch.Tensor | None = None
             while True:
                 epoch, index, window, offset = current
-                rows = pending.result()
+                rows, buffer = pending.result()
                 if device is not None:  # the whole window to the device (before its buffer is reused)
-                    rows = rows.to(device)
+                    rows = loader.to_device(rows, buffer, device)
                 current = next(windows)  # read the next window while this one is served
                 pending = loader.submit(self.blocks[current[2]], int(self.block_sizes[current[2]].sum()))
                 order = self._window_permutation(slot, n_slots, epoch, index, len(rows))[offset:]
@@ -281,7 +298,13 @@ class TrainStream(IterableDataset):
         index_select where the window is (a fresh tensor from that device's allocator)."""
         index = torch.from_numpy(np.sort(positions))
         if self.device is not None:
-            return torch.index_select(rows, 0, index.to(rows.device))
+            # From pinned memory, asynchronously: a copy from pageable memory would wait for all
+            # the GPU work queued before it (a full drain of the pipeline every batch).
+            if rows.is_cuda:
+                index = index.pin_memory().to(rows.device, non_blocking=True)
+            else:
+                index = index.to(rows.device)
+            return torch.index_select(rows, 0, index)
         with one_thread():
             return torch.index_select(rows, 0, index, out=self._out(len(index), rows.shape[1]))
 
