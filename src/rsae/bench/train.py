@@ -95,6 +95,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--e2e-timeout", type=int, default=420)
     p.add_argument("--e2e-profile-steps", type=int, default=0,
                    help="profile this many steps before the timed window (host and GPU time by operation)")
+    p.add_argument("--e2e-sync-steps", type=int, default=3,
+                   help="count host synchronisations (and where they happen) over this many steps before the timed window")
     p.add_argument("--quality", default="", help="architectures for the quality check")
     p.add_argument("--quality-shape", default=None, help="default: the smallest of --shapes")
     p.add_argument("--quality-steps", type=int, default=200)
@@ -502,10 +504,16 @@ class StepTimer(L.Callback):
     """Wall time of the training steps after the first `skip` (synchronised at both ends), written
     as JSON to `out` when training ends. With `profile_steps`, torch.profiler also records that
     many steps just before the timed window (host and GPU time by operation, GPU-busy ms per step)
-    into `<out stem>_profile.txt`."""
+    into `<out stem>_profile.txt`. With `sync_steps`, the host synchronisations of that many steps
+    just before the timed window are counted (torch.cuda.set_sync_debug_mode) with the source
+    lines that caused them: a sync every step stops the host from running ahead of the GPU."""
 
-    def __init__(self, out: str, skip: int = 50, profile_steps: int = 0) -> None:
+    def __init__(self, out: str, skip: int = 50, profile_steps: int = 0, sync_steps: int = 0) -> None:
         self.out, self.skip, self.profile_steps = Path(out), int(skip), int(profile_steps)
+        self.sync_steps = int(sync_steps)
+        self._sync_start = max(1, self.skip - self.sync_steps - 1)
+        self._sync_catch = None
+        self.syncs: dict | None = None
         self.t0: float | None = None
         self.step0 = 0
         self.batch_size = None
@@ -518,6 +526,15 @@ class StepTimer(L.Callback):
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         step = trainer.global_step
+        if self.sync_steps and self.syncs is None and self._sync_catch is None and step == self._sync_start \
+                and pl_module.device.type == "cuda":
+            import warnings
+
+            self._sync(pl_module)
+            self._sync_catch = warnings.catch_warnings(record=True)
+            self._sync_records = self._sync_catch.__enter__()
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode(1)
         if self.profile_steps and self._prof is None and step == self._prof_start:
             from torch.profiler import ProfilerActivity, profile
 
@@ -531,6 +548,16 @@ class StepTimer(L.Callback):
             self.batch_size = int(batch.shape[0])
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if self._sync_catch is not None and trainer.global_step == self._sync_start + self.sync_steps:
+            torch.cuda.set_sync_debug_mode(0)
+            self._sync_catch.__exit__(None, None, None)
+            self._sync_catch = None
+            found = [r for r in self._sync_records if "synchroniz" in str(r.message)]
+            sites: dict[str, int] = {}
+            for r in found:
+                key = f"{r.filename}:{r.lineno}"
+                sites[key] = sites.get(key, 0) + 1
+            self.syncs = {"steps": self.sync_steps, "per_step": len(found) / self.sync_steps, "sites": sites}
         if self._prof is not None and trainer.global_step == self._prof_start + self.profile_steps:
             self._sync(pl_module)
             self._prof.stop()
@@ -563,6 +590,7 @@ class StepTimer(L.Callback):
             "steps": steps, "seconds": seconds, "ms": 1e3 * seconds / max(1, steps), "batch": self.batch_size,
             "tokens_per_s": steps * (self.batch_size or 0) / max(seconds, 1e-9),
             "peak_gib": torch.cuda.max_memory_allocated(pl_module.device) / 2**30 if pl_module.device.type == "cuda" else None,
+            "host_syncs": self.syncs,
         }))
 
 
@@ -586,6 +614,7 @@ def run_e2e(arch, d, m, batch, args, device, data_args: list[str], work: Path, w
         "+callbacks.step_timer._target_=rsae.bench.train.StepTimer", f"+callbacks.step_timer.out={timer}",
         f"+callbacks.step_timer.skip={min(args.e2e_skip, max(0, args.e2e_steps - 2))}",
         f"+callbacks.step_timer.profile_steps={args.e2e_profile_steps if args.e2e_skip >= args.e2e_profile_steps + 8 else 0}",
+        f"+callbacks.step_timer.sync_steps={args.e2e_sync_steps if args.e2e_skip >= args.e2e_sync_steps + 2 else 0}",
         f"hydra.run.dir={run_dir}", f"seed={args.seed}", *args.e2e_overrides.split(),
     ]
     if arch in ("topk", "batchtopk"):
@@ -697,18 +726,18 @@ def markdown(results: dict, args) -> str:
     e2e = [r for r in results["runs"] if r["kind"] == "e2e"]
     if e2e:
         lines += ["", "### End to end: train.py on a cached activation stream", "",
-                  "| arch | d x m | batch | module | data workers | ms/step | tokens/s | % roofline | raw step ms (same variant) | e2e / raw | vs SAELens step |",
-                  "|---|---|---|---|---|---|---|---|---|---|---|"]
+                  "| arch | d x m | batch | module | data workers | ms/step | tokens/s | % roofline | raw step ms (same variant) | e2e / raw | vs SAELens step | host syncs/step |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for r in e2e:
             if "ms" not in r:
-                lines.append(f"| {r['arch']} | {r.get('d')}x{r.get('m')} | {r.get('batch')} | {r.get('variant', '-')} | {r.get('num_workers', '-')} | failed (see JSON) | | | | | |")
+                lines.append(f"| {r['arch']} | {r.get('d')}x{r.get('m')} | {r.get('batch')} | {r.get('variant', '-')} | {r.get('num_workers', '-')} | failed (see JSON) | | | | | | |")
                 continue
             raw = find(results, "rsae", r["arch"], r["d"], r["m"], r["batch"], r["variant"])
             sl = find(results, "saelens", r["arch"], r["d"], r["m"], r["batch"])
             roof = flops_per_step(r["d"], r["m"], r["batch"]) / (args.peak_tflops * 1e12) * 1e3 / r["ms"] * 100
             lines.append(f"| {r['arch']} | {r['d']}x{r['m']} | {r['batch']} | {r['variant']} | {r['num_workers']} | {r['ms']:.2f} | {r['tokens_per_s']:,.0f} | "
                          f"{roof:.0f}% | {fmt(raw and raw['ms'])} | {fmt(raw and raw['ms'] / r['ms'] * 100, 0)}% | "
-                         f"{fmt(sl and sl['ms'] / r['ms'], 2)}x |")
+                         f"{fmt(sl and sl['ms'] / r['ms'], 2)}x | {fmt((r.get('host_syncs') or {}).get('per_step'), 1)} |")
     qual = [r for r in results["runs"] if r["kind"] == "quality" and "fast" in r]
     if qual:
         lines += ["", "### Quality: fast path vs plain path after the same tokens (held-out synthetic data)", "",
