@@ -501,8 +501,8 @@ def bench_gate(m: int, batch: int, args, device) -> dict:
 
 
 class StepTimer(L.Callback):
-    """Wall time of the training steps after the first `skip` (synchronised at both ends), written
-    as JSON to `out` when training ends. With `profile_steps`, torch.profiler also records that
+    """Wall time of the training steps after the first `skip` (synchronised at both ends; validation
+    runs inside that window are left out), written as JSON to `out` when training ends. With `profile_steps`, torch.profiler also records that
     many steps just before the timed window (host and GPU time by operation, GPU-busy ms per step)
     into `<out stem>_profile.txt`. With `sync_steps`, the host synchronisations of that many steps
     just before the timed window are counted (torch.cuda.set_sync_debug_mode) with the source
@@ -514,6 +514,8 @@ class StepTimer(L.Callback):
         self._sync_start = max(1, self.skip - self.sync_steps - 1)
         self._sync_catch = None
         self.syncs: dict | None = None
+        self.paused = 0.0  # seconds of validation inside the timed window (not training: excluded)
+        self._val_t0: float | None = None
         self.t0: float | None = None
         self.step0 = 0
         self.batch_size = None
@@ -561,8 +563,20 @@ class StepTimer(L.Callback):
         if self._prof is not None and trainer.global_step == self._prof_start + self.profile_steps:
             self._sync(pl_module)
             self._prof.stop()
-            self._write_profile(self._prof)
+            if trainer.global_rank == 0:
+                self._write_profile(self._prof)
             self._prof = False  # done
+
+    def on_validation_start(self, trainer, pl_module) -> None:
+        if self.t0 is not None:
+            self._sync(pl_module)
+            self._val_t0 = time.perf_counter()
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        if self._val_t0 is not None:
+            self._sync(pl_module)
+            self.paused += time.perf_counter() - self._val_t0
+            self._val_t0 = None
 
     def _write_profile(self, prof) -> None:
         from torch.autograd import DeviceType
@@ -581,16 +595,16 @@ class StepTimer(L.Callback):
 
     def on_train_end(self, trainer, pl_module) -> None:
         self._sync(pl_module)
-        if self.t0 is None:
+        if self.t0 is None or trainer.global_rank != 0:  # rank 0 reports (ranks would race on one file)
             return
-        seconds = time.perf_counter() - self.t0
+        seconds = time.perf_counter() - self.t0 - self.paused
         steps = trainer.global_step - self.step0
         self.out.parent.mkdir(parents=True, exist_ok=True)
         self.out.write_text(json.dumps({
             "steps": steps, "seconds": seconds, "ms": 1e3 * seconds / max(1, steps), "batch": self.batch_size,
             "tokens_per_s": steps * (self.batch_size or 0) / max(seconds, 1e-9),
             "peak_gib": torch.cuda.max_memory_allocated(pl_module.device) / 2**30 if pl_module.device.type == "cuda" else None,
-            "host_syncs": self.syncs,
+            "host_syncs": self.syncs, "validation_s_excluded": self.paused,
         }))
 
 
