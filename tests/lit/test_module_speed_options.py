@@ -1,5 +1,5 @@
-"""SAEModule's speed options: training metrics only on the steps the logger writes (train/l0 on
-every step), and `compile` wiring (the compiled step itself is exercised on CUDA by
+"""SAEModule's speed options: training metrics only on the steps the logger writes (the step's L0
+kept on the module every step), and `compile` wiring (the compiled step itself is exercised on CUDA by
 `python -m rsae.bench train` and the gpu tests)."""
 
 from __future__ import annotations
@@ -17,9 +17,12 @@ from rsae.sae.base import ConfigError
 class Seen(L.Callback):
     def __init__(self) -> None:
         self.keys: list[set[str]] = []
+        self.l0: list[float] = []
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         self.keys.append(set(pl_module._metrics_this_step))
+        pl_module._metrics_this_step = set()
+        self.l0.append(float(pl_module.last_train_l0))
 
 
 def fit(module: SAEModule, steps: int, log_every: int) -> Seen:
@@ -34,6 +37,7 @@ def fit(module: SAEModule, steps: int, log_every: int) -> Seen:
 
 def test_metrics_only_on_logged_steps_and_l0_every_step(monkeypatch):
     module = SAEModule(TopKSAE(8, 32, k=2), warmup_steps=0)
+    module._metrics_this_step = set()
     original = module.log_dict
 
     def capture(metrics, *args, **kwargs):
@@ -44,11 +48,13 @@ def test_metrics_only_on_logged_steps_and_l0_every_step(monkeypatch):
     seen = fit(module, steps=6, log_every=3)
     full = {"train/l0", "train/loss", "train/mse", "train/aux_loss", "train/dead_fraction", "train/lr"}
     assert [k == full for k in seen.keys] == [False, False, True, False, False, True]
-    assert all("train/l0" in k for k in seen.keys)
+    assert [k == set() for k in seen.keys] == [True, True, False, True, True, False]  # nothing logged in between
+    assert seen.l0 == [2.0] * 6  # TopK k=2: the step's L0 on the module every step
 
 
 def test_module_log_every_n_steps_overrides_the_trainer(monkeypatch):
     module = SAEModule(TopKSAE(8, 32, k=2), warmup_steps=0, log_every_n_steps=2)
+    module._metrics_this_step = set()
     original = module.log_dict
 
     def capture(metrics, *args, **kwargs):

@@ -68,7 +68,8 @@ def sparsity_lever(sae: SAE) -> str | None:
 def finetune(cfg: DictConfig, sae: SAE, dm, scale: float, phase: str, run_dir: Path, target_l0: float,
              lr_scales: dict[str, float] | None = None) -> SAE:
     up = cfg.upgrade
-    # HoldL0 reads train/l0 after every step, so the module computes it every step.
+    # Every step is logged here (the controller's coefficient and the L0 it holds are the story of
+    # a fine-tune); HoldL0 itself reads the module's last_train_l0.
     extra = {"lr_scales": {**(cfg.module.get("lr_scales") or {}), **lr_scales}} if lr_scales else {}
     module = instantiate(cfg.module, sae=sae, lr=up.lr, warmup_steps=up.warmup_steps, log_every_n_steps=1, **extra)
     module.set_activation_scale(scale)

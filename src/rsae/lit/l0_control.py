@@ -22,7 +22,7 @@ class HoldL0(L.Callback):
         self.l0_ema: float | None = None
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        l0 = trainer.callback_metrics.get("train/l0")
+        l0 = getattr(pl_module, "last_train_l0", None)  # this step's L0 (SAEModule keeps it every step)
         if l0 is None:
             return
         l0 = float(l0)
