@@ -40,3 +40,30 @@ def test_synthetic_cache_is_accepted_by_the_data_module(tmp_path):
     assert batch.shape == (64, 12) and batch.dtype == torch.float32 and torch.isfinite(batch).all()
     overrides = bench.data_overrides(kwargs)
     assert f"data.cache_dir={tmp_path / 'cache'}" in overrides and "data.gguf_file=null" in overrides
+
+
+def test_step_timer_leaves_out_validation(tmp_path):
+    """Validation in the middle of the timed window and at the end is not training time."""
+    import time
+
+    import lightning as L
+
+    from rsae.data.synthetic import SyntheticDataModule
+    from rsae.lit.module import SAEModule
+    from rsae.sae import ReLUSAE
+
+    class SlowValidation(L.Callback):
+        def on_validation_start(self, trainer, pl_module) -> None:
+            time.sleep(0.4)
+
+    timer = bench.StepTimer(str(tmp_path / "timer.json"), skip=2)
+    trainer = L.Trainer(max_steps=12, val_check_interval=6, limit_val_batches=1, accelerator="cpu", logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                        callbacks=[timer, SlowValidation()])
+    start = time.perf_counter()
+    trainer.fit(SAEModule(ReLUSAE(8, 32)), datamodule=SyntheticDataModule(d_in=8, n_features=32, batch_size=16))
+    wall = time.perf_counter() - start
+    res = json.loads((tmp_path / "timer.json").read_text())
+    assert res["steps"] == 10
+    assert res["validation_s_excluded"] >= 0.4  # the validation at step 6 (the one at step 12 is after the clock)
+    assert wall - res["seconds"] >= 0.8, (wall, res)  # both 0.4 s validations are outside the timed seconds

@@ -516,6 +516,7 @@ class StepTimer(L.Callback):
         self.syncs: dict | None = None
         self.paused = 0.0  # seconds of validation inside the timed window (not training: excluded)
         self._val_t0: float | None = None
+        self._end: tuple[float, int] | None = None  # (time, step) at the end of the last training batch
         self.t0: float | None = None
         self.step0 = 0
         self.batch_size = None
@@ -550,6 +551,9 @@ class StepTimer(L.Callback):
             self.batch_size = int(batch.shape[0])
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if self.t0 is not None and 0 < trainer.max_steps <= trainer.global_step:  # the last step: stop the clock
+            self._sync(pl_module)  # before the final validation and teardown
+            self._end = (time.perf_counter(), trainer.global_step)
         if self._sync_catch is not None and trainer.global_step == self._sync_start + self.sync_steps:
             torch.cuda.set_sync_debug_mode(0)
             self._sync_catch.__exit__(None, None, None)
@@ -568,7 +572,7 @@ class StepTimer(L.Callback):
             self._prof = False  # done
 
     def on_validation_start(self, trainer, pl_module) -> None:
-        if self.t0 is not None:
+        if self.t0 is not None and self._end is None:  # a validation inside the timed window
             self._sync(pl_module)
             self._val_t0 = time.perf_counter()
 
@@ -597,8 +601,9 @@ class StepTimer(L.Callback):
         self._sync(pl_module)
         if self.t0 is None or trainer.global_rank != 0:  # rank 0 reports (ranks would race on one file)
             return
-        seconds = time.perf_counter() - self.t0 - self.paused
-        steps = trainer.global_step - self.step0
+        end, step = self._end or (time.perf_counter(), trainer.global_step)
+        seconds = end - self.t0 - self.paused
+        steps = step - self.step0
         self.out.parent.mkdir(parents=True, exist_ok=True)
         self.out.write_text(json.dumps({
             "steps": steps, "seconds": seconds, "ms": 1e3 * seconds / max(1, steps), "batch": self.batch_size,
