@@ -123,7 +123,10 @@ class SAEModule(L.LightningModule):
             elif self.compile_step:
                 if torch.distributed.is_available() and torch.distributed.is_initialized():
                     # Dynamo's DDP graph splitting fails on the SAE step (an invalid partition
-                    # node); one graph per step is fine, DDP still overlaps its all-reduce.
+                    # node), so the step is one graph: its backward hands DDP every gradient at
+                    # the end, and the all-reduce starts then (an SAE has two large weight
+                    # matrices, so splitting could overlap at most the decoder's with the encoder's
+                    # backward). A larger per-rank batch or bf16 compression shrinks the tail.
                     torch._dynamo.config.optimize_ddp = False
                 fn = torch.compile(fn)
             self._step_fns[name] = fn
