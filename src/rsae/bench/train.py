@@ -501,10 +501,11 @@ def bench_gate(m: int, batch: int, args, device) -> dict:
 
 
 class StepTimer(L.Callback):
-    """Wall time of the training steps after the first `skip` (synchronised at both ends; validation
-    runs inside that window are left out), written as JSON to `out` when training ends. With `profile_steps`, torch.profiler also records that
-    many steps just before the timed window (host and GPU time by operation, GPU-busy ms per step)
-    into `<out stem>_profile.txt`. With `sync_steps`, the host synchronisations of that many steps
+    """Wall time of the training steps after the first `skip`, synchronised at both ends, written as
+    JSON to `out` (rank 0) when training ends. The clock stops at the end of the last training
+    batch and pauses through validations, so neither counts. With `profile_steps`, torch.profiler
+    also records that many steps just before the timed window (host and GPU time by operation,
+    GPU-busy ms per step) into `<out stem>_profile.txt`. With `sync_steps`, the host synchronisations of that many steps
     just before the timed window are counted (torch.cuda.set_sync_debug_mode) with the source
     lines that caused them: a sync every step stops the host from running ahead of the GPU."""
 
