@@ -67,3 +67,10 @@ def test_step_timer_leaves_out_validation(tmp_path):
     assert res["steps"] == 10
     assert res["validation_s_excluded"] >= 0.4  # the validation at step 6 (the one at step 12 is after the clock)
     assert wall - res["seconds"] >= 0.8, (wall, res)  # both 0.4 s validations are outside the timed seconds
+
+
+def test_unknown_variant_is_a_one_line_error():
+    import pytest
+
+    with pytest.raises(SystemExit, match="unknown variant 'compiled\\+base'"):
+        bench.main(["--device", "cpu", "--variants", "compiled+base"])

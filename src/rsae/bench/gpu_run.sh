@@ -55,7 +55,7 @@ REMAIN=$(( LIMIT - $(elapsed) ))
 log "benchmark (${REMAIN}s left)"
 timeout $(( REMAIN > 60 ? REMAIN : 60 )) python3 -m rsae.bench train \
   --arch relu,jumprelu,topk,batchtopk,rational --shapes 2304x65536,768x24576 --batch 4096 \
-  --variants compiled,compiled+base,compiled+cg --base-archs relu --profile compiled --steps 20 --warmup 5 --repeats 3 \
+  --variants compiled,compiled+cg --profile compiled --steps 20 --warmup 5 --repeats 3 \
   --e2e relu,jumprelu,topk --e2e-steps 150 --e2e-skip 30 --e2e-profile-steps 5 --e2e-workers 3 --e2e-timeout 150 \
   --quality relu,topk,rational --quality-steps 150 \
   --time-budget $(( REMAIN - 70 )) --work-dir /tmp/rsae-bench --json "$OUT/train_bench.json" \

@@ -839,6 +839,9 @@ def main(argv: list[str] | None = None) -> int:
         if a not in ARCHS:
             raise SystemExit(f"unknown architecture {a!r}; expected one of {ARCHS}")
     variants = csv(args.variants)
+    for v in variants:
+        if v not in VARIANTS:
+            raise SystemExit(f"unknown variant {v!r}; expected one of {VARIANTS}")
     if device.type != "cuda":
         variants = [v for v in variants if not v.startswith("compiled")]  # compiling on the CPU takes minutes
     results = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({platform.processor() or platform.machine()})",

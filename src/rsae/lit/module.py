@@ -5,9 +5,9 @@ before they reach the SAE; reported MSE is converted back to raw units so it com
 runs and with exported SAEs.
 
 Speed: with `compile=True` the SAE's training step (`train_losses` around `sae.training_output`:
-forward, losses, dead-latent bookkeeping) and the decoder-norm constraint are compiled with `torch.compile`
-(`compile_mode: reduce-overhead` also replays the step as CUDA graphs)
-(mixed precision comes from the trainer, e.g. `precision: bf16-mixed`, with float32 master
+forward, losses, dead-latent bookkeeping) and the decoder-norm constraint are compiled with
+`torch.compile` (`compile_mode: reduce-overhead` also replays the step as CUDA graphs). Mixed
+precision comes from the trainer (e.g. `precision: bf16-mixed`, with float32 master
 weights; Adam is fused on CUDA, with the gradient clipping folded into it: `clip_gradients`).
 Nothing in a step makes the host wait for the GPU: training metrics are tensors handed to
 Lightning, only on the steps the logger writes (`log_every_n_steps`: None follows the trainer's).
@@ -184,8 +184,10 @@ class SAEModule(L.LightningModule):
         fold = optimizer if scaler is None else None
         if self.grad_clip:
             clip_gradients(self.sae.parameters(), self.grad_clip, fold)
-        elif getattr(getattr(fold, "_optimizer", fold), "grad_scale", None) is not None:
-            getattr(fold, "_optimizer", fold).grad_scale = None
+        else:  # a grad_scale left from clipping would keep scaling the update
+            inner = getattr(fold, "_optimizer", fold)  # a LightningOptimizer wraps the real one
+            if getattr(inner, "grad_scale", None) is not None:
+                inner.grad_scale = None
 
     def optimizer_step(self, *args, **kwargs) -> None:
         # Re-normalise right after the update, before any callback (e.g. a checkpoint) sees it.
