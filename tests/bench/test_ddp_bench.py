@@ -17,6 +17,8 @@ def test_ddp_bench_matches_the_single_process_run(tmp_path, capsys):
     assert rc == 0, (res["single"].get("error"), res["ddp"].get("error"))
     assert "scaling 2 GPUs / 1 GPU" in capsys.readouterr().out
     assert res["ranks_read_different_rows"] is True
+    # Every rank reads Lightning's per-batch SIGTERM flag late (no host sync per step).
+    assert [p["sigterm_check"] for p in res["ddp"]["probes"]] == ["LaggedSigtermCheck"] * 2
     single, multi = res["single"]["metrics"], res["ddp"]["metrics"]
     for key in ("val/mse", "val/fvu", "val/l0"):
         assert abs(multi[key] - single[key]) <= 0.02 * abs(single[key]), (key, single[key], multi[key])

@@ -108,3 +108,50 @@ def test_clipping_folded_into_fused_adam_gives_the_same_update(max_norm):
     plain = torch.optim.Adam(ref, lr=0.1)
     clip_gradients(ref, max_norm, plain)  # not fused: clipped in place
     assert getattr(plain, "grad_scale", None) is None
+
+
+@pytest.mark.parametrize("arch", ["relu", "topk"])
+def test_ddp_split_step_puts_encoder_and_decoder_in_different_graphs(arch):
+    """The graph break between encoder and decoder (compiled DDP): the encoder's and the decoder's
+    weights land in different graphs, and loss and gradients equal the one-graph step's."""
+    from rsae.sae import ReLUSAE
+
+    x = torch.randn(16, 8, generator=torch.Generator().manual_seed(0))
+    results = {}
+    for split in (False, True):
+        torch._dynamo.reset()
+        sae = ReLUSAE(8, 32) if arch == "relu" else TopKSAE(8, 32, k=4)
+        torch.manual_seed(1)
+        for p in sae.parameters():
+            p.data.copy_(torch.randn_like(p) * 0.3)
+        sae.graph_break_before_decode = split
+        graphs = []
+
+        def record(gm, example_inputs, graphs=graphs):
+            graphs.append({str(n.target) for n in gm.graph.nodes if n.op == "placeholder"})
+            return gm.forward
+
+        loss, _, _ = torch.compile(SAEModule(sae).train_losses, backend=record)(x, 0)
+        loss.backward()
+        weights = [[i for i, g in enumerate(graphs) if any(name in t for t in g)] for name in ("W_enc", "W_dec")]
+        results[split] = (weights, loss.detach(), [p.grad.clone() for p in sae.parameters()])
+    assert results[False][0] == [[0], [0]]  # one graph holds both
+    (enc,), (dec,) = results[True][0]
+    assert enc < dec  # two graphs, encoder first: the decoder's backward (and gradient) comes first
+    torch.testing.assert_close(results[True][1], results[False][1])
+    for a, b in zip(results[True][2], results[False][2]):
+        torch.testing.assert_close(a, b)
+
+
+def test_compiled_step_under_ddp_asks_the_sae_for_the_split(tmp_path):
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
+    try:
+        for split in (True, False):
+            module = SAEModule(TopKSAE(8, 32, k=2), compile=True, ddp_split_step=split)
+            module.step_fn("train")
+            assert module.sae.graph_break_before_decode is split
+        assert SAEModule(TopKSAE(8, 32, k=2)).sae.graph_break_before_decode is False  # eager: never
+    finally:
+        dist.destroy_process_group()

@@ -42,8 +42,10 @@ class FirstBatchProbe(L.Callback):
             return
         self.done = True
         self.out.mkdir(parents=True, exist_ok=True)
+        check = getattr(getattr(trainer.fit_loop, "epoch_loop", None), "_broadcast_sigterm_tensor", None)
         fp = {"rank": trainer.global_rank, "world": trainer.world_size, "sum": float(batch.float().sum()),
-              "first_row_norm": float(batch[0].float().norm())}
+              "first_row_norm": float(batch[0].float().norm()), "sigterm_check": type(check).__name__,
+              "graph_break_before_decode": bool(getattr(pl_module.sae, "graph_break_before_decode", False))}
         (self.out / f"rank{trainer.global_rank}.json").write_text(json.dumps(fp))
 
 

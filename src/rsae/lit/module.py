@@ -82,6 +82,7 @@ class SAEModule(L.LightningModule):
         compile_mode: str | None = None,
         log_every_n_steps: int | None = None,
         lr_scales: dict[str, float] | None = None,
+        ddp_split_step: bool = True,
     ) -> None:
         super().__init__()
         require(lr > 0, f"lr must be > 0, got {lr}")
@@ -110,6 +111,7 @@ class SAEModule(L.LightningModule):
         self.compile_step = bool(compile)  # (not `self.compile`: nn.Module.compile is a method)
         self.compile_mode = compile_mode
         self.log_every_n_steps = log_every_n_steps
+        self.ddp_split_step = bool(ddp_split_step)
         self._step_fns: dict[str, object] = {}
 
     def step_fn(self, name: str):
@@ -122,12 +124,12 @@ class SAEModule(L.LightningModule):
                 fn = torch.compile(fn, mode=self.compile_mode)
             elif self.compile_step:
                 if torch.distributed.is_available() and torch.distributed.is_initialized():
-                    # Dynamo's DDP graph splitting fails on the SAE step (an invalid partition
-                    # node), so the step is one graph: its backward hands DDP every gradient at
-                    # the end, and the all-reduce starts then (an SAE has two large weight
-                    # matrices, so splitting could overlap at most the decoder's with the encoder's
-                    # backward). A larger per-rank batch or bf16 compression shrinks the tail.
+                    # Dynamo's own DDP graph splitting fails on the SAE step (an invalid partition
+                    # node). With one graph, the backward hands DDP every gradient at its end and
+                    # the whole all-reduce waits; `ddp_split_step` breaks the graph between encoder
+                    # and decoder instead, so the decoder's half overlaps the encoder's backward.
                     torch._dynamo.config.optimize_ddp = False
+                    self.sae.graph_break_before_decode = self.ddp_split_step
                 fn = torch.compile(fn)
             self._step_fns[name] = fn
         return fn

@@ -103,6 +103,7 @@ class SAE(nn.Module):
         self._check_input(x)
         h = self.pre_acts(x)
         z = self.activation(h)
+        self._decoder_boundary()
         x_hat = self.decode(z)
         out = SAEOutput(x_hat=x_hat, z=z, h=h)
         out.losses["mse"] = (x_hat.float() - x.float()).pow(2).sum(-1).mean()
@@ -113,6 +114,16 @@ class SAE(nn.Module):
 
     def aux_losses(self, x: Tensor, out: SAEOutput, step: int) -> dict[str, Tensor]:
         return {}
+
+    # Set by the training module for a compiled step under DDP (module.ddp_split_step).
+    graph_break_before_decode: bool = False
+
+    def _decoder_boundary(self) -> None:
+        """A compiled step breaks its graph here when asked: its backward then runs as two
+        graphs, decoder first, so DDP can all-reduce the decoder's gradient while the encoder's
+        backward still runs, instead of both after one graph. (No-op when not compiling.)"""
+        if self.graph_break_before_decode:
+            torch._dynamo.graph_break()
 
     @torch.no_grad()
     def _track_firing(self, z: Tensor) -> None:

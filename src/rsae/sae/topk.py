@@ -64,6 +64,7 @@ class TopKSAE(SAE):
         self._step_any_dead = self._any_dead() if self.training and self.aux_coefficient > 0 else None
         h = self.pre_acts(x)
         values, indices, offsets, z = self._select(h)
+        self._decoder_boundary()
         if self._decode_sparsely(values.numel() // max(1, x.shape[0])):
             x_hat = fast.sparse_decode(values, indices, self.W_dec, self.b_dec, offsets)
         else:
