@@ -10,6 +10,8 @@ gradient mean and their metrics must agree within noise (data order aside). Repo
 (timed by `StepTimer` on rank 0, times the number of ranks), the scaling factor (the 1-GPU run
 does the same work per step as all ranks together), the final validation metrics of both, and
 which rows each rank read first (they must differ).
+With `--weak` the 1-GPU run takes `batch` rows per step instead (weak scaling: the same work
+per GPU; the usual data-parallel throughput comparison, without the metric check).
 The cache is small enough that the DDP run passes the end of the data (an epoch boundary) and
 must not hang there.
 """
@@ -31,22 +33,26 @@ from rsae.bench.train import data_overrides, repo_root, write_synthetic_cache
 
 
 class FirstBatchProbe(L.Callback):
-    """Each rank writes a fingerprint of its first training batch (proves ranks read different rows)."""
+    """Each rank writes a fingerprint of its first training batch (proves ranks read different rows),
+    and, after that batch's step, how the step ran (SIGTERM check, encoder/decoder graph split)."""
 
     def __init__(self, out: str) -> None:
         self.out = Path(out)
-        self.done = False
+        self.fp: dict | None = None
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-        if self.done:
+        if self.fp is None:
+            self.fp = {"rank": trainer.global_rank, "world": trainer.world_size, "sum": float(batch.float().sum()),
+                       "first_row_norm": float(batch[0].float().norm())}
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if self.fp is None or "sigterm_check" in self.fp:
             return
-        self.done = True
-        self.out.mkdir(parents=True, exist_ok=True)
         check = getattr(getattr(trainer.fit_loop, "epoch_loop", None), "_broadcast_sigterm_tensor", None)
-        fp = {"rank": trainer.global_rank, "world": trainer.world_size, "sum": float(batch.float().sum()),
-              "first_row_norm": float(batch[0].float().norm()), "sigterm_check": type(check).__name__,
-              "graph_break_before_decode": bool(getattr(pl_module.sae, "graph_break_before_decode", False))}
-        (self.out / f"rank{trainer.global_rank}.json").write_text(json.dumps(fp))
+        self.fp["sigterm_check"] = type(check).__name__
+        self.fp["graph_break_before_decode"] = bool(getattr(pl_module.sae, "graph_break_before_decode", False))
+        self.out.mkdir(parents=True, exist_ok=True)
+        (self.out / f"rank{trainer.global_rank}.json").write_text(json.dumps(self.fp))
 
 
 def run(name: str, overrides: list[str], work: Path, timeout: int, profile_steps: int = 0) -> dict:
@@ -91,6 +97,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("overrides", nargs="*", help="extra train.py overrides for both runs (e.g. module.compile=true)")
     p.add_argument("--profile-steps", type=int, default=0,
                    help="torch.profiler over this many steps of rank 0 before the timed window (GPU-busy vs wall time)")
+    p.add_argument("--weak", action="store_true",
+                   help="weak scaling: the 1-GPU run takes `batch` rows per step (the per-rank batch), not gpus x batch; "
+                        "tokens/s compare, the metrics do not (the DDP run sees gpus x the tokens)")
     p.add_argument("--skip-single", action="store_true",
                    help="run only the DDP side (e.g. a second DDP variant against a one-GPU run already measured)")
     p.add_argument("--ddp-overrides", nargs="*", default=[],
@@ -107,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
     skip = f"+callbacks.step_timer.skip={min(50, a.steps // 4)}"
     results = {
         "args": vars(a),
-        "single": {"name": "single", "error": "skipped (--skip-single)"} if a.skip_single else run("single", [*common, f"data.batch_size={a.batch * a.gpus}", "trainer=gpu" if not a.cpu else "trainer=cpu",
+        "single": {"name": "single", "error": "skipped (--skip-single)"} if a.skip_single else run("single", [*common, f"data.batch_size={a.batch * (1 if a.weak else a.gpus)}", "trainer=gpu" if not a.cpu else "trainer=cpu",
                                  *hw, f"trainer.max_steps={a.steps}", f"trainer.val_check_interval={a.steps}", skip],
                       work, a.timeout, a.profile_steps),
         "ddp": run("ddp", [*common, f"data.batch_size={a.batch}", "trainer=ddp", f"trainer.devices={a.gpus}", *hw,
@@ -124,11 +133,13 @@ def main(argv: list[str] | None = None) -> int:
         tps = r["timer"]["tokens_per_s"] * n
         r["tokens_per_s_total"] = tps
         m = r["metrics"]
-        lines.append(f"| {r['name']} | {n} | {steps} | {a.batch * a.gpus} | {tps:,.0f} | {r['timer']['ms']:.2f} | "
+        rows = a.batch * (1 if a.weak and n == 1 else a.gpus)
+        lines.append(f"| {r['name']} | {n} | {steps} | {rows} | {tps:,.0f} | {r['timer']['ms']:.2f} | "
                      f"{m.get('val/mse', float('nan')):.4g} | {m.get('val/fvu', float('nan')):.4f} | {m.get('val/l0', float('nan')):.2f} |")
     if "tokens_per_s_total" in s and "tokens_per_s_total" in d:
         results["scaling"] = d["tokens_per_s_total"] / s["tokens_per_s_total"]
-        lines.append(f"\nscaling {a.gpus} GPUs / 1 GPU: {results['scaling']:.2f}x")
+        kind = "weak scaling (same rows per GPU)" if a.weak else "scaling (same rows per step)"
+        lines.append(f"\n{kind} {a.gpus} GPUs / 1 GPU: {results['scaling']:.2f}x")
     if d.get("probes"):
         sums = [pr["sum"] for pr in d["probes"]]
         results["ranks_read_different_rows"] = len(set(sums)) == len(sums) == a.gpus
