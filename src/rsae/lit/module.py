@@ -113,6 +113,7 @@ class SAEModule(L.LightningModule):
         self.log_every_n_steps = log_every_n_steps
         self.ddp_split_step = bool(ddp_split_step)
         self._step_fns: dict[str, object] = {}
+        self._step_tensor: Tensor | None = None
 
     def step_fn(self, name: str):
         """The step's pieces, compiled on first use when `compile=True`: "train" (`train_losses`),
@@ -139,6 +140,12 @@ class SAEModule(L.LightningModule):
         reduce-overhead) each call starts a new graph step, and the logged values are copied out of
         the graph's memory, which the next replay reuses."""
         fn = self.step_fn("train")
+        if self.compile_step:
+            # The step number as a device tensor: as a Python int, each new value is a new
+            # constant (a recompile, then a symbolic int that CUDA graphs re-record per value).
+            if self._step_tensor is None or self._step_tensor.device != x.device:
+                self._step_tensor = torch.zeros((), dtype=torch.int64, device=x.device)
+            step = self._step_tensor.fill_(step)
         if not (self.compile_step and self.compile_mode == "reduce-overhead"):
             return fn(x, step)
         torch.compiler.cudagraph_mark_step_begin()

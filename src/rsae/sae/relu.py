@@ -8,8 +8,14 @@ from torch import Tensor
 from rsae.sae.base import SAE, SAEOutput, require
 
 
-def linear_warmup(step: int, warmup_steps: int) -> float:
-    return 1.0 if warmup_steps <= 0 else min(1.0, (step + 1) / warmup_steps)
+def linear_warmup(step: int | Tensor, warmup_steps: int) -> float | Tensor:
+    """min(1, (step + 1) / warmup_steps); a tensor for a tensor step (a compiled step takes the
+    step number as a tensor, so that a new number neither recompiles nor re-records CUDA graphs)."""
+    if warmup_steps <= 0:
+        return 1.0
+    if isinstance(step, Tensor):
+        return ((step + 1) / warmup_steps).clamp(max=1.0)
+    return min(1.0, (step + 1) / warmup_steps)
 
 
 class ReLUSAE(SAE):
