@@ -157,23 +157,28 @@ def test_compiled_step_under_ddp_asks_the_sae_for_the_split(tmp_path):
         dist.destroy_process_group()
 
 
-def test_compiled_step_takes_the_step_number_as_a_tensor_and_never_recompiles(monkeypatch):
+@pytest.mark.parametrize("arch", ["relu", "jumprelu", "rational"])
+def test_compiled_step_takes_the_step_number_as_a_tensor_and_never_recompiles(monkeypatch, arch):
     """The warm-up depends on the step number; compiled, a new number must not recompile (nor,
     with CUDA graphs, re-record), and the losses must equal the eager step's with an int."""
     from torch._dynamo.testing import CompileCounter
 
-    from rsae.sae import ReLUSAE
+    from rsae.sae import JumpReLUSAE, ReLUSAE
+    from rsae.sae.rational import RationalSAE
 
     torch._dynamo.reset()
     counter, real_compile = CompileCounter(), torch.compile
     monkeypatch.setattr(torch, "compile", lambda fn, **kw: real_compile(fn, backend=counter))
     torch.manual_seed(0)
-    sae = ReLUSAE(8, 32, l1_coefficient=2.0, l1_warmup_steps=3)
+    sae = {"relu": lambda: ReLUSAE(8, 32, l1_coefficient=2.0, l1_warmup_steps=3),
+           "jumprelu": lambda: JumpReLUSAE(8, 32, l0_coefficient=0.5, l0_warmup_steps=3),
+           "rational": lambda: RationalSAE(8, 32, l1_coefficient=2.0, l1_warmup_steps=3)}[arch]()
+    warm = "l1" if arch != "jumprelu" else "l0"
     compiled, eager = SAEModule(sae, compile=True), SAEModule(sae)
     x = torch.randn(16, 8)
     for step in range(6):
         loss, losses, _ = compiled.run_train(x, step)
         want, want_losses, _ = eager.run_train(x, step)
-        torch.testing.assert_close(losses["l1"], want_losses["l1"])
+        torch.testing.assert_close(losses[warm], want_losses[warm])
         torch.testing.assert_close(loss, want)
     assert counter.frame_count == 1
