@@ -178,6 +178,8 @@ class SAEModule(L.LightningModule):
         x = batch * self.act_scale
         loss, losses, l0 = self.run_train(x, self.global_step)
         self.last_train_l0 = l0
+        if self._trainer is not None and self.trainer.world_size > 1:  # dead latents judged on every rank's rows
+            self.sae.merge_firing_across_ranks(x.shape[0])
         if self._log_now():
             logs = {"train/l0": l0, "train/loss": loss.detach()}
             logs["train/mse"] = losses["mse"] / self.act_scale.pow(2)

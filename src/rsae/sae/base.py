@@ -134,6 +134,16 @@ class SAE(nn.Module):
         self.tokens_since_fired += z.shape[0]
         self.tokens_since_fired[fired] = 0
 
+    @torch.no_grad()
+    def merge_firing_across_ranks(self, rows_per_rank: int) -> None:
+        """Data-parallel training: each rank has just counted its own rows. Afterwards every rank
+        holds what one process that saw all ranks' rows would: 0 where a latent fired on any rank,
+        else the count plus every rank's rows. (All ranks enter with the same counts.)"""
+        world = torch.distributed.get_world_size()
+        counts = self.tokens_since_fired
+        torch.distributed.all_reduce(counts, op=torch.distributed.ReduceOp.MIN)  # 0 if it fired anywhere
+        counts.add_((counts > 0).long() * ((world - 1) * rows_per_rank))
+
     def dead_mask(self) -> Tensor:
         return self.tokens_since_fired >= self.dead_after_tokens
 

@@ -1,5 +1,7 @@
-"""`LaggedSigtermCheck`: rank 0's SIGTERM flag reaches every rank, and every rank stops at the same
-batch, `lag` batches after the flag was raised (2 gloo processes)."""
+"""What ranks agree on under DDP (2 gloo processes): `LaggedSigtermCheck` brings rank 0's SIGTERM
+flag to every rank, and every rank stops at the same batch, `lag` batches after the flag was
+raised; `merge_firing_across_ranks` leaves every rank with the dead-latent counts of one process
+that saw all ranks' rows."""
 
 from __future__ import annotations
 
@@ -56,3 +58,32 @@ def test_lag_must_not_be_negative():
         LaggedSigtermCheck(_fake_trainer(), lag=-1)
     with pytest.raises(ConfigError, match="sigterm_check_lag"):
         ddp_strategy(sigterm_check_lag=-1)
+
+
+def _firing_rank(rank: int, world: int, port: int, out: str) -> None:
+    from rsae.sae import ReLUSAE
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    sae = ReLUSAE(4, 6)
+    sae.tokens_since_fired.copy_(torch.tensor([0, 5, 7, 9, 100, 3]))  # the same on every rank
+    # Rank 0 fires latents 0 and 1, rank 1 fires latent 1 and 3 (3 rows per rank).
+    z = torch.zeros(3, 6)
+    z[0, [0, 1] if rank == 0 else [1, 3]] = 1.0
+    sae._track_firing(z)
+    sae.merge_firing_across_ranks(3)
+    torch.save(sae.tokens_since_fired, f"{out}.{rank}")
+    dist.destroy_process_group()
+
+
+def test_ranks_merge_their_firing_counts_into_what_one_process_would_count(tmp_path):
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = str(tmp_path / "counts")
+    mp.spawn(_firing_rank, args=(2, port, out), nprocs=2, join=True)
+    want = torch.tensor([0, 0, 7 + 6, 0, 100 + 6, 3 + 6])  # fired on either rank -> 0, else + 2 x 3 rows
+    for r in range(2):
+        assert torch.equal(torch.load(f"{out}.{r}"), want)
