@@ -18,6 +18,14 @@ from rsae.errors import ConfigError
 from rsae.lit.ddp import LaggedSigtermCheck, ddp_strategy
 
 
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def _fake_trainer():
     return types.SimpleNamespace(strategy=types.SimpleNamespace(root_device=torch.device("cpu")), received_sigterm=False)
 
@@ -43,13 +51,8 @@ def _rank(rank: int, world: int, port: int, lag: int, raise_at: int, out: str) -
 
 @pytest.mark.parametrize("lag", [0, 2])
 def test_every_rank_stops_at_the_same_batch_lag_batches_late(tmp_path, lag):
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     out = str(tmp_path / "stopped")
-    mp.spawn(_rank, args=(2, port, lag, 3, out), nprocs=2, join=True)
+    mp.spawn(_rank, args=(2, _free_port(), lag, 3, out), nprocs=2, join=True)
     assert [open(f"{out}.{r}").read() for r in range(2)] == [str(3 + lag)] * 2
 
 
@@ -77,13 +80,8 @@ def _firing_rank(rank: int, world: int, port: int, out: str) -> None:
 
 
 def test_ranks_merge_their_firing_counts_into_what_one_process_would_count(tmp_path):
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     out = str(tmp_path / "counts")
-    mp.spawn(_firing_rank, args=(2, port, out), nprocs=2, join=True)
+    mp.spawn(_firing_rank, args=(2, _free_port(), out), nprocs=2, join=True)
     want = torch.tensor([0, 0, 7 + 6, 0, 100 + 6, 3 + 6])  # fired on either rank -> 0, else + 2 x 3 rows
     for r in range(2):
         assert torch.equal(torch.load(f"{out}.{r}"), want)
