@@ -12,14 +12,15 @@ from rsae.data.stream import StreamLoader, TrainStream, ValStream, batches_befor
 D = 4
 
 
-def make_shards(directory, rows_per_shard):
-    """Shards whose row r (counting across shards) is the vector (r, r, r, r), so ids are exact."""
+def make_shards(directory, rows_per_shard, dtype=torch.float32):
+    """Shards whose row r (counting across shards) is the vector (r, r, r, r), so ids are exact
+    (in float32; bf16 rounds ids above 256)."""
     directory.mkdir(parents=True, exist_ok=True)
     files, start = [], 0
     for i, n in enumerate(rows_per_shard):
         ids = torch.arange(start, start + n, dtype=torch.float32)
         path = directory / f"{i:05d}.safetensors"
-        write_shard(path, {"acts": ids[:, None].expand(n, D).contiguous()})
+        write_shard(path, {"acts": ids[:, None].expand(n, D).contiguous().to(dtype)})
         files.append(path)
         start += n
     return files, list(rows_per_shard)
@@ -165,13 +166,17 @@ def test_a_shard_truncated_under_a_running_stream_is_named(shards, tmp_path):
         take(iter(stream(([tmp_path / f.name for f in shards[0]], shards[1]))), 40)
 
 
-def test_device_side_gather_gives_the_same_batches(shards):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_device_side_gather_gives_the_same_batches(tmp_path, dtype):
     """The device-side shuffle (window copied to a device, batches gathered there) reads the same
     rows in the same order as the host gather, across window and epoch boundaries, and resumes
-    the same way; here the device is the CPU, on a GPU the path is the same."""
+    the same way; here the device is the CPU, on a GPU the path is the same. A bf16 cache crosses
+    narrow and is widened on the device: the same float32 batches as the host's widening."""
+    shards = make_shards(tmp_path, [300, 170, 250, 64, 400], dtype)
     host = take(iter(stream(shards, start_batch=3)), 60)  # 1920 rows: past an epoch of 1184
     dev = take(iter(stream(shards, start_batch=3, device="cpu")), 60)
-    assert all(torch.equal(a, b) for a, b in zip(host, dev))
+    assert all(a.dtype == b.dtype == torch.float32 and torch.equal(a, b) for a, b in zip(host, dev))
+    assert len(dev) == 60 and len({float(b[0, 0]) for b in dev}) > 1
 
 
 def test_device_side_gather_refuses_loader_workers(shards):

@@ -45,6 +45,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--storage-dtype", default="bfloat16")
     p.add_argument("--batch-size", type=int, default=4096, help="rows per training batch")
     p.add_argument("--num-workers", type=int, nargs="+", default=[0, 1])
+    p.add_argument("--shuffle-device", default=None, choices=("cpu", "cuda"),
+                   help="also stream with the shuffle window on this device (what data.shuffle_device does; "
+                        "num_workers 0): cuda measures the feed of a GPU run on its own, without training; cpu runs the same "
+                        "code on the host (a test path: training on the CPU gathers in the loader)")
     p.add_argument("--stream-copies", type=int, default=8,
                    help="stream over this many copies of the training shards (one pass spans many windows)")
     p.add_argument("--skip-harvest", action="store_true", help="only the streaming part, on --cache-dir")
@@ -156,16 +160,17 @@ def replicate(files: list[Path], rows: list[int], copies: int, into: Path) -> tu
 
 
 def stream_gbps(files: list[Path], rows: list[int], d_in: int, itemsize: int, args, workers: int, cold: bool,
-                passes: int = 3, reuse: int = 0) -> float:
+                passes: int = 3, reuse: int = 0, device: str | None = None) -> float:
     """Cache bytes per second consumed by the training stream (float32 batches out), best of
     `passes` passes over all rows. It is the loader `ActivationDataModule.train_dataloader()`
     builds (`reuse`: its ring of reused batch buffers under a trainer, num_workers=0). Cold: page
     cache dropped and a new loader each pass (start-up included); warm: one loader, after a first
-    pass that brings every page into memory."""
+    pass that brings every page into memory. `device`: the shuffle window lives there and batches
+    are gathered there (timed until the device has finished them)."""
     from rsae.data.stream import StreamLoader, TrainStream
 
     def new_loader():
-        stream = TrainStream(files, rows, batch_size=args.batch_size, seed=0, reuse_buffers=reuse)
+        stream = TrainStream(files, rows, batch_size=args.batch_size, seed=0, reuse_buffers=reuse, device=device)
         return iter(StreamLoader(stream, batch_size=None, num_workers=workers))
 
     n_batches = max(1, sum(rows) // args.batch_size)
@@ -184,9 +189,43 @@ def stream_gbps(files: list[Path], rows: list[int], d_in: int, itemsize: int, ar
             loader = new_loader()
         for _ in range(n_batches):
             batch = next(loader)
+        if batch.is_cuda:
+            torch.cuda.synchronize(batch.device)
         best = max(best, n_batches * args.batch_size * d_in * itemsize / (time.perf_counter() - begin) / 1e9)
         assert batch.dtype == torch.float32 and batch.shape == (args.batch_size, d_in)
+        assert device is None or batch.device.type == device
     return best
+
+
+def window_load_gbps(files: list[Path], rows: list[int], passes: int = 3) -> dict:
+    """The loader thread's own work, warm, best of `passes`: cache bytes per second it reads into
+    shuffle windows, widened to float32 (host gather) or as stored (a bf16 window that a GPU
+    widens, `data.shuffle_device=cuda`)."""
+    import numpy as np
+
+    from rsae.data.stream import TrainStream
+
+    stream = TrainStream(files, rows, batch_size=1)
+    d, dtype = stream.shards.dims()
+    itemsize = 2 if dtype == torch.bfloat16 else 4
+    per_window = stream._window_blocks(1)
+    blocks = stream.epoch_blocks(0, 1, 0)
+    windows = [stream.blocks[blocks[i:i + per_window]] for i in range(0, len(blocks), per_window)]
+    wide = np.empty((per_window * stream.block_rows, d), dtype=np.float32)
+    narrow = np.empty((per_window * stream.block_rows, d), dtype=np.int16 if itemsize == 2 else np.float32)
+    staging = np.empty((stream.block_rows, d), dtype=np.uint16)
+    nbytes = sum(rows) * d * itemsize
+    out = {}
+    for name, load in (("widened_GBps", lambda w: stream.shards.load(w, wide, staging)),
+                       ("as_stored_GBps", lambda w: stream.shards.load_raw(w, narrow))):
+        best = 0.0
+        for _ in range(passes + 1):  # the first pass brings pages and buffers into memory
+            begin = time.perf_counter()
+            for w in windows:
+                load(w)
+            best = max(best, nbytes / (time.perf_counter() - begin) / 1e9)
+        out[name] = round(best, 3)
+    return out
 
 
 def bench_stream(args, cache_dir: Path, scratch: Path) -> dict:
@@ -200,13 +239,19 @@ def bench_stream(args, cache_dir: Path, scratch: Path) -> dict:
            "shuffle_buffer": 65536}
     from rsae.data.activations import REUSE_BUFFERS
 
-    variants = [(w, r) for w in args.num_workers for r in ((0, REUSE_BUFFERS) if w == 0 else (0,))]
-    for workers, reuse in variants:
+    out["window_loads_warm"] = window_load_gbps(files, rows)
+    print(f"loader thread, warm window reads: {out['window_loads_warm']}", flush=True)
+    variants = [(w, r, None) for w in args.num_workers for r in ((0, REUSE_BUFFERS) if w == 0 else (0,))]
+    if args.shuffle_device:
+        variants.append((0, 0, args.shuffle_device))
+    for workers, reuse, device in variants:
         for cache in ("cold", "warm"):
             raw = raw_read_gbps(files, cold=cache == "cold")
-            gbps = stream_gbps(files, rows, manifest.d_in, itemsize, args, workers, cold=cache == "cold", reuse=reuse)
+            gbps = stream_gbps(files, rows, manifest.d_in, itemsize, args, workers, cold=cache == "cold", reuse=reuse,
+                               device=device)
             raw = max(raw, raw_read_gbps(files, cold=cache == "cold"))  # the machine may be shared
-            key = f"{cache}, num_workers={workers}" + (f", {reuse} reused batch buffers" if reuse else "")
+            key = f"{cache}, num_workers={workers}" + (f", {reuse} reused batch buffers" if reuse else "") \
+                + (f", shuffle_device={device}" if device else "")
             out[key] = {"stream_GBps": round(gbps, 3), "raw_read_GBps": round(raw, 3), "ratio": round(gbps / raw, 3)}
             print(f"stream {key}: {out[key]}", flush=True)
     return out

@@ -102,6 +102,15 @@ class _Shards:
                 np.left_shift(staging[:n], 16, out=out[at:at + n].view(np.uint32), dtype=np.uint32)
             at += n
 
+    def load_raw(self, pieces, out: np.ndarray) -> None:
+        """Read the rows of `(shard, start, stop)` pieces, in order, into `out` as stored (same
+        itemsize: the bit patterns, no conversion)."""
+        at = 0
+        for shard, start, stop in pieces:
+            n = int(stop - start)
+            self.reader(int(shard)).read_into(int(start), int(stop), out[at:at + n])
+            at += n
+
     def dims(self) -> tuple[int, torch.dtype]:
         first = self.reader(next(i for i, n in enumerate(self.rows) if n > 0))
         return first.d, first.torch_dtype
@@ -111,16 +120,19 @@ class _Shards:
 
 
 class _WindowLoader:
-    """Loads windows on a background thread into two alternating float32 buffers, so the next
-    window is read from disk (and widened to float32) while batches are gathered from this one.
-    File reads and numpy's shift release the GIL."""
+    """Loads windows on a background thread into two alternating buffers, so the next window is
+    read from disk while batches are gathered from this one. File reads and numpy's shift release
+    the GIL. For a host gather the buffers are float32 (a bf16 cache is widened on the way). For a
+    device gather (`narrow`) a bf16 cache stays bf16 on the host: half the bytes cross to the
+    device, and the device widens each window in one cast instead of the loader thread."""
 
-    def __init__(self, shards: _Shards, max_rows: int, block_rows: int, pinned: bool = False):
-        d, _ = shards.dims()
+    def __init__(self, shards: _Shards, max_rows: int, block_rows: int, pinned: bool = False, narrow: bool = False):
+        d, dtype = shards.dims()
         self.shards = shards
+        self.narrow = narrow and dtype == torch.bfloat16
+        host_dtype = torch.bfloat16 if self.narrow else torch.float32
         # Pinned (page-locked) buffers when windows go on to a GPU: one fast copy per window.
-        self.buffers = [torch.empty((max_rows, d), dtype=torch.float32, pin_memory=True).numpy() if pinned
-                        else np.empty((max_rows, d), dtype=np.float32) for _ in range(2)]
+        self.buffers = [torch.empty((max_rows, d), dtype=host_dtype, pin_memory=pinned) for _ in range(2)]
         self.staging = np.empty((block_rows, d), dtype=np.uint16)
         self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rsae-window")
         self.turn = 0
@@ -135,22 +147,26 @@ class _WindowLoader:
         def load() -> tuple[torch.Tensor, int]:
             if self.copies[index] is not None:  # the GPU must have read this buffer before it is refilled
                 self.copies[index].synchronize()
-            self.shards.load(pieces, buffer, self.staging)
-            return torch.from_numpy(buffer[:n_rows]), index
+            if self.narrow:  # the bit patterns as they are in the file
+                self.shards.load_raw(pieces, buffer.view(torch.int16).numpy())
+            else:
+                self.shards.load(pieces, buffer.numpy(), self.staging)
+            return buffer[:n_rows], index
 
         return self.pool.submit(load)
 
     def to_device(self, rows: torch.Tensor, index: int, device: torch.device) -> torch.Tensor:
-        """Copy a window (in pinned buffer `index`) to the GPU without making the host wait: the
-        copy is queued behind the GPU's work, and the loader thread waits for its event before it
-        refills that buffer (a blocking copy would drain the GPU's queue once per window)."""
+        """The window (in buffer `index`) as float32 on `device`. The copy to a GPU does not make
+        the host wait: it is queued behind the GPU's work, and the loader thread waits for its
+        event before it refills that buffer (a blocking copy would drain the GPU's queue once per
+        window). A narrow window is widened there, after the copy."""
         if device.type != "cuda":
-            return rows.to(device)
+            return rows.to(device).float() if self.narrow else rows.to(device)
         out = rows.to(device, non_blocking=True)
         event = torch.cuda.Event()
         event.record()
         self.copies[index] = event
-        return out
+        return out.float() if self.narrow else out
 
     def close(self) -> None:
         if not sys.is_finalizing():  # at interpreter exit the thread is gone already
@@ -251,7 +267,7 @@ class TrainStream(IterableDataset):
         windows = self.windows(slot, n_slots, skip * self.batch_size)
         device = self._gather_device()
         loader = _WindowLoader(self.shards, self._window_blocks(n_slots) * self.block_rows, self.block_rows,
-                               pinned=device is not None and device.type == "cuda")
+                               pinned=device is not None and device.type == "cuda", narrow=device is not None)
         try:
             current = next(windows)
             pending = loader.submit(self.blocks[current[2]], int(self.block_sizes[current[2]].sum()))

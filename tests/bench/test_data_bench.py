@@ -1,0 +1,23 @@
+"""`python -m rsae.bench data --skip-harvest`: streaming rates of an existing cache, including the
+device-side shuffle path (here on the CPU). No timing assertions."""
+
+from __future__ import annotations
+
+import json
+
+import torch
+
+from rsae.bench import data
+from rsae.bench.train import write_synthetic_cache
+
+
+def test_stream_bench_runs_the_device_shuffle_path(tmp_path):
+    cache = tmp_path / "cache"
+    write_synthetic_cache(cache, 16, 8192, 1024, torch.device("cpu"))
+    out = tmp_path / "data.json"
+    assert data.main(["--skip-harvest", "--cache-dir", str(cache), "--num-workers", "0", "--stream-copies", "1",
+                      "--batch-size", "256", "--shuffle-device", "cpu", "--json", str(out)]) == 0
+    stream = json.loads(out.read_text())["stream"]
+    for key in ("warm, num_workers=0", "warm, num_workers=0, shuffle_device=cpu"):
+        assert stream[key]["stream_GBps"] > 0 and stream[key]["raw_read_GBps"] > 0
+    assert stream["window_loads_warm"]["widened_GBps"] > 0 and stream["window_loads_warm"]["as_stored_GBps"] > 0
