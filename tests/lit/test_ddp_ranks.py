@@ -64,17 +64,21 @@ def test_lag_must_not_be_negative():
 
 
 def _firing_rank(rank: int, world: int, port: int, out: str) -> None:
-    from rsae.sae import ReLUSAE
+    from rsae.sae import TopKSAE
+    from rsae.sae import fast
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
-    sae = ReLUSAE(4, 6)
+    sae = TopKSAE(4, 6, k=2)
+    recorded = []  # TopK's async dead flag must be recorded for the merged counts (else the host waits)
+    sae._record_dead = lambda: recorded.append(fast.tensor_version(sae.tokens_since_fired))
     sae.tokens_since_fired.copy_(torch.tensor([0, 5, 7, 9, 100, 3]))  # the same on every rank
     # Rank 0 fires latents 0 and 1, rank 1 fires latent 1 and 3 (3 rows per rank).
     z = torch.zeros(3, 6)
     z[0, [0, 1] if rank == 0 else [1, 3]] = 1.0
     sae._track_firing(z)
     sae.merge_firing_across_ranks(3)
+    assert recorded == [fast.tensor_version(sae.tokens_since_fired)]
     torch.save(sae.tokens_since_fired, f"{out}.{rank}")
     dist.destroy_process_group()
 

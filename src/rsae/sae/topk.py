@@ -83,6 +83,11 @@ class TopKSAE(SAE):
     def _fast_path(self) -> bool:
         return fast.enabled()
 
+    def merge_firing_across_ranks(self, rows_per_rank: int) -> None:
+        super().merge_firing_across_ranks(rows_per_rank)
+        if self._fast_path():  # the counts changed: record the dead flag the next step reads for them
+            self._record_dead()  # (a flag for the old counts would not match, and the host would wait)
+
     def _select(self, h: Tensor) -> tuple[Tensor, Tensor, Tensor | None, Tensor]:
         """(values [B, k] after the ReLU, latent indices [B, k], None, dense codes z)."""
         indices = fast.topk_select(h.detach(), self.k)[1]
