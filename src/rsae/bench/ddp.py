@@ -77,6 +77,11 @@ def run(name: str, overrides: list[str], work: Path, timeout: int, profile_steps
     prof = run_dir / "timer_profile.txt"
     if prof.is_file():  # rank 0's host and GPU time by operation over a few steps before the timed window
         res["profile_text"] = prof.read_text()
+    traces = sorted(run_dir.glob("timer_trace_rank*.json.gz"))
+    if traces:  # every rank's timeline, with how long the ranks' NCCL kernels waited for each other
+        from rsae.bench.timeline import report
+
+        res["timeline"] = report([str(t) for t in traces], profile_steps)
     return res
 
 
@@ -146,6 +151,9 @@ def main(argv: list[str] | None = None) -> int:
         lines.append(f"first-batch fingerprints per rank: {sums} (different: {results['ranks_read_different_rows']}); "
                      f"SIGTERM check: {d['probes'][0].get('sigterm_check')}; "
                      f"encoder/decoder graph split: {d['probes'][0].get('graph_break_before_decode')}")
+    for r in (s, d):
+        if r.get("timeline"):
+            lines += ["", f"{r['name']}: {r['timeline']}"]
     print("\n".join(lines))
     if a.json:
         Path(a.json).write_text(json.dumps(results, indent=1))

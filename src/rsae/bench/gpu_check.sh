@@ -10,7 +10,8 @@
 #   steps  compiled training steps at 2304 x 65536 (ReLU, rational with and without the fused kernel)
 #   train  one `python -m rsae.bench train $TRAIN_ARGS` run (raw steps, SAELens, end to end, targets),
 #          cut at TRAIN_TIMEOUT seconds (default 420; pass --time-budget below it to keep the tables)
-#   ddp    `python -m rsae.bench ddp` variants listed in DDP_VARIANTS ("name|bench args|ddp overrides;...")
+#   ddp    `python -m rsae.bench ddp` variants listed in DDP_VARIANTS ("name|bench args|ddp overrides|env;...",
+#          env as VAR=value words for that variant alone)
 #   topo   how the GPUs are linked (nvidia-smi topo -m) and a measured NCCL all-reduce bandwidth
 set -uo pipefail
 OUT=${OUT:-/tmp/rsae-gpu-out}
@@ -52,7 +53,10 @@ for stage in $STAGES; do
     log "train: $TRAIN_ARGS"
     timeout ${TRAIN_TIMEOUT:-420} python3 -m rsae.bench train $TRAIN_ARGS --work-dir /tmp/rsae-train --json "$OUT/train.json" \
       > "$OUT/train.out" 2> "$OUT/train.err"
-    log "exit $?"; cat "$OUT/train.md"; tail -n 5 "$OUT/train.err" ;;
+    log "exit $?"; cat "$OUT/train.md"; tail -n 5 "$OUT/train.err"
+    for t in /tmp/rsae-train/e2e-*/timer_trace_rank0.json.gz; do
+      [ -f "$t" ] && mkdir -p "$OUT/traces" && cp "$t" "$OUT/traces/$(basename "$(dirname "$t")").json.gz"
+    done ;;
   topo)
     log "topology"
     nvidia-smi topo -m
@@ -60,11 +64,15 @@ for stage in $STAGES; do
   ddp)
     IFS=';' read -ra VARS <<< "${DDP_VARIANTS:-}"
     for v in "${VARS[@]}"; do
-      IFS='|' read -r name bargs dover <<< "$v"
-      log "ddp $name: $bargs -- $dover"
-      timeout ${DDP_TIMEOUT:-300} python3 -m rsae.bench ddp $bargs --work-dir /tmp/rsae-ddp --json "$OUT/ddp_$name.json" \
+      IFS='|' read -r name bargs dover envs <<< "$v"
+      log "ddp $name: $bargs -- $dover ${envs:+(env $envs)}"
+      env ${envs:-} timeout ${DDP_TIMEOUT:-300} python3 -m rsae.bench ddp $bargs --work-dir /tmp/rsae-ddp --json "$OUT/ddp_$name.json" \
         --ddp-overrides $dover > "$OUT/ddp_$name.md" 2>&1
       log "exit $?"; tail -n 8 "$OUT/ddp_$name.md"
+      for run in single ddp; do  # profiled runs' chrome traces, for `python -m rsae.bench timeline`
+        ls /tmp/rsae-ddp/$run/timer_trace_rank*.json.gz >/dev/null 2>&1 && mkdir -p "$OUT/traces/$name-$run" \
+          && mv /tmp/rsae-ddp/$run/timer_trace_rank*.json.gz "$OUT/traces/$name-$run/"
+      done
     done ;;
   esac
 done

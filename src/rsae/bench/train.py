@@ -568,6 +568,7 @@ class StepTimer(L.Callback):
         if self._prof is not None and trainer.global_step == self._prof_start + self.profile_steps:
             self._sync(pl_module)
             self._prof.stop()
+            self._write_trace(self._prof, trainer.global_rank)
             if trainer.global_rank == 0:
                 self._write_profile(self._prof)
             self._prof = False  # done
@@ -583,6 +584,22 @@ class StepTimer(L.Callback):
             self.paused += time.perf_counter() - self._val_t0
             self._val_t0 = None
 
+    def trace_path(self, rank: int) -> Path:
+        return self.out.with_name(f"{self.out.stem}_trace_rank{rank}.json.gz")
+
+    def _write_trace(self, prof, rank: int) -> None:
+        """Every rank's chrome trace (gzipped), for `python -m rsae.bench timeline`."""
+        import gzip
+        import shutil
+
+        path = self.trace_path(rank)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        plain = path.with_suffix("")  # .json
+        prof.export_chrome_trace(str(plain))
+        with open(plain, "rb") as src, gzip.open(path, "wb") as dst:
+            shutil.copyfileobj(src, dst)
+        plain.unlink()
+
     def _write_profile(self, prof) -> None:
         from torch.autograd import DeviceType
 
@@ -590,6 +607,10 @@ class StepTimer(L.Callback):
         dev = lambda e: getattr(e, "self_device_time_total", None) or getattr(e, "self_cuda_time_total", 0)  # noqa: E731
         gpu_ms = sum(dev(e) for e in events if e.device_type == DeviceType.CUDA) / 1e3 / self.profile_steps
         parts = [f"GPU-busy {gpu_ms:.2f} ms per step over {self.profile_steps} profiled steps"]
+        if self.trace_path(0).is_file():
+            from rsae.bench.timeline import report
+
+            parts.append(report([str(self.trace_path(0))], self.profile_steps))
         for key in ("self_cpu_time_total", "self_device_time_total", "self_cuda_time_total"):
             try:
                 parts.append(f"sorted by {key}:\n" + events.table(sort_by=key, row_limit=18, max_name_column_width=70))
