@@ -35,13 +35,12 @@ def test_ddp_two_cpu_processes(tmp_path, compression):
 
 
 def test_ddp_strategy_options():
-    from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
-
     from rsae.errors import ConfigError
     from rsae.lit.ddp import ddp_strategy
 
     assert ddp_strategy()._ddp_comm_hook is None
-    assert ddp_strategy("bf16")._ddp_comm_hook is default_hooks.bf16_compress_hook
+    assert ddp_strategy("bf16")._ddp_comm_hook.__name__ == "bfloat16_avg_allreduce_hook"
+    assert ddp_strategy("fp16")._ddp_comm_hook.__name__ == "float16_avg_allreduce_hook"
     assert ddp_strategy("fp16", bucket_cap_mb=100)._ddp_kwargs["bucket_cap_mb"] == 100
     with pytest.raises(ConfigError, match="grad_compression"):
         ddp_strategy("int8")

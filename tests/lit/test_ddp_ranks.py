@@ -89,3 +89,36 @@ def test_ranks_merge_their_firing_counts_into_what_one_process_would_count(tmp_p
     want = torch.tensor([0, 0, 7 + 6, 0, 100 + 6, 3 + 6])  # fired on either rank -> 0, else + 2 x 3 rows
     for r in range(2):
         assert torch.equal(torch.load(f"{out}.{r}"), want)
+
+
+def _hook_rank(rank: int, world: int, port: int, compression: str, out: str) -> None:
+    from rsae.lit.ddp import narrow_allreduce_hook
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    grad = torch.randn(1000, generator=torch.Generator().manual_seed(100 + rank))  # a different gradient per rank
+    hand = grad.clone()
+    dist.all_reduce(hand)  # the exact mean over ranks, in float32
+    hand /= world
+    buf = grad.clone()
+    bucket = types.SimpleNamespace(buffer=lambda: buf)  # what the hook reads of DDP's GradBucket
+    got = narrow_allreduce_hook(getattr(torch, compression))(None, bucket).wait()
+    assert got is buf  # averaged in place, as DDP expects of a hook's result
+    torch.save({"hand": hand, "got": got}, f"{out}.{rank}")
+    dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("compression", ["bfloat16", "float16"])
+def test_narrow_hook_averages_gradients_across_ranks(tmp_path, compression):
+    """The narrow all-reduce hook gives every rank the mean of the ranks' gradient buckets, to the
+    narrow dtype's precision (a sum instead of a mean would be 2x off). Its use inside DDP is
+    covered by tests/jobs/test_multirun_ddp.py (train.py with bf16 compression, 2 processes)."""
+    out = str(tmp_path / "grads")
+    mp.spawn(_hook_rank, args=(2, _free_port(), compression, out), nprocs=2, join=True)
+    r0, r1 = (torch.load(f"{out}.{r}") for r in range(2))
+    assert torch.equal(r0["got"], r1["got"])  # every rank holds the same averaged gradient
+    assert torch.equal(r0["hand"], r1["hand"])
+    hand, got = r0["hand"], r0["got"]
+    tol = 1e-2 if compression == "bfloat16" else 2e-3
+    assert torch.allclose(got, hand, rtol=tol, atol=tol * hand.abs().max().item()), (got - hand).abs().max()
+    assert not torch.equal(got, hand)  # it really went through the narrow dtype
