@@ -289,8 +289,13 @@ class TrainStream(IterableDataset):
                     yield carry
                     carry = None
                 full = len(order) - len(order) % self.batch_size
-                for lo in range(0, full, self.batch_size):
-                    yield self._gather(rows, order[lo:lo + self.batch_size])
+                if self.device is not None and full:  # every batch's positions cross to the device in one copy per window
+                    index = self._device_batch_index(order[:full], rows.device)
+                    for i in range(len(index)):
+                        yield torch.index_select(rows, 0, index[i])
+                else:
+                    for lo in range(0, full, self.batch_size):
+                        yield self._gather(rows, order[lo:lo + self.batch_size])
                 if full < len(order):
                     carry = self._gather(rows, order[full:])
         finally:
@@ -307,6 +312,15 @@ class TrainStream(IterableDataset):
                 raise RuntimeError("shuffle_device=cuda but CUDA is not available")
             device = torch.device("cuda", torch.cuda.current_device())  # this rank's GPU under DDP
         return device
+
+    def _device_batch_index(self, positions: np.ndarray, device: torch.device) -> torch.Tensor:
+        """`[n_batches, batch_size]` positions on `device`, each batch's sorted as `_gather` sorts
+        them: one pinned, non-blocking copy per window instead of one per batch (the host's
+        per-batch work is then a single index_select launch)."""
+        index = torch.from_numpy(np.sort(positions.reshape(-1, self.batch_size), axis=1))
+        if device.type == "cuda":
+            return index.pin_memory().to(device, non_blocking=True)
+        return index.to(device)
 
     def _gather(self, rows: torch.Tensor, positions: np.ndarray) -> torch.Tensor:
         """One gather of float32 rows (sorted positions read memory in order; the order of rows

@@ -82,7 +82,7 @@ class SAEModule(L.LightningModule):
         compile_mode: str | None = None,
         log_every_n_steps: int | None = None,
         lr_scales: dict[str, float] | None = None,
-        ddp_split_step: bool = True,
+        ddp_split_step: bool = False,
     ) -> None:
         super().__init__()
         require(lr > 0, f"lr must be > 0, got {lr}")
@@ -129,7 +129,8 @@ class SAEModule(L.LightningModule):
                     # node). With one graph, the backward hands DDP every gradient at its end and
                     # the whole all-reduce waits; `ddp_split_step` breaks the graph between encoder
                     # and decoder instead, so the decoder's half can start during the encoder's
-                    # backward (measured on 2 x H200: 0.45 ms of a 24.7 ms step; BENCHMARKS.md).
+                    # backward. On 2 x H200 that overlap won 0.45 ms at 4096 rows per rank but the
+                    # lost fusion cost 2 ms at 16384 (BENCHMARKS.md): off by default.
                     torch._dynamo.config.optimize_ddp = False
                     self.sae.graph_break_before_decode = self.ddp_split_step
                 fn = torch.compile(fn)
