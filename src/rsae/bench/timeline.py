@@ -4,7 +4,8 @@
 
 Per trace: the GPU window (first to last GPU activity), the time some kernel or copy runs
 (busy), the idle rest, and how much of the NCCL time overlaps compute and how much is
-exposed; the host's blocking CUDA calls; the longest idle gaps with the host operation that was
+exposed; the host's CUDA calls that can wait for the GPU (the profiler's own synchronisations
+at its start and end included); the longest idle gaps with the host operation that was
 running then (where a host-bound step loses its time). With several ranks' traces, the k-th
 NCCL kernel of every rank is taken as one collective: a collective's kernel starts when its
 rank gets there and ends when all ranks have, so the spread of start times is time a rank's
@@ -21,7 +22,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 GPU_CATS = {"kernel", "gpu_memcpy", "gpu_memset"}
-BLOCKING = re.compile(r"^cuda(StreamSynchronize|DeviceSynchronize|EventSynchronize|Memcpy|MemcpyAsync|StreamWaitEvent)$")
+# Host calls that can wait for the GPU (an async copy waits when its host memory is pageable).
+BLOCKING = re.compile(r"^cuda(StreamSynchronize|DeviceSynchronize|EventSynchronize|Memcpy|MemcpyAsync)$")
 GEMM = re.compile(r"gemm|xmma|cutlass|cublas|wgmma|nvjet", re.I)
 
 
