@@ -101,7 +101,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cpu", action="store_true", help="tiny CPU smoke run with gloo")
     p.add_argument("overrides", nargs="*", help="extra train.py overrides for both runs (e.g. module.compile=true)")
     p.add_argument("--profile-steps", type=int, default=0,
-                   help="torch.profiler over this many steps of rank 0 before the timed window (GPU-busy vs wall time)")
+                   help="torch.profiler over this many steps before the timed window: rank 0's op table, every "
+                        "rank's chrome trace, and their timeline (python -m rsae.bench timeline)")
     p.add_argument("--weak", action="store_true",
                    help="weak scaling: the 1-GPU run takes `batch` rows per step (the per-rank batch), not gpus x batch; "
                         "tokens/s compare, the metrics do not (the DDP run sees gpus x the tokens)")

@@ -290,9 +290,9 @@ class TrainStream(IterableDataset):
                     carry = None
                 full = len(order) - len(order) % self.batch_size
                 if self.device is not None and full:  # every batch's positions cross to the device in one copy per window
-                    index = self._device_batch_index(order[:full], rows.device)
-                    for i in range(len(index)):
-                        yield torch.index_select(rows, 0, index[i])
+                    positions = self._device_batch_index(order[:full], rows.device)
+                    for i in range(len(positions)):
+                        yield torch.index_select(rows, 0, positions[i])
                 else:
                     for lo in range(0, full, self.batch_size):
                         yield self._gather(rows, order[lo:lo + self.batch_size])
