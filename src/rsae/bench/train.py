@@ -14,6 +14,8 @@ train.py on a cached activation stream, and a quality check of the fast path.
                decoding, sync-free bookkeeping, fused Triton rational gate);
      compiled  fast + `SAEModule(compile=True)` (torch.compile of the step and the decoder norm);
      compiled+cg  compiled with `compile_mode=reduce-overhead` (the step replayed as CUDA graphs);
+     compiled+graph  compiled with `cuda_graph=True`: forward, backward and clipping captured as
+               one CUDA graph (`SAEModule.forward_backward`), then Adam and the decoder norm;
    Reported: ms/step (median of --repeats timed runs of --steps steps, CUDA events), tokens/s,
    TFLOP/s and % of the roofline, counting 12 d m FLOP per token for every architecture (the
    dense step's arithmetic) at --peak-tflops, peak device memory, and the host synchronisations
@@ -58,7 +60,7 @@ import lightning as L
 
 ARCHS = ("relu", "jumprelu", "topk", "batchtopk", "rational")
 SAELENS_ARCHS = {"relu": "standard", "jumprelu": "jumprelu", "topk": "topk"}
-VARIANTS = ("plain", "fast", "compiled", "compiled+cg")
+VARIANTS = ("plain", "fast", "compiled", "compiled+cg", "compiled+graph")
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -92,6 +94,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--e2e-rows", type=int, default=262144, help="training rows in the synthetic cache")
     p.add_argument("--e2e-overrides", default="", help="extra train.py overrides for the end-to-end runs, space "
                    "separated (e.g. 'data.shuffle_device=cuda' with --e2e-workers 0)")
+    p.add_argument("--e2e-cuda-graph", default="false",
+                   help="module.cuda_graph for the end-to-end runs: comma list of false/true (both: each run twice)")
     p.add_argument("--e2e-timeout", type=int, default=420)
     p.add_argument("--e2e-profile-steps", type=int, default=0,
                    help="profile this many steps before the timed window (host and GPU time by operation)")
@@ -368,6 +372,15 @@ def rsae_step(module, opt, device, dtype):
     return step
 
 
+def rsae_captured_step(module, opt, device, dtype):
+    def step(x, i):  # what SAEModule.training_step runs with cuda_graph=True
+        with autocast(device, dtype):
+            opt.step(closure=lambda: module.forward_backward(x, BENCH_STEP, opt)[0])
+        module.step_fn("normalize_decoder")()
+
+    return step
+
+
 def make_batches(d: int, batch: int, device, seed: int, n: int = 4) -> tuple[list[torch.Tensor], float]:
     gen = SyntheticActs(d, device, seed)
     batches = [gen.batch(i, batch) for i in range(n)]
@@ -398,14 +411,14 @@ def bench_rsae(arch, d, m, batch, variant, args, device, batches, scale) -> dict
     from rsae.lit.module import SAEModule
 
     sae = initial_sae(arch, d, m, args, device)
-    module = SAEModule(sae, compile=variant.startswith("compiled"),
+    module = SAEModule(sae, compile=variant.startswith("compiled"), cuda_graph=variant.endswith("+graph"),
                        compile_mode="reduce-overhead" if variant.endswith("+cg") else None).to(device)
     module.set_activation_scale(scale)
     opt = torch.optim.Adam(sae.parameters(), lr=module.lr, betas=module.betas, fused=device.type == "cuda")
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     with variant_context(variant):
-        step = rsae_step(module, opt, device, args.dtype)
+        step = (rsae_captured_step if module.cuda_graph else rsae_step)(module, opt, device, args.dtype)
         t_compile = time.perf_counter()
         timing = time_steps(step, batches, device, args.warmup, args.steps, args.repeats)
         total = time.perf_counter() - t_compile
@@ -413,6 +426,8 @@ def bench_rsae(arch, d, m, batch, variant, args, device, batches, scale) -> dict
         prof = profile_steps(step, batches, timing["next_step"] + 1, device) if variant in csv(args.profile) else None
     res = {"kind": "rsae", "arch": arch, "variant": variant, "d": d, "m": m, "batch": batch, **timing,
            "syncs_per_step": syncs, "wall_s": round(total, 1)}
+    if module.cuda_graph:
+        res["graph_captures"] = module._captured.captures
     if prof is not None:
         res["profile"] = prof
     if device.type == "cuda":
@@ -641,8 +656,9 @@ def repo_root() -> Path:
     return Path(rsae.__file__).resolve().parents[2]
 
 
-def run_e2e(arch, d, m, batch, args, device, data_args: list[str], work: Path, workers: int) -> dict:
-    run_dir = work / f"e2e-{arch}-{d}x{m}-b{batch}-w{workers}"
+def run_e2e(arch, d, m, batch, args, device, data_args: list[str], work: Path, workers: int,
+            cuda_graph: bool = False) -> dict:
+    run_dir = work / f"e2e-{arch}-{d}x{m}-b{batch}-w{workers}{'-graph' if cuda_graph else ''}"
     timer = run_dir / "timer.json"
     cpu = device.type != "cuda"
     overrides = [
@@ -656,7 +672,8 @@ def run_e2e(arch, d, m, batch, args, device, data_args: list[str], work: Path, w
         f"+callbacks.step_timer.skip={min(args.e2e_skip, max(0, args.e2e_steps - 2))}",
         f"+callbacks.step_timer.profile_steps={args.e2e_profile_steps if args.e2e_skip >= args.e2e_profile_steps + 8 else 0}",
         f"+callbacks.step_timer.sync_steps={args.e2e_sync_steps if args.e2e_skip >= args.e2e_sync_steps + 2 else 0}",
-        f"hydra.run.dir={run_dir}", f"seed={args.seed}", *args.e2e_overrides.split(),
+        f"hydra.run.dir={run_dir}", f"seed={args.seed}", f"module.cuda_graph={str(cuda_graph).lower()}",
+        *args.e2e_overrides.split(),
     ]
     if arch in ("topk", "batchtopk"):
         overrides.append(f"sae.k={args.k}")
@@ -666,7 +683,10 @@ def run_e2e(arch, d, m, batch, args, device, data_args: list[str], work: Path, w
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "WANDB_MODE": "offline", "HF_HUB_OFFLINE": "1"}
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, cwd=repo_root(), env=env, capture_output=True, text=True, timeout=args.e2e_timeout)
-    res = {"kind": "e2e", "arch": arch, "variant": "compiled" if args.e2e_compile == "true" and not cpu else "fast",
+    variant = "compiled" if args.e2e_compile == "true" and not cpu else "fast"
+    if cuda_graph:
+        variant += "+graph"  # compared with the raw step of the same variant
+    res = {"kind": "e2e", "arch": arch, "variant": variant,
            "d": d, "m": m, "batch": batch, "wall_s": round(time.perf_counter() - t0, 1), "returncode": proc.returncode,
            "num_workers": workers, "command": "python train.py " + " ".join(overrides)}
     if proc.returncode != 0 or not timer.is_file():
@@ -863,6 +883,8 @@ def main(argv: list[str] | None = None) -> int:
     for v in variants:
         if v not in VARIANTS:
             raise SystemExit(f"unknown variant {v!r}; expected one of {VARIANTS}")
+    if not csv(args.e2e_cuda_graph) or set(csv(args.e2e_cuda_graph)) - {"false", "true"}:
+        raise SystemExit(f"--e2e-cuda-graph: a comma list of false/true, got {args.e2e_cuda_graph!r}")
     if device.type != "cuda":
         variants = [v for v in variants if not v.startswith("compiled")]  # compiling on the CPU takes minutes
     results = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({platform.processor() or platform.machine()})",
@@ -976,8 +998,9 @@ def main(argv: list[str] | None = None) -> int:
             if args.e2e_extra_workers is not None and args.e2e_extra_workers != args.e2e_workers:
                 runs.append((e2e_archs[0], args.e2e_extra_workers))
             for arch, workers in runs:
-                record(run_e2e, arch, d, m, batches[0], args, device, overrides, work, workers,
-                       kind="e2e", arch=arch, d=d, m=m, batch=batches[0], num_workers=workers)
+                for graph in csv(args.e2e_cuda_graph):
+                    record(run_e2e, arch, d, m, batches[0], args, device, overrides, work, workers, graph == "true",
+                           kind="e2e", arch=arch, d=d, m=m, batch=batches[0], num_workers=workers)
 
     def quality_checks():
         q_archs = csv(args.quality)

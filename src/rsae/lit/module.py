@@ -15,17 +15,28 @@ Lightning's `log` costs host time on every call (logging `train/l0` every step c
 per step on a 2-core CPU, a sizeable part of a small SAE's step on a GPU), so nothing is logged on
 the other steps; the step's L0 (a device tensor) is kept in `last_train_l0` for step-level
 callbacks such as HoldL0.
+
+`cuda_graph=True` goes further for small, host-bound SAEs: the step up to the optimizer (forward,
+backward, decoder-gradient projection, clipping) is captured once as a CUDA graph and replayed
+(`rsae.lit.graph_step`), and the module drives its own optimisation (Lightning's manual
+optimisation, one `optimizer.step` per batch), which also spares Lightning's closure machinery.
+Adam (one fused kernel) and the decoder re-normalisation run after the replay. Single device,
+bf16-mixed or float32 only; off CUDA the same path runs uncaptured.
 """
 
 from __future__ import annotations
+
+import logging
 
 import lightning as L
 import torch
 from torch import Tensor
 
 from rsae.eval.metrics import ReconstructionMetrics, feature_recovery
+from rsae.lit.graph_step import CapturedStep
 from rsae.sae.base import SAE, require
 
+log = logging.getLogger(__name__)
 
 def lr_multiplier(step: int, max_steps: int, warmup_steps: int, decay_fraction: float, min_lr_ratio: float) -> float:
     """Linear warm-up, constant, then linear decay over the last `decay_fraction` of training."""
@@ -83,6 +94,7 @@ class SAEModule(L.LightningModule):
         log_every_n_steps: int | None = None,
         lr_scales: dict[str, float] | None = None,
         ddp_split_step: bool = False,
+        cuda_graph: bool = False,
     ) -> None:
         super().__init__()
         require(lr > 0, f"lr must be > 0, got {lr}")
@@ -112,6 +124,12 @@ class SAEModule(L.LightningModule):
         self.compile_mode = compile_mode
         self.log_every_n_steps = log_every_n_steps
         self.ddp_split_step = bool(ddp_split_step)
+        require(not (cuda_graph and compile_mode == "reduce-overhead"),
+                "module.cuda_graph captures the whole step already: use compile_mode null (or default), not reduce-overhead")
+        self.cuda_graph = bool(cuda_graph)
+        self.automatic_optimization = not self.cuda_graph  # the captured step drives the optimizer itself
+        self.sae.step_in_cuda_graph = self.cuda_graph
+        self._captured = CapturedStep()
         self._step_fns: dict[str, object] = {}
         self._step_tensor: Tensor | None = None
 
@@ -142,17 +160,58 @@ class SAEModule(L.LightningModule):
         reduce-overhead) each call starts a new graph step, and the logged values are copied out of
         the graph's memory, which the next replay reuses."""
         fn = self.step_fn("train")
-        if self.compile_step:
-            # The step number as a device tensor: as a Python int, each new value is a new
-            # constant (a recompile, then a symbolic int that CUDA graphs re-record per value).
-            if self._step_tensor is None or self._step_tensor.device != x.device:
-                self._step_tensor = torch.zeros((), dtype=torch.int64, device=x.device)
-            step = self._step_tensor.fill_(step)
+        if self.compile_step and not isinstance(step, Tensor):
+            step = self.step_as_tensor(step, x.device)
         if not (self.compile_step and self.compile_mode == "reduce-overhead"):
             return fn(x, step)
         torch.compiler.cudagraph_mark_step_begin()
         loss, losses, l0 = fn(x, step)
         return loss, {k: v.clone() for k, v in losses.items()}, l0.clone()
+
+    def step_as_tensor(self, step: int, device: torch.device) -> Tensor:
+        """The step number in a device tensor that keeps its place: as a Python int, each new
+        value is a new constant to a compiled step (a recompile, then a symbolic int that CUDA
+        graphs re-record per value), and a captured graph would keep the value of its capture."""
+        if self._step_tensor is None or self._step_tensor.device != device:
+            self._step_tensor = torch.zeros((), dtype=torch.int64, device=device)
+        return self._step_tensor.fill_(step)
+
+    def forward_backward(self, batch: Tensor, step: int, optimizer) -> tuple[Tensor, dict[str, Tensor], Tensor]:
+        """A training step up to the optimizer update (the `cuda_graph` path): the loss, its
+        backward, the decoder-gradient projection and the clipping (folded into a fused Adam's
+        `grad_scale`). On CUDA it is captured as a CUDA graph after warm-up and replayed. Returns
+        (loss, loss terms, L0), in the graph's memory, which the next step overwrites."""
+        inner = getattr(optimizer, "_optimizer", optimizer)  # a LightningOptimizer wraps the real one
+        if batch.is_cuda:
+            step = self.step_as_tensor(step, batch.device)  # filled here, outside the graph, which reads it
+        params = [p for p in self.sae.parameters() if p.requires_grad]
+
+        def body(x: Tensor):
+            for p in params:  # the backward writes fresh gradients (captured: into the graph's memory)
+                p.grad = None
+            loss, losses, l0 = self.run_train(x * self.act_scale, step)
+            loss.backward()
+            self.step_fn("remove_parallel_decoder_grad")()
+            if self.grad_clip:
+                clip_gradients(params, self.grad_clip, inner)
+            return loss.detach(), losses, l0, [p.grad for p in params], getattr(inner, "grad_scale", None)
+
+        loss, losses, l0, grads, grad_scale = self._captured(body, batch, self._capture_key() if batch.is_cuda else None)
+        # A replay refills the captured gradients (and clipping factor); an eager step in between
+        # may have replaced them.
+        for p, g in zip(params, grads):
+            p.grad = g
+        if self.grad_clip:
+            inner.grad_scale = grad_scale
+        return loss, losses, l0
+
+    def _capture_key(self) -> tuple:
+        """What a captured step depends on besides tensors: the SAE's plain settings (a callback
+        such as HoldL0 changing a coefficient makes a new step) and autocast."""
+        settings = tuple((f"{name}.{k}" if name else k, v) for name, mod in self.sae.named_modules()
+                         for k, v in vars(mod).items() if isinstance(v, (bool, int, float, str)))
+        device = "cuda"
+        return settings, torch.is_autocast_enabled(device), torch.get_autocast_dtype(device), torch.is_grad_enabled()
 
     def train_losses(self, x: Tensor, step: int) -> tuple[Tensor, dict[str, Tensor], Tensor]:
         """`sae.training_output` reduced to what training uses: the loss, the (detached) loss terms
@@ -175,22 +234,66 @@ class SAEModule(L.LightningModule):
         self.act_scale.fill_(float(scale))
 
     # --- training -----------------------------------------------------------------------------
-    def training_step(self, batch: Tensor, batch_idx: int) -> Tensor:
+    def training_step(self, batch: Tensor, batch_idx: int) -> Tensor | None:
+        if self.cuda_graph:
+            return self._captured_training_step(batch)
         x = batch * self.act_scale
         loss, losses, l0 = self.run_train(x, self.global_step)
         self.last_train_l0 = l0
         if self._trainer is not None and self.trainer.world_size > 1:  # dead latents judged on every rank's rows
             self.sae.merge_firing_across_ranks(x.shape[0])
         if self._log_now():
-            logs = {"train/l0": l0, "train/loss": loss.detach()}
-            logs["train/mse"] = losses["mse"] / self.act_scale.pow(2)
-            logs.update({f"train/{k}_loss": v for k, v in losses.items() if k != "mse"})
-            logs["train/dead_fraction"] = self.sae.dead_mask().float().mean()
-            logs["train/lr"] = self.lr * self._lr_mult(self.global_step)
-            self.log_dict(logs, on_step=True, on_epoch=False, prog_bar=False)
+            self._log_train(self.global_step, loss.detach(), losses, l0)
         return loss
 
+    def _captured_training_step(self, batch: Tensor) -> None:
+        """Manual optimisation around `forward_backward`: Lightning counts the step through
+        `optimizer.step`, whose closure is the (replayed) step."""
+        step, log_now = self.global_step, self._log_now()  # before optimizer.step advances global_step
+        opt = self.optimizers()
+        out = []
+        opt.step(closure=lambda: out.append(self.forward_backward(batch, step, opt)) or out[-1][0])
+        self.step_fn("normalize_decoder")()
+        self.lr_schedulers().step()
+        loss, losses, l0 = out[-1]
+        if log_now:  # copies: the next replay overwrites the graph's outputs
+            self._log_train(step, loss.clone(), {k: v.clone() for k, v in losses.items()}, l0.clone())
+        self.last_train_l0 = l0
+        return None
+
+    def _log_train(self, step: int, loss: Tensor, losses: dict[str, Tensor], l0: Tensor) -> None:
+        logs = {"train/l0": l0, "train/loss": loss}
+        logs["train/mse"] = losses["mse"] / self.act_scale.pow(2)
+        logs.update({f"train/{k}_loss": v for k, v in losses.items() if k != "mse"})
+        logs["train/dead_fraction"] = self.sae.dead_mask().float().mean()
+        logs["train/lr"] = self.lr * self._lr_mult(step)
+        self.log_dict(logs, on_step=True, on_epoch=False, prog_bar=False)
+
+    def on_fit_start(self) -> None:
+        if not self.cuda_graph:
+            return
+        trainer = self.trainer
+        require(trainer.world_size == 1, f"module.cuda_graph runs on one device; this run has {trainer.world_size} "
+                                         "processes (use module.cuda_graph=false with DDP)")
+        scaler = getattr(trainer.precision_plugin, "scaler", None)
+        require(scaler is None, "module.cuda_graph cannot drive a gradient scaler (fp16 mixed precision): "
+                                "use trainer.precision=bf16-mixed or 32")
+        if self.device.type != "cuda":
+            log.info("module.cuda_graph: no CUDA device, the step runs uncaptured")
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["rsae_cuda_graph"] = self.cuda_graph
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        # Lightning counts steps in different places for automatic and manual optimisation: a
+        # resumed run that switched would restart its step count.
+        saved = bool(checkpoint.get("rsae_cuda_graph", False))
+        require(saved == self.cuda_graph, f"this checkpoint was trained with module.cuda_graph={str(saved).lower()}; "
+                                          f"resume it with the same setting")
+
     def on_before_optimizer_step(self, optimizer) -> None:
+        if self.cuda_graph:  # forward_backward did this, inside the captured step
+            return
         self.step_fn("remove_parallel_decoder_grad")()
         # Fold the clipping into a fused Adam unless a GradScaler (fp16) also drives its grad_scale.
         scaler = getattr(getattr(self._trainer, "precision_plugin", None), "scaler", None)

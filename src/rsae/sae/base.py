@@ -117,6 +117,9 @@ class SAE(nn.Module):
 
     # Set by the training module for a compiled step under DDP (module.ddp_split_step).
     graph_break_before_decode: bool = False
+    # Set by the training module when the step is captured as a CUDA graph (module.cuda_graph):
+    # the step must take the same path every time, without the host reading device values.
+    step_in_cuda_graph: bool = False
 
     def _decoder_boundary(self) -> None:
         """A compiled step breaks its graph here when asked: its backward then runs as two

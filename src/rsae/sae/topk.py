@@ -99,12 +99,14 @@ class TopKSAE(SAE):
 
     @torch.compiler.disable
     def _any_dead(self) -> bool:
+        if self.step_in_cuda_graph:  # a captured step cannot branch on it: AuxK always runs (weight 0 if none)
+            return True
         flag = self._dead_flag.read(fast.tensor_version(self.tokens_since_fired))
         return bool(self.dead_mask().any()) if flag is None else flag
 
     @torch.compiler.disable
     def _record_dead(self) -> None:
-        if self.tokens_since_fired.is_cuda:
+        if self.tokens_since_fired.is_cuda and not self.step_in_cuda_graph:
             self._dead_flag.record(self.dead_mask().any(), fast.tensor_version(self.tokens_since_fired))
 
     # --- AuxK ---------------------------------------------------------------------------------------
@@ -114,6 +116,8 @@ class TopKSAE(SAE):
             return {}
         dead = self.dead_mask()
         any_dead = getattr(self, "_step_any_dead", None)
+        if any_dead is None and self.step_in_cuda_graph:
+            any_dead = True  # (the rational SAE's topk gate comes here without the fast path's flag)
         if any_dead is not None:
             # Fast path: no dead count on the host. Taking the top k_aux even when fewer latents are
             # dead selects some -inf entries, which the ReLU zeroes: the same z_aux as top-n_dead.

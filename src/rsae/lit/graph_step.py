@@ -1,0 +1,104 @@
+"""A training step captured once as a CUDA graph and then replayed: one launch per step.
+
+A small SAE's step is host-bound on a fast GPU: Lightning's loop, the Python of the forward,
+the autograd engine and the optimizer take longer to launch the kernels than the GPU takes to run
+them. Replaying the captured step (forward, backward, gradient clipping) costs the host one
+launch, whatever the number of kernels inside.
+
+`CapturedStep(fn, x, key)` runs `fn(x)` eagerly until the same `key` has been seen `warmup`
+times in a row (the first call compiles, lazily built state settles), then captures it and from
+then on copies `x` into the captured input and replays. A new key (another batch shape, a
+changed SAE setting) runs eagerly again and is captured in its turn; only the latest graph is
+kept. What the graph reads must stay where it was at capture time: parameters and buffers are
+updated in place, and `fn` must not branch on device values on the host (it cannot: capture
+forbids host synchronisation). Off CUDA every call is eager.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Callable
+
+import torch
+from torch import Tensor
+
+log = logging.getLogger(__name__)
+
+
+class CapturedStep:
+    def __init__(self, warmup: int = 2) -> None:
+        if warmup < 1:
+            raise ValueError(f"warmup must be >= 1 (a step runs eagerly before it is captured), got {warmup}")
+        self.warmup = warmup
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.captures = 0  # how many graphs were captured (a test and the benchmark read it)
+        self._key: Any = None  # the captured graph's key
+        self._candidate: Any = None  # the key of the latest eager steps, and how many in a row
+        self._seen = 0
+        self._input: Tensor | None = None
+        self._output: Any = None
+        self._stream: torch.cuda.Stream | None = None
+        self._warned = False
+
+    def __call__(self, fn: Callable[[Tensor], Any], x: Tensor, key: Any) -> Any:
+        if not x.is_cuda:
+            return fn(x)
+        key = (tuple(x.shape), x.dtype, x.device, key)
+        if self.graph is not None and key == self._key:
+            self._input.copy_(x, non_blocking=True)
+            self.graph.replay()
+            return self._output
+        if key != self._candidate:
+            if self.graph is not None and not self._warned:
+                self._warned = True
+                log.warning("module.cuda_graph: the step changed after its capture (%s); it runs eagerly until it "
+                            "holds still for %d steps, then is captured again", _difference(self._key, key), self.warmup)
+            self._candidate, self._seen = key, 0
+        self._seen += 1
+        if self._seen <= self.warmup:
+            return self._on_side_stream(fn, x)
+        return self._capture(fn, x, key)
+
+    def _side_stream(self) -> torch.cuda.Stream:
+        if self._stream is None or self._stream.device != torch.cuda.current_device():
+            self._stream = torch.cuda.Stream()
+        return self._stream
+
+    def _on_side_stream(self, fn, x: Tensor):
+        # Eager steps run on the stream the capture will use, so that what is created lazily per
+        # stream (cuBLAS workspaces, compiled kernels' first launches) exists before capture.
+        stream = self._side_stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            out = fn(x)
+        torch.cuda.current_stream().wait_stream(stream)
+        return out
+
+    def _capture(self, fn, x: Tensor, key):
+        self.graph = self._output = None  # free the previous graph's memory first
+        self._input = x.detach().clone()
+        graph = torch.cuda.CUDAGraph()
+        # thread_local: the data loader's thread keeps copying batches while this one captures.
+        with torch.cuda.graph(graph, stream=self._side_stream(), capture_error_mode="thread_local"):
+            # Autocast's cast cache would let a cast made before capture stand in for one made on
+            # replay; inside the graph every cast is recomputed.
+            with _autocast_without_cache():
+                output = fn(self._input)
+        self.graph, self._output, self._key = graph, output, key
+        self.captures += 1
+        graph.replay()  # the capture ran nothing: this is the step's computation
+        return output
+
+
+def _autocast_without_cache():
+    device = "cuda"
+    return torch.autocast(device, dtype=torch.get_autocast_dtype(device), enabled=torch.is_autocast_enabled(device),
+                          cache_enabled=False)
+
+
+def _difference(old, new) -> str:
+    """What differs between two step keys, for the warning (keys are nested tuples)."""
+    if isinstance(old, tuple) and isinstance(new, tuple) and len(old) == len(new):
+        parts = [_difference(a, b) for a, b in zip(old, new) if a != b]
+        return "; ".join(p for p in parts if p)
+    return f"{old!r} -> {new!r}"

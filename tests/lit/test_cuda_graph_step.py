@@ -1,0 +1,185 @@
+"""`module.cuda_graph`: the step up to the optimizer captured as a CUDA graph (rsae.lit.graph_step)
+under Lightning's manual optimisation. On the CPU the same manual path runs uncaptured and must
+train exactly as the automatic path does; on CUDA the captured replays must match it too."""
+
+from __future__ import annotations
+
+import copy
+from types import SimpleNamespace
+
+import lightning as L
+import pytest
+import torch
+
+from rsae.data.synthetic import SyntheticDataModule
+from rsae.lit.graph_step import CapturedStep
+from rsae.lit.module import SAEModule
+from rsae.sae import BatchTopKSAE, JumpReLUSAE, ReLUSAE, TopKSAE
+from rsae.sae.base import ConfigError
+from rsae.sae.rational import RationalSAE
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+DEVICES = ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, cuda])]
+
+SAES = {
+    "relu": lambda: ReLUSAE(8, 32, l1_coefficient=0.5, l1_warmup_steps=4),
+    "topk": lambda: TopKSAE(8, 32, k=2, dead_after_tokens=40),  # latents die within the run: AuxK matters
+    "batchtopk": lambda: BatchTopKSAE(8, 32, k=2),
+    "jumprelu": lambda: JumpReLUSAE(8, 32, l0_coefficient=0.1, l0_warmup_steps=4),
+    "rational": lambda: RationalSAE(8, 32, gate="topk", k=3, dead_after_tokens=40),
+}
+
+
+class Record(L.Callback):
+    def __init__(self) -> None:
+        self.l0: list[float] = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.l0.append(float(pl_module.last_train_l0))
+
+
+class ChangeCoefficient(L.Callback):
+    """Changes a plain SAE setting mid-run, as HoldL0 does every step."""
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if trainer.global_step == 6:
+            pl_module.sae.l1_coefficient *= 2.0
+
+
+def fit(sae, device: str, cuda_graph: bool, steps: int = 12, callbacks=(), **module_kw):
+    torch.manual_seed(0)
+    module = SAEModule(copy.deepcopy(sae), warmup_steps=3, decay_fraction=0.5, cuda_graph=cuda_graph, **module_kw)
+    record = Record()
+    dm = SyntheticDataModule(d_in=8, n_features=32, batch_size=16)
+    trainer = L.Trainer(max_steps=steps, accelerator=device, devices=1, precision="32-true", logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                        log_every_n_steps=4, limit_val_batches=0, callbacks=[record, *callbacks])
+    trainer.fit(module, datamodule=dm)
+    return module, trainer, record
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("arch", sorted(SAES))
+def test_captured_step_trains_as_the_automatic_step(arch, device):
+    sae = SAES[arch]()
+    auto, t_auto, r_auto = fit(sae, device, cuda_graph=False)
+    graph, t_graph, r_graph = fit(sae, device, cuda_graph=True)
+    assert t_graph.global_step == t_auto.global_step == 12
+    assert not graph.automatic_optimization
+    exact = device == "cpu"  # the same operations in the same order; on CUDA the graph replays them
+    tol = dict(rtol=0, atol=0) if exact else dict(rtol=1e-4, atol=1e-5)
+    for (name, a), (_, b) in zip(auto.state_dict().items(), graph.state_dict().items()):
+        torch.testing.assert_close(b, a, **tol, msg=name)
+    assert r_graph.l0 == pytest.approx(r_auto.l0, rel=1e-4)
+    for key in ("train/loss", "train/mse", "train/l0", "train/lr"):
+        torch.testing.assert_close(t_graph.callback_metrics[key].cpu(), t_auto.callback_metrics[key].cpu(), **tol)
+    # The learning-rate schedule was stepped once per batch, as Lightning does for the automatic path.
+    assert t_graph.lr_scheduler_configs[0].scheduler.last_epoch == 12
+    if device == "cuda":
+        assert graph._captured.captures == 1  # 2 eager warm-up steps, then 10 replays of one graph
+
+
+@pytest.mark.gpu
+@cuda
+def test_a_changed_setting_runs_eagerly_then_is_captured_again():
+    sae = SAES["relu"]()
+    auto, _, _ = fit(sae, "cuda", cuda_graph=False, steps=14, callbacks=[ChangeCoefficient()])
+    graph, _, _ = fit(sae, "cuda", cuda_graph=True, steps=14, callbacks=[ChangeCoefficient()])
+    assert graph._captured.captures == 2
+    for (name, a), (_, b) in zip(auto.state_dict().items(), graph.state_dict().items()):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5, msg=name)
+
+
+@pytest.mark.gpu
+@cuda
+def test_captured_step_with_compile_and_bf16():
+    sae = ReLUSAE(64, 256, l1_coefficient=0.5)
+    torch.manual_seed(0)
+    dm = SyntheticDataModule(d_in=64, n_features=256, batch_size=128)
+    results = []
+    for cuda_graph in (False, True):
+        module = SAEModule(copy.deepcopy(sae), warmup_steps=3, compile=True, cuda_graph=cuda_graph)
+        trainer = L.Trainer(max_steps=10, accelerator="cuda", devices=1, precision="bf16-mixed", logger=False,
+                            enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                            limit_val_batches=0)
+        trainer.fit(module, datamodule=dm)
+        results.append(module)
+    auto, graph = results
+    assert graph._captured.captures == 1
+    for (name, a), (_, b) in zip(auto.state_dict().items(), graph.state_dict().items()):
+        torch.testing.assert_close(b, a, rtol=2e-3, atol=2e-4, msg=name)
+
+
+@pytest.mark.gpu
+@cuda
+def test_captured_step_replays_on_new_inputs_and_recaptures_for_a_new_shape():
+    w = torch.randn(5, device="cuda")
+    calls = []
+
+    def fn(x):
+        calls.append(x.shape)
+        return (x * w).sum(-1)
+
+    step = CapturedStep(warmup=2)
+    for i in range(6):
+        x = torch.randn(4, 5, device="cuda")
+        torch.testing.assert_close(step(fn, x, key="a"), (x * w).sum(-1))
+    assert len(calls) == 3 and step.captures == 1  # 2 eager, 1 capture, then 3 replays
+    for i in range(4):  # another shape: eager twice, then captured in its turn
+        x = torch.randn(3, 5, device="cuda")
+        torch.testing.assert_close(step(fn, x, key="a").clone(), (x * w).sum(-1))
+    assert step.captures == 2
+    w.mul_(2)  # captured tensors are read where they live: an in-place update is seen by the replay
+    x = torch.randn(3, 5, device="cuda")
+    torch.testing.assert_close(step(fn, x, key="a"), (x * w).sum(-1))
+
+
+def test_captured_step_is_eager_off_cuda():
+    step = CapturedStep()
+    x = torch.randn(3, 2)
+    assert step(lambda t: t * 2, x, key=None).equal(x * 2) and step.captures == 0
+    with pytest.raises(ValueError, match="warmup"):
+        CapturedStep(warmup=0)
+
+
+@pytest.mark.parametrize("make", [lambda: TopKSAE(8, 32, k=2, dead_after_tokens=4),
+                                  lambda: RationalSAE(8, 32, gate="topk", k=3, dead_after_tokens=4)])
+@pytest.mark.parametrize("dead", [False, True])
+def test_auxk_without_a_host_branch_gives_the_same_loss_and_gradients(make, dead):
+    """A captured step always runs AuxK (weight 0 when no latent is dead): the same loss and
+    gradients as the branch the eager step takes."""
+    x = torch.randn(16, 8)
+    outs = []
+    for branch_free in (False, True):
+        sae = make()
+        torch.manual_seed(1)
+        if dead:
+            sae.tokens_since_fired[::3] = 10
+        sae.step_in_cuda_graph = branch_free
+        out = sae.training_output(x, 0)
+        out.loss.backward()
+        outs.append((out.losses, {n: p.grad.clone() for n, p in sae.named_parameters() if p.grad is not None}))
+    (l_a, g_a), (l_b, g_b) = outs
+    assert set(l_a) == set(l_b)
+    for k in l_a:
+        torch.testing.assert_close(l_b[k], l_a[k], rtol=0, atol=0)
+    assert (float(l_a["aux"].detach()) > 0) == dead
+    for n in g_a:
+        torch.testing.assert_close(g_b[n], g_a[n], rtol=0, atol=0, msg=n)
+
+
+def test_bad_combinations_fail_clearly():
+    with pytest.raises(ConfigError, match="reduce-overhead"):
+        SAEModule(ReLUSAE(8, 32), compile=True, compile_mode="reduce-overhead", cuda_graph=True)
+    module = SAEModule(ReLUSAE(8, 32), cuda_graph=True)
+    module._trainer = SimpleNamespace(world_size=2, precision_plugin=SimpleNamespace(scaler=None))
+    with pytest.raises(ConfigError, match="one device"):
+        module.on_fit_start()
+    module._trainer = SimpleNamespace(world_size=1, precision_plugin=SimpleNamespace(scaler=object()))
+    with pytest.raises(ConfigError, match="gradient scaler"):
+        module.on_fit_start()
+    with pytest.raises(ConfigError, match="module.cuda_graph=false"):
+        module.on_load_checkpoint({"state_dict": {}})  # written by an automatic-optimisation run
+    checkpoint: dict = {}
+    module.on_save_checkpoint(checkpoint)
+    module.on_load_checkpoint(checkpoint)
