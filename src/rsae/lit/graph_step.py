@@ -69,8 +69,8 @@ class CapturedStep:
         # stream (cuBLAS workspaces, compiled kernels' first launches) exists before capture.
         stream = self._side_stream()
         stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            out = fn(x)
+        with torch.cuda.stream(stream), _autocast_without_cache():  # as in the capture: a compiled step
+            out = fn(x)  # guards on autocast's cache setting, and a recompile inside a capture fails
         torch.cuda.current_stream().wait_stream(stream)
         return out
 
@@ -79,11 +79,15 @@ class CapturedStep:
         self._input = x.detach().clone()
         graph = torch.cuda.CUDAGraph()
         # thread_local: the data loader's thread keeps copying batches while this one captures.
-        with torch.cuda.graph(graph, stream=self._side_stream(), capture_error_mode="thread_local"):
-            # Autocast's cast cache would let a cast made before capture stand in for one made on
-            # replay; inside the graph every cast is recomputed.
-            with _autocast_without_cache():
-                output = fn(self._input)
+        try:
+            with torch.cuda.graph(graph, stream=self._side_stream(), capture_error_mode="thread_local"):
+                # Autocast's cast cache would let a cast made before capture stand in for one made
+                # on replay; inside the graph every cast is recomputed.
+                with _autocast_without_cache(), torch._dynamo.config.patch(error_on_recompile=True):
+                    output = fn(self._input)
+        except torch._dynamo.exc.RecompileError as err:
+            raise RuntimeError(f"module.cuda_graph: the compiled step recompiled while it was being captured "
+                               f"(something it depends on changed after its warm-up): {err}") from err
         self.graph, self._output, self._key = graph, output, key
         self.captures += 1
         graph.replay()  # the capture ran nothing: this is the step's computation
