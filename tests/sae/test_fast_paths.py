@@ -122,6 +122,31 @@ def test_encoder_without_input_gradient_matches_autograd():
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("stored_transposed", [False, True])
+def test_encoder_weight_gradient_comes_in_the_weights_layout_and_dtype(device, stored_transposed):
+    """Autograd copies a gradient whose strides differ from its parameter's into the parameter's
+    layout (a transposed copy of the whole matrix); the encoder hands it over ready."""
+    torch.manual_seed(4)
+    w = torch.randn(64, 16, device=device).t() if stored_transposed else torch.randn(16, 64, device=device)
+    w = w.requires_grad_()
+    x, be, bd = torch.randn(32, 16, device=device), torch.zeros(64, device=device), torch.zeros(16, device=device)
+    gy = torch.randn(32, 64, device=device)
+    seen = []
+    w.register_hook(lambda g: seen.append(g))
+    ref = x.t() @ gy
+    for dtype in (None, torch.bfloat16):
+        seen.clear()
+        with torch.autocast(device, dtype=dtype or torch.float32, enabled=dtype is not None):
+            h = fast.linear_encoder(x, w, be, bd)
+        h.backward(gy.to(h.dtype))
+        (g,) = seen
+        assert g.stride() == w.stride() and g.dtype == torch.float32
+        tol = dict(rtol=1e-5, atol=1e-4) if dtype is None else dict(rtol=2e-2, atol=0.15)
+        torch.testing.assert_close(g, ref, **tol)
+        w.grad = None
+
+
 def test_encoder_runs_in_the_autocast_dtype():
     w, be, bd = torch.randn(16, 64), torch.randn(64), torch.randn(16)
     x = torch.randn(8, 16)

@@ -56,6 +56,9 @@ for stage in $STAGES; do
     log "exit $?"; cat "$OUT/train.md"; tail -n 5 "$OUT/train.err"
     for t in /tmp/rsae-train/e2e-*/timer_trace_rank0.json.gz; do
       [ -f "$t" ] && mkdir -p "$OUT/traces" && cp "$t" "$OUT/traces/$(basename "$(dirname "$t")").json.gz"
+    done
+    for t in /tmp/rsae-train/profile-*.json.gz; do  # --profile variants' chrome traces
+      [ -f "$t" ] && mkdir -p "$OUT/traces" && cp "$t" "$OUT/traces/"
     done ;;
   topo)
     log "topology"

@@ -328,18 +328,22 @@ def count_syncs(step, batch, index: int, device: torch.device) -> int | None:
     return sum("synchroniz" in str(w.message) for w in caught)
 
 
-def profile_steps(step, batches, start: int, device, n: int = 3, rows: int = 18) -> dict:
+def profile_steps(step, batches, start: int, device, n: int = 3, rows: int = 18, trace: Path | None = None) -> dict:
     """torch.profiler over `n` steps: the top kernels by GPU time, and the GPU-busy time per step
-    (sum of kernel times; against the measured ms/step it shows idle gaps, e.g. a host-bound step)."""
+    (sum of kernel times; against the measured ms/step it shows idle gaps, e.g. a host-bound step).
+    With `trace`, also a chrome trace with the operators' input shapes (which call launched a kernel)."""
     from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     sync(device)
-    with profile(activities=activities) as prof:
+    with profile(activities=activities, record_shapes=trace is not None) as prof:
         for i in range(n):
             step(batches[i % len(batches)], start + i)
         sync(device)
+    if trace is not None:
+        trace.parent.mkdir(parents=True, exist_ok=True)
+        prof.export_chrome_trace(str(trace))
     events = prof.key_averages()
     dev_time = lambda e: getattr(e, "self_device_time_total", None) or getattr(e, "self_cuda_time_total", 0)  # noqa: E731
     gpu_us = sum(dev_time(e) for e in events if e.device_type == DeviceType.CUDA)
@@ -423,7 +427,8 @@ def bench_rsae(arch, d, m, batch, variant, args, device, batches, scale) -> dict
         timing = time_steps(step, batches, device, args.warmup, args.steps, args.repeats)
         total = time.perf_counter() - t_compile
         syncs = count_syncs(step, batches[0], timing["next_step"], device)
-        prof = profile_steps(step, batches, timing["next_step"] + 1, device) if variant in csv(args.profile) else None
+        trace = Path(args.work_dir) / f"profile-{arch}-{variant}-{d}x{m}.json.gz" if args.work_dir else None
+        prof = profile_steps(step, batches, timing["next_step"] + 1, device, trace=trace) if variant in csv(args.profile) else None
     res = {"kind": "rsae", "arch": arch, "variant": variant, "d": d, "m": m, "batch": batch, **timing,
            "syncs_per_step": syncs, "wall_s": round(total, 1)}
     if module.cuda_graph:
