@@ -166,15 +166,17 @@ def test_a_shard_truncated_under_a_running_stream_is_named(shards, tmp_path):
         take(iter(stream(([tmp_path / f.name for f in shards[0]], shards[1]))), 40)
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs CUDA")])])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_device_side_gather_gives_the_same_batches(tmp_path, dtype):
+def test_device_side_gather_gives_the_same_batches(tmp_path, dtype, device):
     """The device-side shuffle (window copied to a device, batches gathered there) reads the same
     rows in the same order as the host gather, across window and epoch boundaries, and resumes
-    the same way; here the device is the CPU, on a GPU the path is the same. A bf16 cache crosses
+    the same way. On CUDA the positions cross through reused pinned buffers. A bf16 cache crosses
     narrow and is widened on the device: the same float32 batches as the host's widening."""
     shards = make_shards(tmp_path, [300, 170, 250, 64, 400], dtype)
     host = take(iter(stream(shards, start_batch=3)), 60)  # 1920 rows: past an epoch of 1184
-    dev = take(iter(stream(shards, start_batch=3, device="cpu")), 60)
+    dev = [b.cpu() for b in take(iter(stream(shards, start_batch=3, device=device)), 60)]
     assert all(a.dtype == b.dtype == torch.float32 and torch.equal(a, b) for a, b in zip(host, dev))
     assert len(dev) == 60 and len({float(b[0, 0]) for b in dev}) > 1
 
