@@ -75,8 +75,12 @@ def test_captured_step_trains_as_the_automatic_step(arch, device):
         torch.testing.assert_close(t_graph.callback_metrics[key].cpu(), t_auto.callback_metrics[key].cpu(), **tol)
     # The learning-rate schedule was stepped once per batch, as Lightning does for the automatic path.
     assert t_graph.lr_scheduler_configs[0].scheduler.last_epoch == 12
-    if device == "cuda":
-        assert graph._captured.captures == 1  # 2 eager warm-up steps, then 10 replays of one graph
+    if device == "cuda":  # 2 eager warm-up steps, then replays of one graph; with AuxK, maybe a second
+        assert graph._captured.captures == 1 or (graph.sae.uses_auxk() and graph._captured.captures == 2)
+    if graph.sae.uses_auxk():  # AuxK switched on where latents die during the run (dead_after_tokens=40)
+        dying = graph.sae.dead_after_tokens <= 12 * 16
+        assert graph.sae._aux_active == dying
+        assert (float(t_graph.callback_metrics["train/aux_loss"]) > 0) == dying
 
 
 @pytest.mark.gpu
@@ -132,6 +136,37 @@ def test_captured_step_replays_on_new_inputs_and_recaptures_for_a_new_shape():
     w.mul_(2)  # captured tensors are read where they live: an in-place update is seen by the replay
     x = torch.randn(3, 5, device="cuda")
     torch.testing.assert_close(step(fn, x, key="a"), (x * w).sum(-1))
+    n_calls = len(calls)
+    x = torch.randn(4, 5, device="cuda")  # the first shape's graph is still there: replayed at once
+    torch.testing.assert_close(step(fn, x, key="a"), (x * w).sum(-1))
+    assert step.captures == 2 and len(calls) == n_calls
+    for i in range(3):  # a third key evicts the least recently used graph (the 3 x 5 one)
+        step(fn, torch.randn(2, 5, device="cuda"), key="a")
+    assert step.captures == 3 and len(step.graphs) == 2
+    assert [k[0] for k in step.graphs] == [(4, 5), (2, 5)]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_dead_latent_bound_never_undercounts(device):
+    """The host's bound on the largest tokens-since-fired count: the newest count that has landed
+    plus every token counted since; never below the true maximum."""
+    from rsae.sae.fast import DeadLatentBound
+
+    bound = DeadLatentBound()
+    assert bound.bound() is None
+    counts = torch.zeros(8, dtype=torch.long, device=device)
+    for step in range(6):
+        counts += 16
+        counts[step % 8] = 0  # one latent fires each step
+        bound.record(counts, 16)
+        b = bound.bound()
+        assert b is None or b >= int(counts.max())
+    if device == "cuda":
+        torch.cuda.synchronize()
+    assert bound.bound() == int(counts.max()) == 96  # every copy landed: exact
+    bound.tokens += 32  # two more steps counted on the host, not recorded yet
+    assert bound.bound() == 128
+    assert copy.deepcopy(bound).bound() is None
 
 
 def test_captured_step_is_eager_off_cuda():

@@ -8,16 +8,18 @@ launch, whatever the number of kernels inside.
 `CapturedStep(fn, x, key)` runs `fn(x)` eagerly until the same `key` has been seen `warmup`
 times in a row (the first call compiles, lazily built state settles), then captures it and from
 then on copies `x` into the captured input and replays. A new key (another batch shape, a
-changed SAE setting) runs eagerly again and is captured in its turn; only the latest graph is
-kept. What the graph reads must stay where it was at capture time: parameters and buffers are
-updated in place, and `fn` must not branch on device values on the host (it cannot: capture
-forbids host synchronisation). Off CUDA every call is eager.
+changed SAE setting, TopK's AuxK switching on) runs eagerly again and is captured in its turn;
+the `max_graphs` most recently used graphs are kept (each holds its own memory). What a graph
+reads must stay where it was at capture time: parameters and buffers are updated in place, and
+`fn` must not branch on device values on the host (it cannot: capture forbids host
+synchronisation). Off CUDA every call is eager.
 """
 
 from __future__ import annotations
 
 import logging
-from typing import Any, Callable
+from collections import OrderedDict
+from typing import Any, Callable, NamedTuple
 
 import torch
 from torch import Tensor
@@ -25,18 +27,23 @@ from torch import Tensor
 log = logging.getLogger(__name__)
 
 
+class _Graph(NamedTuple):
+    graph: torch.cuda.CUDAGraph
+    input: Tensor
+    output: Any
+
+
 class CapturedStep:
-    def __init__(self, warmup: int = 2) -> None:
+    def __init__(self, warmup: int = 2, max_graphs: int = 2) -> None:
         if warmup < 1:
             raise ValueError(f"warmup must be >= 1 (a step runs eagerly before it is captured), got {warmup}")
-        self.warmup = warmup
-        self.graph: torch.cuda.CUDAGraph | None = None
+        if max_graphs < 1:
+            raise ValueError(f"max_graphs must be >= 1, got {max_graphs}")
+        self.warmup, self.max_graphs = warmup, max_graphs
+        self.graphs: OrderedDict[Any, _Graph] = OrderedDict()  # by key, least recently used first
         self.captures = 0  # how many graphs were captured (a test and the benchmark read it)
-        self._key: Any = None  # the captured graph's key
         self._candidate: Any = None  # the key of the latest eager steps, and how many in a row
         self._seen = 0
-        self._input: Tensor | None = None
-        self._output: Any = None
         self._stream: torch.cuda.Stream | None = None
         self._warned = False
 
@@ -44,15 +51,18 @@ class CapturedStep:
         if not x.is_cuda:
             return fn(x)
         key = (tuple(x.shape), x.dtype, x.device, key)
-        if self.graph is not None and key == self._key:
-            self._input.copy_(x, non_blocking=True)
-            self.graph.replay()
-            return self._output
+        captured = self.graphs.get(key)
+        if captured is not None:
+            self.graphs.move_to_end(key)
+            captured.input.copy_(x, non_blocking=True)
+            captured.graph.replay()
+            return captured.output
         if key != self._candidate:
-            if self.graph is not None and not self._warned:
+            if self.graphs and not self._warned:
                 self._warned = True
                 log.warning("module.cuda_graph: the step changed after its capture (%s); it runs eagerly until it "
-                            "holds still for %d steps, then is captured again", _difference(self._key, key), self.warmup)
+                            "holds still for %d steps, then is captured again", _difference(next(reversed(self.graphs)), key),
+                            self.warmup)
             self._candidate, self._seen = key, 0
         self._seen += 1
         if self._seen <= self.warmup:
@@ -75,8 +85,9 @@ class CapturedStep:
         return out
 
     def _capture(self, fn, x: Tensor, key):
-        self.graph = self._output = None  # free the previous graph's memory first
-        self._input = x.detach().clone()
+        while len(self.graphs) >= self.max_graphs:  # free the least recently used graph's memory first
+            self.graphs.popitem(last=False)
+        static_input = x.detach().clone()
         graph = torch.cuda.CUDAGraph()
         # thread_local: the data loader's thread keeps copying batches while this one captures.
         try:
@@ -84,11 +95,11 @@ class CapturedStep:
                 # Autocast's cast cache would let a cast made before capture stand in for one made
                 # on replay; inside the graph every cast is recomputed.
                 with _autocast_without_cache(), torch._dynamo.config.patch(error_on_recompile=True):
-                    output = fn(self._input)
+                    output = fn(static_input)
         except torch._dynamo.exc.RecompileError as err:
             raise RuntimeError(f"module.cuda_graph: the compiled step recompiled while it was being captured "
                                f"(something it depends on changed after its warm-up): {err}") from err
-        self.graph, self._output, self._key = graph, output, key
+        self.graphs[key] = _Graph(graph, static_input, output)
         self.captures += 1
         graph.replay()  # the capture ran nothing: this is the step's computation
         return output

@@ -196,7 +196,9 @@ class SAEModule(L.LightningModule):
                 clip_gradients(params, self.grad_clip, inner)
             return loss.detach(), losses, l0, [p.grad for p in params], getattr(inner, "grad_scale", None)
 
+        self.sae.before_captured_step()
         loss, losses, l0, grads, grad_scale = self._captured(body, batch, self._capture_key() if batch.is_cuda else None)
+        self.sae.after_captured_step(batch.shape[0])
         # A replay refills the captured gradients (and clipping factor); an eager step in between
         # may have replaced them.
         for p, g in zip(params, grads):

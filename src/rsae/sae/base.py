@@ -147,6 +147,29 @@ class SAE(nn.Module):
         torch.distributed.all_reduce(counts, op=torch.distributed.ReduceOp.MIN)  # 0 if it fired anywhere
         counts.add_((counts > 0).long() * ((world - 1) * rows_per_rank))
 
+    # --- captured steps (module.cuda_graph) ---------------------------------------------------
+    def uses_auxk(self) -> bool:
+        """Whether the training loss has an AuxK term, which only matters when a latent is dead."""
+        return False
+
+    def before_captured_step(self) -> None:
+        """Host-side decisions a captured step is recorded with (part of its key): with AuxK,
+        whether any latent can be dead now (`fast.DeadLatentBound`, no waiting). When none can,
+        the step leaves AuxK out, as the eager step does; otherwise it runs it (weight 0 if in
+        fact none is dead)."""
+        if self.uses_auxk():
+            bound = self._dead_bound().bound()
+            self._aux_active = bound is None or bound >= self.dead_after_tokens
+
+    def after_captured_step(self, n_tokens: int) -> None:
+        if self.uses_auxk():
+            self._dead_bound().record(self.tokens_since_fired, n_tokens)
+
+    def _dead_bound(self) -> fast.DeadLatentBound:
+        if getattr(self, "_bound", None) is None:
+            self._bound = fast.DeadLatentBound()
+        return self._bound
+
     def dead_mask(self) -> Tensor:
         return self.tokens_since_fired >= self.dead_after_tokens
 

@@ -12,7 +12,8 @@
   (top-k of each chunk of a row, then top-k of the candidates; exact, as every global top-k entry
   is among its chunk's top k), whichever is faster on the device (timed once per shape).
 * `mark_fired`: the dead-latent counter update without a boolean-mask assignment (which makes the
-  host wait for the GPU); `AsyncFlag`: a device boolean read by the host one step later.
+  host wait for the GPU); `AsyncFlag`: a device boolean read by the host one step later;
+  `DeadLatentBound`: the host's wait-free upper bound on the counts (captured steps).
 
 `enabled()` / `disabled()`: switch the fast paths off to get the plain computation (the tests
 compare the two; `python -m rsae.bench train` times both).
@@ -228,6 +229,61 @@ class AsyncFlag:
 
     def __setstate__(self, state: dict) -> None:
         self.__init__()
+
+
+class DeadLatentBound:
+    """An upper bound for the largest tokens-since-fired count, known on the host without waiting.
+
+    `record` (after each step) copies the counts' maximum to pinned memory behind the GPU's work,
+    with the number of tokens the host had counted by then; `bound` takes the newest copy that has
+    landed (an event query, never a wait) and adds every token counted since: a count grows by at
+    most a step's tokens, so no count can be above it. A captured step uses it to know, exactly,
+    that no latent can be dead yet (AuxK not needed) without a host synchronisation. Copies of the
+    owner start empty."""
+
+    def __init__(self, slots: int = 4) -> None:
+        self.tokens = 0  # tokens the host has counted
+        self.known: tuple[int, int] | None = None  # (max count, tokens counted at its record)
+        self.pending: list[tuple[Tensor, object, int]] = []  # copies on their way: (pinned, event, tokens)
+        self.free: list[Tensor] = []
+        self.slots = slots
+
+    def record(self, counts: Tensor, n_tokens: int) -> None:
+        self.tokens += n_tokens
+        if not counts.is_cuda:
+            self.known = (int(counts.max()), self.tokens)
+            return
+        self._collect()
+        if len(self.pending) >= self.slots:  # the GPU is far behind: skip; the bound only gets looser
+            return
+        host = self.free.pop() if self.free else torch.empty((), dtype=counts.dtype, pin_memory=True)
+        host.copy_(counts.max(), non_blocking=True)
+        event = torch.cuda.Event()
+        event.record()
+        self.pending.append((host, event, self.tokens))
+
+    def _collect(self) -> None:
+        while self.pending and self.pending[0][1].query():
+            host, _, tokens = self.pending.pop(0)
+            self.known = (int(host), tokens)
+            self.free.append(host)
+
+    def bound(self) -> int | None:
+        """The bound now, or None before a first copy has landed."""
+        self._collect()
+        if self.known is None:
+            return None
+        value, tokens = self.known
+        return value + self.tokens - tokens
+
+    def __deepcopy__(self, memo) -> "DeadLatentBound":
+        return DeadLatentBound(self.slots)
+
+    def __getstate__(self) -> dict:
+        return {"slots": self.slots}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__(state.get("slots", 4))
 
 
 def tensor_version(t: Tensor) -> tuple:

@@ -205,6 +205,9 @@ class RationalSAE(SAE):
             losses.update(TopKSAE.aux_losses(self, x, out, step))
         return losses
 
+    def uses_auxk(self) -> bool:
+        return self.gate == "topk" and self.aux_coefficient > 0
+
     def _l1_magnitudes(self, out: SAEOutput) -> Tensor | None:
         """What the L1 term penalises. `codes`: |z| (the paper's lambda ||z||_1). `mask`: the mask's
         own sparsity mechanism, so the penalty decides which latents fire while the rational shapes

@@ -83,6 +83,9 @@ class TopKSAE(SAE):
     def _fast_path(self) -> bool:
         return fast.enabled()
 
+    def uses_auxk(self) -> bool:
+        return self.aux_coefficient > 0
+
     def merge_firing_across_ranks(self, rows_per_rank: int) -> None:
         super().merge_firing_across_ranks(rows_per_rank)
         if self._fast_path():  # the counts changed: record the dead flag the next step reads for them
@@ -99,8 +102,8 @@ class TopKSAE(SAE):
 
     @torch.compiler.disable
     def _any_dead(self) -> bool:
-        if self.step_in_cuda_graph:  # a captured step cannot branch on it: AuxK always runs (weight 0 if none)
-            return True
+        if self.step_in_cuda_graph:  # decided before the step, without waiting (`before_captured_step`)
+            return getattr(self, "_aux_active", True)
         flag = self._dead_flag.read(fast.tensor_version(self.tokens_since_fired))
         return bool(self.dead_mask().any()) if flag is None else flag
 
@@ -116,8 +119,8 @@ class TopKSAE(SAE):
             return {}
         dead = self.dead_mask()
         any_dead = getattr(self, "_step_any_dead", None)
-        if any_dead is None and self.step_in_cuda_graph:
-            any_dead = True  # (the rational SAE's topk gate comes here without the fast path's flag)
+        if any_dead is None and self.step_in_cuda_graph:  # (the rational SAE's topk gate comes here)
+            any_dead = getattr(self, "_aux_active", True)
         if any_dead is not None:
             # Fast path: no dead count on the host. Taking the top k_aux even when fewer latents are
             # dead selects some -inf entries, which the ReLU zeroes: the same z_aux as top-n_dead.
