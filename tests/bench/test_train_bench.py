@@ -74,3 +74,22 @@ def test_unknown_variant_is_a_one_line_error():
 
     with pytest.raises(SystemExit, match="unknown variant 'compiled\\+base'"):
         bench.main(["--device", "cpu", "--variants", "compiled+base"])
+
+
+def test_end_to_end_runs_with_and_without_the_captured_step(tmp_path):
+    """`--e2e-cuda-graph false,true` runs train.py twice, the second with module.cuda_graph=true
+    (on the CPU the same manual-optimisation path, uncaptured), and names the variants apart."""
+    import pytest
+
+    out = tmp_path / "bench.json"
+    rc = bench.main(["--device", "cpu", "--arch", "relu", "--shapes", "8x64", "--batch", "32", "--variants", "fast",
+                     "--steps", "1", "--warmup", "1", "--repeats", "1", "--no-gate", "--no-saelens", "--e2e", "relu",
+                     "--e2e-workers", "0", "--e2e-steps", "30", "--e2e-skip", "10", "--e2e-rows", "4096",
+                     "--e2e-cuda-graph", "false,true", "--work-dir", str(tmp_path / "work"), "--json", str(out)])
+    assert rc == 0
+    runs = [r for r in json.loads(out.read_text())["runs"] if r["kind"] == "e2e"]
+    assert [r["variant"] for r in runs] == ["fast", "fast+graph"], [r.get("error") for r in runs]
+    assert all(r["steps"] == 20 for r in runs)
+    assert "module.cuda_graph=true" in runs[1]["command"] and "module.cuda_graph=false" in runs[0]["command"]
+    with pytest.raises(SystemExit, match="--e2e-cuda-graph"):
+        bench.main(["--device", "cpu", "--e2e-cuda-graph", "yes"])

@@ -28,12 +28,14 @@ def test_train_writes_metrics_export_and_checkpoint(tmp_path, sae):
     assert (tmp_path / "csv" / "metrics.csv").is_file()
 
 
-def test_resume_matches_uninterrupted_run(tmp_path):
+@pytest.mark.parametrize("cuda_graph", ["false", "true"])  # true: manual optimisation (uncaptured on the CPU)
+def test_resume_matches_uninterrupted_run(tmp_path, cuda_graph):
     full, resumed = tmp_path / "full", tmp_path / "resumed"
     keep_all = "callbacks.model_checkpoint.save_top_k=-1"
-    run_train("sae=topk", "trainer.max_steps=200", keep_all, f"hydra.run.dir={full}", *COMMON)
+    graph = f"module.cuda_graph={cuda_graph}"
+    run_train("sae=topk", "trainer.max_steps=200", keep_all, graph, f"hydra.run.dir={full}", *COMMON)
     mid = full / "checkpoints" / "step00000100.ckpt"
-    run_train("sae=topk", "trainer.max_steps=200", f"ckpt_path={mid}", f"hydra.run.dir={resumed}", *COMMON)
+    run_train("sae=topk", "trainer.max_steps=200", graph, f"ckpt_path={mid}", f"hydra.run.dir={resumed}", *COMMON)
     a = load_file(str(full / "sae" / "sae_weights.safetensors"))
     b = load_file(str(resumed / "sae" / "sae_weights.safetensors"))
     for k in a:
@@ -43,6 +45,10 @@ def test_resume_matches_uninterrupted_run(tmp_path):
     scale = float(at_100["act_scale"])
     assert not torch.allclose(at_100["sae.W_dec"] / scale, b["W_dec"])
     assert json.loads((resumed / "metrics.json").read_text())["train/steps"] == 200
+    if cuda_graph == "true":  # resuming with the other setting is refused with one line
+        proc = run_train("sae=topk", "trainer.max_steps=200", f"ckpt_path={mid}", f"hydra.run.dir={tmp_path / 'other'}",
+                         *COMMON, check=False)
+        assert proc.returncode == 1 and "resume it with the same setting" in proc.stderr
 
 
 @pytest.mark.parametrize(

@@ -95,7 +95,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--e2e-overrides", default="", help="extra train.py overrides for the end-to-end runs, space "
                    "separated (e.g. 'data.shuffle_device=cuda' with --e2e-workers 0)")
     p.add_argument("--e2e-cuda-graph", default="false",
-                   help="module.cuda_graph for the end-to-end runs: comma list of false/true (both: each run twice)")
+                   help="module.cuda_graph for the end-to-end runs: a comma list of false/true (false,true: each run twice)")
     p.add_argument("--e2e-timeout", type=int, default=420)
     p.add_argument("--e2e-profile-steps", type=int, default=0,
                    help="profile this many steps before the timed window (host and GPU time by operation)")

@@ -38,6 +38,7 @@ from rsae.sae.base import SAE, require
 
 log = logging.getLogger(__name__)
 
+
 def lr_multiplier(step: int, max_steps: int, warmup_steps: int, decay_fraction: float, min_lr_ratio: float) -> float:
     """Linear warm-up, constant, then linear decay over the last `decay_fraction` of training."""
     if warmup_steps > 0 and step < warmup_steps:

@@ -4,7 +4,8 @@
   backward skips the input gradient: b_dec's gradient through the encoder is -W_enc @ sum_rows(dh),
   a matrix-vector product instead of the [batch, d_in] x [d_in, d_sae] GEMM autograd would run to
   form dL/d(x - b_dec). W_enc's gradient comes out in W_enc's memory layout and dtype
-  (`weight_grad`), so autograd stores it without a copy. Under autocast h comes out in the autocast dtype (bf16), as the GEMM does.
+  (`weight_grad`), so autograd stores it without a copy. Under autocast h comes out in the
+  autocast dtype (bf16), as the GEMM does.
 * `sparse_decode`: x_hat = sum_k z_k W_dec[idx_k] + b_dec for codes with few non-zeros (TopK,
   BatchTopK), through `embedding_bag`: only the selected decoder rows are read, and the backward
   only touches those rows, instead of a dense [batch, d_sae] x [d_sae, d_in] GEMM.
