@@ -169,6 +169,21 @@ def test_dead_latent_bound_never_undercounts(device):
     assert copy.deepcopy(bound).bound() is None
 
 
+def test_capture_waits_for_a_key_to_hold_still_and_warns_when_it_never_does(caplog):
+    """The host-side schedule of captures (no CUDA needed): a key is captured on its third
+    arrival in a row (2 eager warm-up steps); a step whose key changes every time (a callback
+    adjusting a coefficient each step) stays eager and is announced once."""
+    step = CapturedStep(warmup=2)
+    assert [step._ready_to_capture("a") for _ in range(3)] == [False, False, True]
+    assert [step._ready_to_capture(k) for k in ("b", "c", "c", "d", "d", "d")] == [False, False, False, False, False, True]
+    step = CapturedStep(warmup=2)
+    step.still_eager = 5
+    with caplog.at_level("WARNING", logger="rsae.lit.graph_step"):
+        assert not any(step._ready_to_capture((("l1_coefficient", 1.0 + i),)) for i in range(8))
+    warnings = [r.getMessage() for r in caplog.records]
+    assert len(warnings) == 1 and "has not held still" in warnings[0] and "l1_coefficient" in warnings[0]
+
+
 def test_captured_step_is_eager_off_cuda():
     step = CapturedStep()
     x = torch.randn(3, 2)

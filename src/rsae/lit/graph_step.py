@@ -44,8 +44,11 @@ class CapturedStep:
         self.captures = 0  # how many graphs were captured (a test and the benchmark read it)
         self._candidate: Any = None  # the key of the latest eager steps, and how many in a row
         self._seen = 0
+        self._previous: Any = None  # the key before the candidate (what changed, for the warnings)
+        self._eager_run = 0  # eager steps since the last replay or capture
+        self.still_eager = 50
         self._stream: torch.cuda.Stream | None = None
-        self._warned = False
+        self._warned: set[str] = set()
 
     def __call__(self, fn: Callable[[Tensor], Any], x: Tensor, key: Any) -> Any:
         if not x.is_cuda:
@@ -54,20 +57,34 @@ class CapturedStep:
         captured = self.graphs.get(key)
         if captured is not None:
             self.graphs.move_to_end(key)
+            self._eager_run = 0
             captured.input.copy_(x, non_blocking=True)
             captured.graph.replay()
             return captured.output
+        if self._ready_to_capture(key):
+            return self._capture(fn, x, key)
+        return self._on_side_stream(fn, x)
+
+    def _ready_to_capture(self, key: Any) -> bool:
+        """Counts the eager steps of a key without a graph: True once it has come `warmup` times
+        in a row. Warns once when a captured step changes, and once when the step keeps changing
+        (`still_eager` eager steps in a row, e.g. a callback adjusting a coefficient every step)."""
         if key != self._candidate:
-            if self.graphs and not self._warned:
-                self._warned = True
+            if self.graphs and "changed" not in self._warned:
+                self._warned.add("changed")
                 log.warning("module.cuda_graph: the step changed after its capture (%s); it runs eagerly until it "
                             "holds still for %d steps, then is captured again", _difference(next(reversed(self.graphs)), key),
                             self.warmup)
+            self._previous = self._candidate
             self._candidate, self._seen = key, 0
         self._seen += 1
-        if self._seen <= self.warmup:
-            return self._on_side_stream(fn, x)
-        return self._capture(fn, x, key)
+        self._eager_run += 1
+        if self._eager_run >= self.still_eager and "never" not in self._warned:
+            self._warned.add("never")
+            log.warning("module.cuda_graph: the step has not held still for %d steps in a row over the last %d (%s); "
+                        "it runs uncaptured while that lasts", self.warmup + 1, self._eager_run,
+                        _difference(self._previous, key))
+        return self._seen > self.warmup
 
     def _side_stream(self) -> torch.cuda.Stream:
         if self._stream is None or self._stream.device != torch.cuda.current_device():
@@ -101,6 +118,7 @@ class CapturedStep:
                                f"(something it depends on changed after its warm-up): {err}") from err
         self.graphs[key] = _Graph(graph, static_input, output)
         self.captures += 1
+        self._eager_run = 0
         graph.replay()  # the capture ran nothing: this is the step's computation
         return output
 
@@ -112,7 +130,11 @@ def _autocast_without_cache():
 
 
 def _difference(old, new) -> str:
-    """What differs between two step keys, for the warning (keys are nested tuples)."""
+    """What differs between two step keys, for the warning (keys are nested tuples; a setting is
+    a (name, value) pair)."""
+    if (isinstance(old, tuple) and isinstance(new, tuple) and len(old) == len(new) == 2
+            and isinstance(old[0], str) and old[0] == new[0]):
+        return f"{old[0]}: {old[1]!r} -> {new[1]!r}"
     if isinstance(old, tuple) and isinstance(new, tuple) and len(old) == len(new):
         parts = [_difference(a, b) for a, b in zip(old, new) if a != b]
         return "; ".join(p for p in parts if p)
