@@ -83,6 +83,25 @@ def test_captured_step_trains_as_the_automatic_step(arch, device):
         assert (float(t_graph.callback_metrics["train/aux_loss"]) > 0) == dying
 
 
+@pytest.mark.parametrize("device", DEVICES)
+def test_hold_l0_trains_the_same_and_leaves_one_captured_step(device):
+    """HoldL0 moves the L1 coefficient every step, in place on the device: the captured step
+    reads it there, so one graph serves the whole run, and training matches the automatic path."""
+    from rsae.lit.l0_control import HoldL0
+
+    sae = SAES["relu"]()
+    auto, _, r_auto = fit(sae, device, cuda_graph=False, steps=14, callbacks=[HoldL0(target_l0=3.0, rate=0.2)])
+    graph, _, r_graph = fit(sae, device, cuda_graph=True, steps=14, callbacks=[HoldL0(target_l0=3.0, rate=0.2)])
+    coefficient = graph.sae.l1_coefficient
+    assert isinstance(coefficient, torch.Tensor) and float(coefficient) != 0.5  # moved away from its start
+    torch.testing.assert_close(coefficient, auto.sae.l1_coefficient, rtol=1e-5, atol=0)
+    tol = dict(rtol=0, atol=0) if device == "cpu" else dict(rtol=1e-4, atol=1e-5)
+    for (name, a), (_, b) in zip(auto.state_dict().items(), graph.state_dict().items()):
+        torch.testing.assert_close(b, a, **tol, msg=name)
+    if device == "cuda":
+        assert graph._captured.captures == 1
+
+
 @pytest.mark.gpu
 @cuda
 def test_a_changed_setting_runs_eagerly_then_is_captured_again():

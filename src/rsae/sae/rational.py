@@ -86,6 +86,12 @@ def mean_contribution(z: Tensor, decoder_norms: Tensor) -> float:
     return float(nz.mean()) if nz.numel() else 0.0
 
 
+def _switched_on(coefficient: float | Tensor) -> bool:
+    """Whether a loss term is on, without reading a device value: a tensor coefficient is one a
+    controller holds (HoldL0, always > 0)."""
+    return isinstance(coefficient, Tensor) or coefficient > 0
+
+
 class RationalSAE(SAE):
     architecture = "rational"
 
@@ -193,10 +199,10 @@ class RationalSAE(SAE):
     def aux_losses(self, x: Tensor, out: SAEOutput, step: int) -> dict[str, Tensor]:
         losses: dict[str, Tensor] = {}
         magnitudes = self._l1_magnitudes(out)
-        if self.l1_coefficient > 0 and magnitudes is not None:
+        if _switched_on(self.l1_coefficient) and magnitudes is not None:
             coef = self.l1_coefficient * linear_warmup(step, self.l1_warmup_steps)
             losses["l1"] = coef * (magnitudes * self.decoder_norms().float()).sum(-1).mean()
-        if self.gate == "jumprelu" and self.l0_coefficient > 0:
+        if self.gate == "jumprelu" and _switched_on(self.l0_coefficient):
             coef = self.l0_coefficient * linear_warmup(step, self.l0_warmup_steps)
             losses["l0"] = coef * _Step.apply(out.h.float(), self.threshold.float(), self.bandwidth).sum(-1).mean()
         if self.gate == "topk" and self.aux_coefficient > 0:
