@@ -1,7 +1,7 @@
 """What ranks agree on under DDP (2 gloo processes): `LaggedSigtermCheck` brings rank 0's SIGTERM
 flag to every rank, and every rank stops at the same batch, `lag` batches after the flag was
 raised; `merge_firing_across_ranks` leaves every rank with the dead-latent counts of one process
-that saw all ranks' rows."""
+that saw all ranks' rows; HoldL0 gives every rank the coefficient of the ranks' mean L0."""
 
 from __future__ import annotations
 
@@ -122,3 +122,33 @@ def test_narrow_hook_averages_gradients_across_ranks(tmp_path, compression):
     tol = 1e-2 if compression == "bfloat16" else 2e-3
     assert torch.allclose(got, hand, rtol=tol, atol=tol * hand.abs().max().item()), (got - hand).abs().max()
     assert not torch.equal(got, hand)  # it really went through the narrow dtype
+
+
+def _hold_rank(rank: int, world: int, port: int, out: str) -> None:
+    from rsae.lit.l0_control import HoldL0
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    module = types.SimpleNamespace(sae=types.SimpleNamespace(l1_coefficient=1.0), log=lambda *a, **k: None)
+    hold = HoldL0(target_l0=10.0, rate=0.1)
+    for l0 in ([12.0, 30.0, 4.0] if rank == 0 else [28.0, 10.0, 16.0]):  # means 20, 20, 10
+        module.last_train_l0 = torch.tensor(l0)
+        hold.on_train_batch_end(None, module, None, None, 0)
+    with open(f"{out}.{rank}", "w") as f:
+        f.write(repr(float(module.sae.l1_coefficient)))
+    dist.destroy_process_group()
+
+
+def test_hold_l0_gives_every_rank_the_coefficient_of_the_mean_l0(tmp_path):
+    from rsae.lit.l0_control import HoldL0
+
+    out = str(tmp_path / "coef")
+    mp.spawn(_hold_rank, args=(2, _free_port(), out), nprocs=2, join=True)
+    got = [float(open(f"{out}.{r}").read()) for r in range(2)]
+    single = types.SimpleNamespace(sae=types.SimpleNamespace(l1_coefficient=1.0), log=lambda *a, **k: None)
+    hold = HoldL0(target_l0=10.0, rate=0.1)
+    for l0 in (20.0, 20.0, 10.0):
+        single.last_train_l0 = torch.tensor(l0)
+        hold.on_train_batch_end(None, single, None, None, 0)
+    assert got[0] == got[1] == pytest.approx(float(single.sae.l1_coefficient), rel=1e-6)
+    assert got[0] > 1.0

@@ -8,6 +8,7 @@ The EMA and the coefficient live on the device as 0-d tensors, updated in place 
 the host never waits for the step's L0 (a `float(l0)` per step made it wait for the GPU every
 step), and a step captured as a CUDA graph (`module.cuda_graph`) reads the current coefficient
 where it lives. The coefficient becomes a tensor attribute of the SAE after the first step.
+Under DDP every rank follows the mean of the ranks' L0, so that all hold the same coefficient.
 """
 
 from __future__ import annotations
@@ -32,6 +33,12 @@ class HoldL0(L.Callback):
             return
         with torch.no_grad():
             l0 = torch.as_tensor(l0).detach().float()
+            if torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+                # Each rank measured its own rows: every rank must hold the same coefficient, so all
+                # follow the mean L0 (an all-reduce, queued on the device like the rest).
+                l0 = l0.clone()
+                torch.distributed.all_reduce(l0)  # a sum: gloo has no average
+                l0 /= torch.distributed.get_world_size()
             coef = self._coefficient(pl_module.sae, l0.device)
             if self.l0_ema is None:
                 ema = l0.clone()
