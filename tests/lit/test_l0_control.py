@@ -54,3 +54,21 @@ def test_hold_l0_follows_the_rule_and_updates_the_coefficient_in_place():
     restored = HoldL0(target_l0=20.0)
     restored.load_state_dict(cb.state_dict())
     assert isinstance(restored.l0_ema, float)
+
+
+def test_a_compiled_step_reads_the_held_coefficient_in_place_without_recompiling():
+    """What HoldL0's tensor coefficient is for: the compiled (and, on CUDA, captured) step reads
+    the current value; a float attribute would be a constant of the compiled code instead."""
+    from rsae.lit.module import SAEModule
+    from rsae.sae import ReLUSAE
+
+    sae = ReLUSAE(16, 64, l1_coefficient=0.5)
+    module = SAEModule(sae, compile=True)
+    sae.l1_coefficient = torch.tensor(0.5)
+    x = torch.randn(32, 16)
+    fn = module.step_fn("train")
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        first = float(fn(x, module.step_as_tensor(0, x.device))[1]["l1"])
+        sae.l1_coefficient.mul_(3.0)
+        second = float(fn(x, module.step_as_tensor(1, x.device))[1]["l1"])
+    assert second == pytest.approx(3 * first, rel=1e-6)
