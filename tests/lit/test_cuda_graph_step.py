@@ -46,16 +46,22 @@ class ChangeCoefficient(L.Callback):
             pl_module.sae.l1_coefficient *= 2.0
 
 
-def fit(sae, device: str, cuda_graph: bool, steps: int = 12, callbacks=(), **module_kw):
+def fit(sae, device: str, cuda_graph: bool, steps: int = 12, callbacks=(), precision: str = "32-true",
+        batch_size: int = 16, **module_kw):
     torch.manual_seed(0)
     module = SAEModule(copy.deepcopy(sae), warmup_steps=3, decay_fraction=0.5, cuda_graph=cuda_graph, **module_kw)
     record = Record()
-    dm = SyntheticDataModule(d_in=8, n_features=32, batch_size=16)
-    trainer = L.Trainer(max_steps=steps, accelerator=device, devices=1, precision="32-true", logger=False,
+    dm = SyntheticDataModule(d_in=sae.d_in, n_features=sae.d_sae, batch_size=batch_size)
+    trainer = L.Trainer(max_steps=steps, accelerator=device, devices=1, precision=precision, logger=False,
                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                         log_every_n_steps=4, limit_val_batches=0, callbacks=[record, *callbacks])
     trainer.fit(module, datamodule=dm)
     return module, trainer, record
+
+
+def assert_same_state(got: SAEModule, expected: SAEModule, **tol) -> None:
+    for (name, a), (_, b) in zip(expected.state_dict().items(), got.state_dict().items()):
+        torch.testing.assert_close(b, a, **tol, msg=name)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -68,8 +74,7 @@ def test_captured_step_trains_as_the_automatic_step(arch, device):
     assert not graph.automatic_optimization
     exact = device == "cpu"  # the same operations in the same order; on CUDA the graph replays them
     tol = dict(rtol=0, atol=0) if exact else dict(rtol=1e-4, atol=1e-5)
-    for (name, a), (_, b) in zip(auto.state_dict().items(), graph.state_dict().items()):
-        torch.testing.assert_close(b, a, **tol, msg=name)
+    assert_same_state(graph, auto, **tol)
     assert r_graph.l0 == pytest.approx(r_auto.l0, rel=1e-4)
     for key in ("train/loss", "train/mse", "train/l0", "train/lr"):
         torch.testing.assert_close(t_graph.callback_metrics[key].cpu(), t_auto.callback_metrics[key].cpu(), **tol)
@@ -96,8 +101,7 @@ def test_hold_l0_trains_the_same_and_leaves_one_captured_step(device):
     assert isinstance(coefficient, torch.Tensor) and float(coefficient) != 0.5  # moved away from its start
     torch.testing.assert_close(coefficient, auto.sae.l1_coefficient, rtol=1e-5, atol=0)
     tol = dict(rtol=0, atol=0) if device == "cpu" else dict(rtol=1e-4, atol=1e-5)
-    for (name, a), (_, b) in zip(auto.state_dict().items(), graph.state_dict().items()):
-        torch.testing.assert_close(b, a, **tol, msg=name)
+    assert_same_state(graph, auto, **tol)
     if device == "cuda":
         assert graph._captured.captures == 1
 
@@ -109,28 +113,18 @@ def test_a_changed_setting_runs_eagerly_then_is_captured_again():
     auto, _, _ = fit(sae, "cuda", cuda_graph=False, steps=14, callbacks=[ChangeCoefficient()])
     graph, _, _ = fit(sae, "cuda", cuda_graph=True, steps=14, callbacks=[ChangeCoefficient()])
     assert graph._captured.captures == 2
-    for (name, a), (_, b) in zip(auto.state_dict().items(), graph.state_dict().items()):
-        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5, msg=name)
+    assert_same_state(graph, auto, rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.gpu
 @cuda
 def test_captured_step_with_compile_and_bf16():
     sae = ReLUSAE(64, 256, l1_coefficient=0.5)
-    torch.manual_seed(0)
-    dm = SyntheticDataModule(d_in=64, n_features=256, batch_size=128)
-    results = []
-    for cuda_graph in (False, True):
-        module = SAEModule(copy.deepcopy(sae), warmup_steps=3, compile=True, cuda_graph=cuda_graph)
-        trainer = L.Trainer(max_steps=10, accelerator="cuda", devices=1, precision="bf16-mixed", logger=False,
-                            enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                            limit_val_batches=0)
-        trainer.fit(module, datamodule=dm)
-        results.append(module)
-    auto, graph = results
+    run = dict(steps=10, precision="bf16-mixed", batch_size=128, compile=True)
+    auto, _, _ = fit(sae, "cuda", cuda_graph=False, **run)
+    graph, _, _ = fit(sae, "cuda", cuda_graph=True, **run)
     assert graph._captured.captures == 1
-    for (name, a), (_, b) in zip(auto.state_dict().items(), graph.state_dict().items()):
-        torch.testing.assert_close(b, a, rtol=2e-3, atol=2e-4, msg=name)
+    assert_same_state(graph, auto, rtol=2e-3, atol=2e-4)
 
 
 @pytest.mark.gpu
