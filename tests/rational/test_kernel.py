@@ -34,6 +34,13 @@ CASES = [  # (name, sharing, scale_mode, denominator, degrees, extra)
     ("relu-mask-latent-B", "latent", "latent", "B", (5, 4), {"positive_only": True}),
     ("relu-mask-group-A", "group", "scalar", "A", (5, 4), {"positive_only": True}),
     ("relu-mask-no-input-grad", "shared", "latent", "B", (5, 4), {"positive_only": True, "h_grad": False}),
+    # abs_colsum: the column sums of |phi| too, and a loss reading both (an L1 term through the sums)
+    ("abs-sum-relu-mask-latent-B", "latent", "latent", "B", (5, 4), {"positive_only": True, "abs_sum": True}),
+    ("abs-sum-shared-A", "shared", "scalar", "A", (5, 4), {"abs_sum": True}),
+    ("abs-sum-many-rows-group-B", "group", "latent", "B", (5, 4), {"abs_sum": True, "positive_only": True,
+                                                                    "rows": 300, "d": 70}),
+    ("abs-sum-3d-no-input-grad", "shared", "latent", "B", (5, 4), {"abs_sum": True, "shape": (3, 50),
+                                                                   "h_grad": False}),
 ]
 TOL = 2e-4  # relative L2 error: float32 arithmetic against float64 lands near 1e-6
 # ... except where the problem itself is ill-conditioned in float32 (degree-9 polynomials at |t| up
@@ -70,7 +77,14 @@ def run_case(name: str, device: str, seed: int) -> dict:
     h.view(-1)[5:: 13] = 40.0 * torch.randn(h.view(-1)[5:: 13].shape, generator=gen, dtype=torch.float64)
     gy = torch.randn(shape, generator=gen, dtype=torch.float64)
     h_grad, param_grad = extra.get("h_grad", True), extra.get("param_grad", True)
-    positive_only = extra.get("positive_only", False)
+    positive_only, abs_sum = extra.get("positive_only", False), extra.get("abs_sum", False)
+    w_sum = torch.randn(d, generator=gen, dtype=torch.float64)  # the sums' weights in the loss
+
+    def loss(out, dev=None):
+        """sum(phi * gy), plus sum(w * colsum |phi|) with abs_sum: (phi, the sums or None, loss)."""
+        y, sums = out if abs_sum else (out, None)
+        value = (y * gy.to(y)).sum()
+        return y, sums, value if sums is None else value + (sums * w_sum.to(sums)).sum()
 
     ref_gate = gate.double()
     names = ["h", "a", "b", "log_c_in", "log_c_out"]
@@ -78,9 +92,9 @@ def run_case(name: str, device: str, seed: int) -> dict:
     params = [ref_gate.a, ref_gate.b, ref_gate.log_c_in, ref_gate.log_c_out]
     for p in params:
         p.requires_grad_(param_grad)
-    y_ref = ref_gate(h64, positive_only=positive_only)
+    y_ref, s_ref, l_ref = loss(ref_gate(h64, positive_only=positive_only, abs_colsum=abs_sum))
     wrt = ([h64] if h_grad else []) + (params if param_grad else [])
-    g_ref = torch.autograd.grad(y_ref, wrt, gy, allow_unused=True) if wrt else []
+    g_ref = torch.autograd.grad(l_ref, wrt, allow_unused=True) if wrt else []
 
     k_gate = make_gate(sharing, scale_mode, denominator, degrees, d, t_max, torch.Generator()).to(device)
     k_gate.load_state_dict({k: v.float() for k, v in ref_gate.state_dict().items()})
@@ -88,11 +102,12 @@ def run_case(name: str, device: str, seed: int) -> dict:
     k_params = [k_gate.a, k_gate.b, k_gate.log_c_in, k_gate.log_c_out]
     for p in k_params:
         p.requires_grad_(param_grad)
-    y = rational_gate_triton(h32, k_gate.a, k_gate.b, k_gate.c_in, k_gate.c_out, denominator=denominator,
-                             set_index=k_gate.set_index if sharing == "group" else None, t_max=t_max,
-                             positive_only=positive_only)
+    y, s_k, l_k = loss(rational_gate_triton(h32, k_gate.a, k_gate.b, k_gate.c_in, k_gate.c_out,
+                                            denominator=denominator, t_max=t_max, positive_only=positive_only,
+                                            set_index=k_gate.set_index if sharing == "group" else None,
+                                            abs_colsum=abs_sum))
     k_wrt = ([h32] if h_grad else []) + (k_params if param_grad else [])
-    g_k = torch.autograd.grad(y, k_wrt, gy.float().to(device), allow_unused=True) if k_wrt else []
+    g_k = torch.autograd.grad(l_k, k_wrt, allow_unused=True) if k_wrt else []
 
     def rel(x, ref):
         if ref is None or ref.numel() == 0:  # e.g. b of a degree-(p, 0) gate
@@ -103,6 +118,9 @@ def run_case(name: str, device: str, seed: int) -> dict:
         return float((x - ref.detach()).norm() / ref.detach().norm().clamp_min(1e-30))
 
     out = {"y": rel(y, y_ref), "dtype_ok": y.dtype == torch.float32 and tuple(y.shape) == shape}
+    if abs_sum:
+        out["y_sums"] = rel(s_k, s_ref)
+        out["dtype_ok"] &= s_k.dtype == torch.float32 and tuple(s_k.shape) == (d,)
     wrt_names = ([names[0]] if h_grad else []) + (names[1:] if param_grad else [])
     out.update({f"d_{n}": rel(gk, gr) for n, gk, gr in zip(wrt_names, g_k, g_ref)})
 
@@ -110,10 +128,12 @@ def run_case(name: str, device: str, seed: int) -> dict:
     r_gate = ref_gate.float()
     h_r = h.float().requires_grad_(h_grad)
     r_params = [r_gate.a, r_gate.b, r_gate.log_c_in, r_gate.log_c_out]
-    y_r = r_gate(h_r, positive_only=positive_only)
+    y_r, s_r, l_r = loss(r_gate(h_r, positive_only=positive_only, abs_colsum=abs_sum))
     r_wrt = ([h_r] if h_grad else []) + (r_params if param_grad else [])
-    g_r = torch.autograd.grad(y_r, r_wrt, gy.float(), allow_unused=True) if r_wrt else []
+    g_r = torch.autograd.grad(l_r, r_wrt, allow_unused=True) if r_wrt else []
     out["ref32_y"] = rel(y_r, y_ref)
+    if abs_sum:
+        out["ref32_y_sums"] = rel(s_r, s_ref)
     out.update({f"ref32_d_{n}": rel(gk, gr) for n, gk, gr in zip(wrt_names, g_r, g_ref)})
     out["grads"] = len(g_k)
     return out

@@ -158,12 +158,14 @@ class RationalGate(nn.Module):
             param.copy_(exact_log(value.to(param.device)).expand_as(param))
 
     # --- the gate ------------------------------------------------------------------------------
-    def forward(self, h: Tensor, positive_only: bool = False) -> Tensor:
-        """phi(h); with `positive_only`, phi(h) * [h > 0] (the ReLU mask, fused on the GPU)."""
+    def forward(self, h: Tensor, positive_only: bool = False, abs_colsum: bool = False) -> Tensor | tuple[Tensor, Tensor]:
+        """phi(h); with `positive_only`, phi(h) * [h > 0] (the ReLU mask, fused on the GPU). With
+        `abs_colsum`, (that, the sum of its |values| over all but the last dimension, in float32
+        or wider): what an L1 penalty reads, computed in the same pass on the GPU."""
         if use_kernel(h):  # CUDA: the fused Triton kernel (same formula, checked against this path)
             return rational_gate_triton(h, self.a, self.b, self.c_in, self.c_out, denominator=self.denominator,
                                         set_index=self.set_index if self.sharing == "group" else None, t_max=self.t_max,
-                                        positive_only=positive_only)
+                                        positive_only=positive_only, abs_colsum=abs_colsum)
         ct = compute_dtype(h.dtype)
         with torch.autocast(device_type=h.device.type, enabled=False):
             a, b = self.coefficients()
@@ -171,7 +173,10 @@ class RationalGate(nn.Module):
             t = h.to(ct) / c_in
             y = self.c_out.to(ct) * rational_compute(t, a.to(ct), b.to(ct), self.denominator, self.t_max)
         y = cast_back(y, h.dtype)
-        return y * (h > 0).to(h.dtype) if positive_only else y
+        y = y * (h > 0).to(h.dtype) if positive_only else y
+        if not abs_colsum:
+            return y
+        return y, y.abs().reshape(-1, self.d).sum(0, dtype=torch.promote_types(y.dtype, torch.float32))
 
     def forward_entries(self, values: Tensor, latent: Tensor) -> Tensor:
         """phi for scattered entries: values[i] is a pre-activation of latent latent[i] (1-d

@@ -37,6 +37,9 @@ class SAEOutput:
     z: Tensor  # codes [B, d_sae]
     h: Tensor  # pre-activations [B, d_sae]
     losses: dict[str, Tensor] = field(default_factory=dict)  # weighted terms summed into `loss`
+    # Sums of |z| over the batch [d_sae] (float32) when the gate computed them in its own pass
+    # (`training_codes`): the L1 term and the firing count read them instead of z.
+    z_abs_sums: Tensor | None = None
 
     @property
     def loss(self) -> Tensor:
@@ -102,15 +105,20 @@ class SAE(nn.Module):
         """Forward pass plus the weighted loss terms (`mse` plus the architecture's own)."""
         self._check_input(x)
         h = self.pre_acts(x)
-        z = self.activation(h)
+        z, z_abs_sums = self.training_codes(h)
         self._decoder_boundary()
         x_hat = self.decode(z)
-        out = SAEOutput(x_hat=x_hat, z=z, h=h)
+        out = SAEOutput(x_hat=x_hat, z=z, h=h, z_abs_sums=z_abs_sums)
         out.losses["mse"] = (x_hat.float() - x.float()).pow(2).sum(-1).mean()
         out.losses.update(self.aux_losses(x, out, step))
         if self.training:
-            self._track_firing(z)
+            self._track_firing(z, z_abs_sums)
         return out
+
+    def training_codes(self, h: Tensor) -> tuple[Tensor, Tensor | None]:
+        """(z, the sums of |z| over the batch or None): an architecture whose gate can sum |z| in
+        the same pass returns them (see `SAEOutput.z_abs_sums`)."""
+        return self.activation(h), None
 
     def aux_losses(self, x: Tensor, out: SAEOutput, step: int) -> dict[str, Tensor]:
         return {}
@@ -129,8 +137,10 @@ class SAE(nn.Module):
             torch._dynamo.graph_break()
 
     @torch.no_grad()
-    def _track_firing(self, z: Tensor) -> None:
-        fired = (z != 0).any(dim=0)
+    def _track_firing(self, z: Tensor, z_abs_sums: Tensor | None = None) -> None:
+        # A sum of |z| is 0 exactly when every z is (NaN included: NaN != 0), so it answers "fired"
+        # without another pass over z.
+        fired = (z != 0).any(dim=0) if z_abs_sums is None else z_abs_sums != 0
         if fast.enabled():  # no boolean-mask assignment: the host does not wait for the GPU
             fast.mark_fired(self.tokens_since_fired, fired, z.shape[0])
             return

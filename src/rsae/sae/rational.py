@@ -40,6 +40,7 @@ from rsae.rational.calibrate import calibrate_gate, relative_l2
 from rsae.rational.coefficients import available_tables, load_table
 from rsae.rational.function import T_MAX
 from rsae.rational.gate import RationalGate, exact_log
+from rsae.sae import fast
 from rsae.sae.base import SAE, ConfigError, SAEOutput, require, resolve_d_sae
 from rsae.sae.batchtopk import BatchTopKSAE
 from rsae.sae.jumprelu import JumpReLUSAE, _Step
@@ -196,12 +197,22 @@ class RationalSAE(SAE):
         return phi if mask is None else phi * mask
 
     # --- training -----------------------------------------------------------------------------
+    def training_codes(self, h: Tensor) -> tuple[Tensor, Tensor | None]:
+        """With the L1 term on |z| and a gate the rational kernel applies alone (relu, none): z and
+        its column sums of |z| from one call, which on the GPU computes them in the same pass and
+        takes the L1 gradient into its backward (`rational_gate_triton(abs_colsum=True)`)."""
+        if fast.enabled() and self.gate in ("relu", "none") and (self.sparsity == "codes" or self.gate == "none"):
+            return self.rational_gate(h, positive_only=self.gate == "relu", abs_colsum=True)
+        return self.activation(h), None
+
     def aux_losses(self, x: Tensor, out: SAEOutput, step: int) -> dict[str, Tensor]:
         losses: dict[str, Tensor] = {}
-        magnitudes = self._l1_magnitudes(out)
-        if _switched_on(self.l1_coefficient) and magnitudes is not None:
+        if _switched_on(self.l1_coefficient):
             coef = self.l1_coefficient * linear_warmup(step, self.l1_warmup_steps)
-            losses["l1"] = coef * (magnitudes * self.decoder_norms().float()).sum(-1).mean()
+            if out.z_abs_sums is not None:  # sum_j norm_j * sum_rows |z_j|, averaged over rows
+                losses["l1"] = coef * (out.z_abs_sums * self.decoder_norms().float()).sum() / out.z.shape[0]
+            elif (magnitudes := self._l1_magnitudes(out)) is not None:
+                losses["l1"] = coef * (magnitudes * self.decoder_norms().float()).sum(-1).mean()
         if self.gate == "jumprelu" and _switched_on(self.l0_coefficient):
             coef = self.l0_coefficient * linear_warmup(step, self.l0_warmup_steps)
             losses["l0"] = coef * _Step.apply(out.h.float(), self.threshold.float(), self.bandwidth).sum(-1).mean()
