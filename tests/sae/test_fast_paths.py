@@ -69,7 +69,8 @@ def assert_same(fast_outs, plain_outs, rtol=1e-4, atol=1e-5):
 @pytest.mark.parametrize("arch,k,dead", [("topk", 2, "none"), ("topk", 2, "some"), ("topk", 2, "few"),
                                          ("topk", 4, "some"), ("batchtopk", 2, "some"), ("batchtopk", 4, "none"),
                                          ("jumprelu", 0, "some"), ("relu", 0, "some"), ("rational", 0, "some")])
-def test_fast_path_matches_plain_path(device, arch, k, dead):
+def test_fast_path_matches_plain_path(device, arch, k, dead, monkeypatch):
+    monkeypatch.setattr(topk_module, "SPARSE_DECODE_RATIO", 1)  # the sparse decoder (dense: the test above)
     torch.manual_seed(0)
     sae = make(arch, k=k).to(device)
     if dead == "some":  # half the latents dead: more than k_aux (8)
@@ -95,6 +96,7 @@ def test_sparse_and_dense_decoding_agree(monkeypatch):
     torch.manual_seed(1)
     sae = make("topk", k=2)
     x = torch.randn(2, 30, 16)
+    monkeypatch.setattr(topk_module, "SPARSE_DECODE_RATIO", 1)  # always sparse
     sparse = step(copy.deepcopy(sae), x)
     monkeypatch.setattr(topk_module, "SPARSE_DECODE_RATIO", 10**9)  # never sparse
     assert_same(sparse, step(copy.deepcopy(sae), x))
