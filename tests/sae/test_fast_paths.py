@@ -196,6 +196,7 @@ def test_deepcopy_and_pickle_of_a_trained_topk():
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("arch,selection,decode", [("topk", "torch", "dense"), ("topk", "chunked", "dense"),
+                                                   ("topk", "triton", "dense"), ("topk", "auto", "dense"),
                                                    ("topk", "torch", "sparse"), ("batchtopk", "auto", "dense"),
                                                    ("batchtopk", "auto", "sparse"), ("jumprelu", "auto", "dense"),
                                                    ("relu", "auto", "dense"), ("rational", "auto", "dense")])

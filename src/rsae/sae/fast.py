@@ -9,9 +9,10 @@
 * `sparse_decode`: x_hat = sum_k z_k W_dec[idx_k] + b_dec for codes with few non-zeros (TopK,
   BatchTopK), through `embedding_bag`: only the selected decoder rows are read, and the backward
   only touches those rows, instead of a dense [batch, d_sae] x [d_sae, d_in] GEMM.
-* `topk_select`: the k largest entries per row, either by one `torch.topk` or in two stages
-  (top-k of each chunk of a row, then top-k of the candidates; exact, as every global top-k entry
-  is among its chunk's top k), whichever is faster on the device (timed once per shape).
+* `topk_select`: the k largest entries per row, by one `torch.topk`, in two stages (top-k of each
+  chunk of a row, then top-k of the candidates; exact, as every global top-k entry is among its
+  chunk's top k), or by the one-pass Triton kernel of `rsae.sae.topk_kernel`, whichever is fastest
+  on the device (timed once per shape).
 * `mark_fired`: the dead-latent counter update without a boolean-mask assignment (which makes the
   host wait for the GPU); `AsyncFlag`: a device boolean read by the host one step later;
   `DeadLatentBound`: the host's wait-free upper bound on the counts (captured steps).
@@ -131,7 +132,7 @@ def sparse_decode(values: Tensor, indices: Tensor, w_dec: Tensor, b_dec: Tensor,
 
 # --- selection --------------------------------------------------------------------------------------
 
-SELECTION = "auto"  # auto | torch | chunked
+SELECTION = "auto"  # auto | torch | chunked | triton
 _CHUNKS = 64
 _choice: dict[tuple, str] = {}
 
@@ -162,27 +163,60 @@ def _time(fn, reps: int = 3) -> float:
     return time.perf_counter() - start
 
 
+def _methods(h: Tensor, k: int) -> dict[str, object]:
+    """The exact top-k methods that apply to h: name -> function returning the indices."""
+    from rsae.sae import topk_kernel
+
+    out = {"torch": lambda: torch.topk(h, k, dim=-1, sorted=False)[1]}
+    chunks = _chunks_for(h.shape[1], k)
+    if chunks is not None:
+        out["chunked"] = lambda: _chunked_topk(h, k, chunks)[1]
+    if h.is_cuda and topk_kernel.supported(h, k):
+        out["triton"] = lambda: topk_kernel.row_topk_indices(h, k)
+    return out
+
+
+def _topk_indices(h: Tensor, k: int) -> Tensor:
+    methods = _methods(h, k)
+    method = SELECTION
+    if method == "auto":
+        method = "torch"
+        if h.is_cuda and len(methods) > 1:
+            key = (*h.shape, k, h.dtype, h.device)
+            if key not in _choice and not torch.cuda.is_current_stream_capturing():
+                times = {name: _time(fn) for name, fn in methods.items()}  # once per shape, outside any capture
+                best = min(times, key=times.get)
+                _choice[key] = best if times[best] < 0.9 * times["torch"] else "torch"
+            method = _choice.get(key, "torch")
+    return methods.get(method, methods["torch"])()
+
+
+@torch.library.custom_op("rsae::topk_indices", mutates_args=())
+def _topk_indices_op(h: Tensor, k: int) -> Tensor:
+    """`_topk_indices` as one opaque operator, so that a compiled step runs the chosen method."""
+    return _topk_indices(h, k)
+
+
+@_topk_indices_op.register_fake
+def _topk_indices_fake(h: Tensor, k: int) -> Tensor:
+    return h.new_empty((h.shape[0], k), dtype=torch.int64)
+
+
 def topk_select(h: Tensor, k: int) -> tuple[Tensor, Tensor]:
-    """(values, indices) of the k largest entries of each row of a 2-d h (no gradient; gather the
-    values from h to differentiate). The method is `SELECTION`; `auto` times both once per
-    (shape, dtype, k) on CUDA and keeps the faster, and uses torch.topk elsewhere."""
+    """(values, indices) of the k largest entries of each row of a 2-d h, in no particular order
+    (no gradient; gather the values from h to differentiate). The method is `SELECTION`: `auto`
+    times the exact methods that apply once per (shape, k, dtype) on CUDA (`torch.topk`, a
+    two-stage chunked `torch.topk`, the Triton kernel of `rsae.sae.topk_kernel`) and keeps the
+    fastest unless `torch.topk` is within 10% of it; elsewhere it is `torch.topk`. A compiled
+    step makes the same choice at run time (the selection is one opaque operator there)."""
     with torch.no_grad():
-        n, m = h.shape
-        chunks = _chunks_for(m, k)
-        method = SELECTION
-        if method == "auto":
-            if not h.is_cuda or chunks is None or torch.compiler.is_compiling():
-                method = "torch"
-            else:
-                key = (n, m, k, h.dtype, h.device)
-                if key not in _choice:
-                    t_torch = _time(lambda: torch.topk(h, k, dim=-1, sorted=False))
-                    t_chunk = _time(lambda: _chunked_topk(h, k, chunks))
-                    _choice[key] = "chunked" if t_chunk < 0.9 * t_torch else "torch"
-                method = _choice[key]
-        if method == "chunked" and chunks is not None:
-            return _chunked_topk(h, k, chunks)
-        return torch.topk(h, k, dim=-1, sorted=False)
+        if not h.is_cuda:
+            indices = _topk_indices(h, k)
+        elif torch.compiler.is_compiling():
+            indices = _topk_indices_op(h, k)
+        else:
+            indices = _topk_indices(h, k)
+        return h.gather(-1, indices), indices
 
 
 # --- dead-latent tracking ---------------------------------------------------------------------------
