@@ -159,6 +159,14 @@ def run_edge_cases(device: str, seed: int) -> dict:
     hr = hb.detach().float().requires_grad_()
     (g_r,) = torch.autograd.grad(gate(hr), hr, gy.float())
     out["bf16_grad_err"] = float((g_k.float() - g_r).norm() / g_r.norm())
+    # bf16 with abs_colsum: the sums of |phi| as stored (bf16), and the L1 gradient through them.
+    w = torch.randn(33, generator=gen).to(device)
+    y, sums = rational_gate_triton(hb, *args, positive_only=True, abs_colsum=True)
+    (g_k,) = torch.autograd.grad((y.float() * gy.float()).sum() + (sums * w).sum(), hb)
+    y_r, sums_r = gate(hr, positive_only=True, abs_colsum=True)  # float32 reference on the same input
+    (g_r,) = torch.autograd.grad((y_r * gy.float()).sum() + (sums_r * w).sum(), hr)
+    out["bf16_sums_err"] = float((sums - sums_r).norm() / sums_r.norm())
+    out["bf16_sums_grad_err"] = float((g_k.float() - g_r).norm() / g_r.norm())
     # NaN stays NaN, +-Inf saturates at the clamp.
     hs = torch.tensor([[float("nan"), float("inf"), -float("inf"), 0.0] + [1.0] * 29], device=device)
     ys = rational_gate_triton(hs, *args).detach()
@@ -172,11 +180,23 @@ def run_edge_cases(device: str, seed: int) -> dict:
     y16 = rational_gate_triton(h.half(), gate.a, gate.b, gate.c_in, gate.c_out)
     out["fp16_finite"] = bool(torch.isfinite(y16).all())
     out["fp16_err"] = float((y16.float() - gate(h.half()).float()).abs().max() / 65504)
+    # ... and their sums are those of the clamped values, whose gradient is 0 where clamped
+    h16 = h.half().requires_grad_()
+    _, s16 = rational_gate_triton(h16, gate.a, gate.b, gate.c_in, gate.c_out, abs_colsum=True)
+    _, s16_r = gate(h.half(), abs_colsum=True)
+    out["fp16_sums_err"] = float((s16 - s16_r).abs().max() / s16_r.abs().max())
+    (g16,) = torch.autograd.grad(s16.sum(), h16)
+    clamped = gate(h.half().float()).abs() > 65504 * 1.001  # clamped before the cast (off the border)
+    out["fp16_clamped_grad_zero"] = bool(clamped.any()) and float(g16.float()[clamped].abs().max()) == 0.0
     # Empty batch: empty result, zero parameter gradients.
     he = torch.zeros(0, 33, device=device, requires_grad=True)
     ye = rational_gate_triton(he, *args)
     ga = torch.autograd.grad(ye.sum(), gate.a, allow_unused=True)[0]
     out["empty_ok"] = tuple(ye.shape) == (0, 33) and (ga is None or float(ga.abs().sum()) == 0.0)
+    ye, se = rational_gate_triton(he, *args, abs_colsum=True)
+    ga = torch.autograd.grad(se.sum() + ye.sum(), gate.a, allow_unused=True)[0]
+    out["empty_sums_ok"] = (tuple(se.shape) == (33,) and float(se.abs().sum()) == 0.0
+                            and (ga is None or float(ga.abs().sum()) == 0.0))
     out.update(run_compiled_check(device, gen))
     return out
 
@@ -190,21 +210,25 @@ def run_compiled_check(device: str, gen: torch.Generator) -> dict:
     h = (torch.randn(24, 29, generator=gen) * 3).to(device)
     gy = torch.randn(h.shape, generator=gen).to(device)
 
-    def step(x, positive_only):
-        y = rational_gate_triton(torch.tanh(x) * 4, gate.a, gate.b, gate.c_in, gate.c_out, set_index=gate.set_index,
-                                 positive_only=positive_only)
-        return (y * gy).sum()
+    w = torch.randn(29, generator=gen).to(device)
+
+    def step(x, positive_only, abs_colsum):
+        out = rational_gate_triton(torch.tanh(x) * 4, gate.a, gate.b, gate.c_in, gate.c_out,
+                                   set_index=gate.set_index, positive_only=positive_only, abs_colsum=abs_colsum)
+        if abs_colsum:
+            return (out[0] * gy).sum() + (out[1] * w).sum()
+        return (out * gy).sum()
 
     out = {}
-    for po in (False, True):
+    for po, ab in ((False, False), (True, False), (True, True)):
         compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
         grads = []
         for fn in (step, compiled):
             x = h.clone().requires_grad_()
-            loss = fn(x, po)
+            loss = fn(x, po, ab)
             grads.append([loss.detach()] + list(torch.autograd.grad(loss, [x, gate.a, gate.b, gate.log_c_in, gate.log_c_out])))
-        out[f"compiled_err_{po}"] = max(float((c - e).abs().max() / e.abs().max().clamp_min(1e-30))
-                                        for e, c in zip(*grads))
+        out[f"compiled_err_{po}{'_sums' if ab else ''}"] = max(float((c - e).abs().max() / e.abs().max().clamp_min(1e-30))
+                                                               for e, c in zip(*grads))
     return out
 
 
@@ -226,8 +250,10 @@ def check_edge(res: dict, seed: int) -> None:
     assert res["bf16_err"] < 1e-2 and res["bf16_grad_err"] < 2e-2, (res, seed)
     assert res["fp16_finite"] and res["fp16_err"] < 1e-3, (res, seed)
     assert res["nan_kept"] and res["inf_finite"] and res["special_err"] < 1e-4, (res, seed)
-    assert res["empty_ok"], (res, seed)
-    assert res["compiled_err_False"] < 1e-5 and res["compiled_err_True"] < 1e-5, (res, seed)
+    assert res["empty_ok"] and res["empty_sums_ok"], (res, seed)
+    assert res["bf16_sums_err"] < 1e-2 and res["bf16_sums_grad_err"] < 2e-2, (res, seed)
+    assert res["fp16_sums_err"] < 1e-3 and res["fp16_clamped_grad_zero"], (res, seed)
+    assert max(res[k] for k in ("compiled_err_False", "compiled_err_True", "compiled_err_True_sums")) < 1e-5, (res, seed)
 
 
 # --- CPU: Triton's interpreter in a subprocess ------------------------------------------------------

@@ -33,6 +33,12 @@ def make(arch: str, k: int = 2, **kw):
     return JumpReLUSAE(16, 256, l0_coefficient=0.3, init_threshold=0.05, bandwidth=0.5, **kw)
 
 
+def force_decoder(monkeypatch, decoder: str) -> None:
+    """TopK decodes sparsely ("sparse") or with dense GEMMs ("dense") on every device."""
+    ratio = 1 if decoder == "sparse" else 10**9
+    monkeypatch.setattr(topk_module, "SPARSE_DECODE_RATIO", {"cuda": ratio, "other": ratio})
+
+
 def step(sae, x, n_steps: int = 2):
     """Run `n_steps` training outputs (with backward and a plain SGD update) and collect everything."""
     outs = []
@@ -70,7 +76,7 @@ def assert_same(fast_outs, plain_outs, rtol=1e-4, atol=1e-5):
                                          ("topk", 4, "some"), ("batchtopk", 2, "some"), ("batchtopk", 4, "none"),
                                          ("jumprelu", 0, "some"), ("relu", 0, "some"), ("rational", 0, "some")])
 def test_fast_path_matches_plain_path(device, arch, k, dead, monkeypatch):
-    monkeypatch.setattr(topk_module, "SPARSE_DECODE_RATIO", 1)  # the sparse decoder (dense: the test above)
+    force_decoder(monkeypatch, "sparse")  # (the dense one: the test above)
     torch.manual_seed(0)
     sae = make(arch, k=k).to(device)
     if dead == "some":  # half the latents dead: more than k_aux (8)
@@ -96,9 +102,9 @@ def test_sparse_and_dense_decoding_agree(monkeypatch):
     torch.manual_seed(1)
     sae = make("topk", k=2)
     x = torch.randn(2, 30, 16)
-    monkeypatch.setattr(topk_module, "SPARSE_DECODE_RATIO", 1)  # always sparse
+    force_decoder(monkeypatch, "sparse")
     sparse = step(copy.deepcopy(sae), x)
-    monkeypatch.setattr(topk_module, "SPARSE_DECODE_RATIO", 10**9)  # never sparse
+    force_decoder(monkeypatch, "dense")
     assert_same(sparse, step(copy.deepcopy(sae), x))
 
 
@@ -207,7 +213,7 @@ def test_fast_steps_do_not_wait_for_the_gpu(arch, selection, decode, monkeypatch
     import warnings
 
     monkeypatch.setattr(fast, "SELECTION", selection)
-    monkeypatch.setattr(topk_module, "SPARSE_DECODE_RATIO", 1 if decode == "sparse" else 10**9)
+    force_decoder(monkeypatch, decode)
     torch.manual_seed(0)
     if arch in ("topk", "batchtopk"):
         sae = (TopKSAE if arch == "topk" else BatchTopKSAE)(64, 2048, k=16, dead_after_tokens=50).cuda()

@@ -25,6 +25,8 @@ def cases(device: str, seed: int) -> list[tuple[str, torch.Tensor, int, int | No
     special = torch.randn(4, 300, generator=gen)
     special[0, :10] = float("nan")
     special[1] = float("-inf")
+    special[2, 3:9] = torch.full((6,), float("nan")).neg()  # NaN with the sign bit set: still the largest
+    negative = -torch.rand(5, 300, generator=gen) - 1  # every key below zero (the flipped encoding)
     crowded = torch.randn(3, 200, generator=gen) * 0.1
     crowded[:, :40] = torch.arange(40.0) + 100  # the 16 largest all in the first chunks
     out = [
@@ -37,6 +39,9 @@ def cases(device: str, seed: int) -> list[tuple[str, torch.Tensor, int, int | No
         ("nan-and-inf", special, 5, None),
         ("crowded", crowded, 16, None),
         ("ragged-chunks", torch.randn(4, 333, generator=gen), 7, None),
+        ("negative", negative, 5, None),
+        ("negative-bisection", negative, 5, 8),
+        ("mixed-signs", torch.randn(6, 400, generator=gen) - 3, 6, None),
     ]
     return [(name, h.to(device), k, cap) for name, h, k, cap in out]
 
@@ -76,7 +81,7 @@ def interpreted():
 
 def test_row_topk_matches_torch_topk_interpreted(interpreted):
     seed, results = interpreted
-    assert len(results) == 9
+    assert len(results) == 12
     check(results, seed)
 
 
@@ -88,6 +93,8 @@ def test_unsupported_shapes_are_refused_clearly():
     assert shape_for(30, 5) is None and shape_for(10**6, 2000) is None
     with pytest.raises(ValueError, match="rows of at least"):
         row_topk_indices(torch.randn(2, 30), 5)
+    with pytest.raises(ValueError, match="power of two"):
+        row_topk_indices(torch.randn(2, 300), 5, capacity=12)
 
 
 @pytest.mark.gpu

@@ -157,7 +157,8 @@ class _WindowLoader:
         return self.pool.submit(load)
 
     def _to_device(self, rows: torch.Tensor) -> torch.Tensor:
-        if self.stream is None:  # a CPU "device" (tests): a narrow window is widened into a new tensor
+        if self.stream is None:  # not CUDA: a plain copy (a narrow window is widened after it)
+            rows = rows.to(self.device)
             return rows.float() if self.narrow else rows
         with torch.cuda.device(self.device), torch.cuda.stream(self.stream):
             out = rows.to(self.device, non_blocking=True)

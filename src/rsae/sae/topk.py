@@ -19,11 +19,12 @@ from torch import Tensor
 from rsae.sae import fast
 from rsae.sae.base import SAE, SAEOutput, require, resolve_d_sae
 
-# Decode sparsely when k * SPARSE_DECODE_RATIO <= d_sae. Measured on an H200 (bf16, k = 32, batch
-# 4096): the sparse decoder (embedding_bag forward and backward) cost 0.86 ms against 0.55 ms for
-# the three dense GEMMs at 768 x 24576 (d_sae / k = 768), and 2.9 against 4.4 ms at 2304 x 65536
-# (d_sae / k = 2048): even at d_sae / k of about 1200-1400, so sparse from 1280 on.
-SPARSE_DECODE_RATIO = 1280
+# Decode sparsely when k * ratio <= d_sae, the ratio by device type. CUDA, measured on an H200
+# (bf16, k = 32, batch 4096): the sparse decoder (embedding_bag forward and backward) cost 0.86 ms
+# against 0.55 ms for the three dense GEMMs at 768 x 24576 (d_sae / k = 768), and 2.9 against
+# 4.4 ms at 2304 x 65536 (d_sae / k = 2048): even at d_sae / k of about 1200-1400, so sparse from
+# 1280 on. Other devices (not measured): a gathered row taken as costing 64 columns of a GEMM.
+SPARSE_DECODE_RATIO = {"cuda": 1280, "other": 128}
 
 
 def topk_relu(h: Tensor, k: int) -> Tensor:
@@ -100,7 +101,8 @@ class TopKSAE(SAE):
         return values, indices, None, torch.zeros_like(h).scatter(-1, indices, values)
 
     def _decode_sparsely(self, per_row: int) -> bool:
-        return per_row * SPARSE_DECODE_RATIO <= self.d_sae
+        device = self.W_dec.device.type
+        return per_row * SPARSE_DECODE_RATIO.get(device, SPARSE_DECODE_RATIO["other"]) <= self.d_sae
 
     @torch.compiler.disable
     def _any_dead(self) -> bool:

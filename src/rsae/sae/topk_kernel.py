@@ -169,6 +169,8 @@ def row_topk_indices(h: Tensor, k: int, capacity: int | None = None) -> Tensor:
                          f"4 * next_pow2(2k) entries, got {tuple(h.shape)} {h.dtype}, k={k}")
     chunks, chunk, cand = shape_for(h.shape[1], k)
     if capacity is not None:
+        if capacity < k or capacity & (capacity - 1):
+            raise ValueError(f"capacity must be a power of two >= k ({k}), got {capacity}")
         cand = capacity
     n = h.shape[0]
     h = h.contiguous()
