@@ -210,12 +210,8 @@ def topk_select(h: Tensor, k: int) -> tuple[Tensor, Tensor]:
     fastest unless `torch.topk` is within 10% of it; elsewhere it is `torch.topk`. A compiled
     step makes the same choice at run time (the selection is one opaque operator there)."""
     with torch.no_grad():
-        if not h.is_cuda:
-            indices = _topk_indices(h, k)
-        elif torch.compiler.is_compiling():
-            indices = _topk_indices_op(h, k)
-        else:
-            indices = _topk_indices(h, k)
+        compiled = h.is_cuda and torch.compiler.is_compiling()
+        indices = _topk_indices_op(h, k) if compiled else _topk_indices(h, k)
         return h.gather(-1, indices), indices
 
 
