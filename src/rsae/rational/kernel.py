@@ -48,12 +48,12 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
-import types
 
 import torch
 from torch import Tensor
 
 from rsae.rational.function import DENOMINATORS, T_MAX
+from rsae.triton_jit import jit_functions
 
 try:  # Triton is optional: without it `use_kernel` is False and the reference runs
     import triton
@@ -363,14 +363,8 @@ def _kernel_mode() -> str | tuple[int, int]:
 
 @functools.lru_cache(maxsize=None)
 def _jit():
-    glob = dict(globals())  # the kernels resolve `_coef` to the decorated helper
-    for name in ("_coef", "_fwd_kernel", "_bwd_kernel"):
-        fn = globals()[name]
-        new = types.FunctionType(fn.__code__, glob, fn.__name__, fn.__defaults__, fn.__closure__)
-        new.__qualname__, new.__module__, new.__doc__ = fn.__qualname__, fn.__module__, fn.__doc__
-        new.__annotations__ = dict(fn.__annotations__)
-        glob[name] = triton.jit(new)
-    return glob["_fwd_kernel"], glob["_bwd_kernel"]
+    jitted = jit_functions(globals(), ("_coef", "_fwd_kernel", "_bwd_kernel"))
+    return jitted["_fwd_kernel"], jitted["_bwd_kernel"]
 
 
 @functools.lru_cache(maxsize=None)

@@ -24,6 +24,8 @@ import functools
 import torch
 from torch import Tensor
 
+from rsae.triton_jit import jit_functions
+
 try:  # Triton is optional: without it `supported` is False
     import triton
     import triton.language as tl
@@ -129,15 +131,7 @@ def _row_topk_kernel(h_ptr, idx_ptr, scratch_ptr, n_cols, chunk,
 
 @functools.lru_cache(maxsize=None)
 def _kernel():
-    glob = dict(globals())
-    import types
-
-    for name in ("_key", "_tile", "_positions", "_row_topk_kernel"):
-        fn = globals()[name]
-        new = types.FunctionType(fn.__code__, glob, fn.__name__, fn.__defaults__, fn.__closure__)
-        new.__annotations__ = dict(fn.__annotations__)
-        glob[name] = triton.jit(new)
-    return glob["_row_topk_kernel"]
+    return jit_functions(globals(), ("_key", "_tile", "_positions", "_row_topk_kernel"))["_row_topk_kernel"]
 
 
 def _pow2(n: int) -> int:
