@@ -221,8 +221,7 @@ class SAEModule(L.LightningModule):
         and the mean L0. Compiled, the [batch, d_sae] pre-activations and codes then stay inside
         the graph instead of being written out as outputs."""
         out = self.sae.training_output(x, step)
-        l0 = (out.z.detach() != 0).sum(-1, dtype=torch.float32).mean()
-        return out.loss, {k: v.detach() for k, v in out.losses.items()}, l0
+        return out.loss, {k: v.detach() for k, v in out.losses.items()}, out.l0()
 
     def _log_now(self) -> bool:
         """Whether the logger writes this step's metrics (Lightning's rule for on_step values)."""

@@ -13,10 +13,12 @@ is dead is read from a copy made at the end of the previous step (`AsyncFlag`).
 
 from __future__ import annotations
 
+import os
+
 import torch
 from torch import Tensor
 
-from rsae.sae import fast
+from rsae.sae import fast, sparse_step
 from rsae.sae.base import SAE, SAEOutput, require, resolve_d_sae
 
 # Decode sparsely when k * ratio <= d_sae, the ratio by device type. CUDA, measured on an H200
@@ -25,6 +27,9 @@ from rsae.sae.base import SAE, SAEOutput, require, resolve_d_sae
 # 4.4 ms at 2304 x 65536 (d_sae / k = 2048): even at d_sae / k of about 1200-1400, so sparse from
 # 1280 on. Other devices (not measured): a gathered row taken as costing 64 columns of a GEMM.
 SPARSE_DECODE_RATIO = {"cuda": 1280, "other": 128}
+# The sparse step of Triton kernels (`rsae.sae.sparse_step`, CUDA) from k * ratio <= d_sae on;
+# RSAE_SPARSE_STEP_RATIO overrides it (benchmarks: 1 always, a huge value never).
+SPARSE_STEP_RATIO = int(os.environ.get("RSAE_SPARSE_STEP_RATIO", 32))
 
 
 def topk_relu(h: Tensor, k: int) -> Tensor:
@@ -65,14 +70,20 @@ class TopKSAE(SAE):
             return super().training_output(x, step)
         self._check_input(x)
         self._step_any_dead = self._any_dead() if self.training and self.aux_coefficient > 0 else None
-        h = self.pre_acts(x)
-        values, indices, offsets, z = self._select(h)
-        self._decoder_boundary()
-        if self._decode_sparsely(values.numel() // max(1, x.shape[0])):
-            x_hat = fast.sparse_decode(values, indices, self.W_dec, self.b_dec, offsets)
+        if self._kernel_step(x):  # only the k selected latents per row, forward and backward
+            values, indices, h, entries = sparse_step.topk_encode(x, self.W_enc, self.b_enc, self.b_dec, self.k)
+            self._decoder_boundary()
+            x_hat = sparse_step.sparse_decode(values, indices, entries, self.W_dec, self.b_dec)
+            out = SAEOutput(x_hat=x_hat, h=h, sparse_codes=(values, indices))
         else:
-            x_hat = self.decode(z)
-        out = SAEOutput(x_hat=x_hat, z=z, h=h)
+            h = self.pre_acts(x)
+            values, indices, offsets, z = self._select(h)
+            self._decoder_boundary()
+            if self._decode_sparsely(values.numel() // max(1, x.shape[0])):
+                x_hat = fast.sparse_decode(values, indices, self.W_dec, self.b_dec, offsets)
+            else:
+                x_hat = self.decode(z)
+            out = SAEOutput(x_hat=x_hat, z=z, h=h)
         out.losses["mse"] = (x_hat.float() - x.float()).pow(2).sum(-1).mean()
         out.losses.update(self.aux_losses(x, out, step))
         self._step_any_dead = None
@@ -99,6 +110,12 @@ class TopKSAE(SAE):
         indices = fast.topk_select(h.detach(), self.k)[1]
         values = h.gather(-1, indices).relu()
         return values, indices, None, torch.zeros_like(h).scatter(-1, indices, values)
+
+    def _kernel_step(self, x: Tensor) -> bool:
+        """The sparse step of `rsae.sae.sparse_step` applies: its kernels run here, k is small next to
+        d_sae, and no gradient reaches h (AuxK with dead latents needs one: the dense step)."""
+        return (sparse_step.applies(x) and not getattr(self, "_step_any_dead", None) and x.dim() == 2
+                and self.k * SPARSE_STEP_RATIO <= self.d_sae)
 
     def _decode_sparsely(self, per_row: int) -> bool:
         device = self.W_dec.device.type
