@@ -92,7 +92,8 @@ def test_fast_path_matches_plain_path(device, arch, k, dead, monkeypatch):
     # and the step in between carry that last-bit difference a little further.
     # On CUDA, cuBLAS sums the encoder gradient (formed in W_enc's transposed layout) in another
     # order than autograd's product: float32 rounding, up to 2e-5 on entries of ~0.1 where terms cancel.
-    tol = {"rtol": 1e-3, "atol": 1e-3} if arch == "rational" else {"rtol": 1e-3, "atol": 1e-4} if device == "cuda" else {}
+    # (CUDA, rational: one W_enc gradient entry of 13 differed by 1.1e-3 relative on the H200.)
+    tol = {"rtol": 2e-3, "atol": 1e-3} if arch == "rational" else {"rtol": 1e-3, "atol": 1e-4} if device == "cuda" else {}
     assert_same(got, ref, **tol)
     if arch in ("topk", "batchtopk"):
         assert ("aux" in ref[0]["losses"]) and (float(ref[0]["losses"]["aux"]) > 0) == (dead != "none")

@@ -55,11 +55,12 @@ def kernel_errors(device: str, seed: int) -> dict:
 
 
 def step_differences(device: str, seed: int, autocast: bool = False, compiled: bool = False,
-                     shape: tuple[int, int, int, int] = (16, 256, 4, 40), reference: str = "plain") -> dict:
+                     shape: tuple[int, int, int, int] = (16, 256, 4, 40), reference: str = "plain",
+                     steps: int = 2) -> dict:
     """Largest differences between the sparse step and the `reference` step ("plain": the
     architecture's reference code; "dense": the fast path with dense decoding, which selects from
-    the same h) of a TopK SAE over two steps (SGD update in between), relative to each quantity's
-    largest magnitude."""
+    the same h) of a TopK SAE over `steps` steps (SGD updates in between), relative to each
+    quantity's largest magnitude."""
     from rsae.sae import fast, sparse_step
     from rsae.sae import topk as topk_module
     from rsae.sae.topk import TopKSAE
@@ -68,13 +69,13 @@ def step_differences(device: str, seed: int, autocast: bool = False, compiled: b
     torch.manual_seed(seed)
     sparse_sae = TopKSAE(d_in, d_sae, k=k, dead_after_tokens=10**9).to(device)
     plain_sae = copy.deepcopy(sparse_sae)
-    x = torch.randn(2, rows, d_in, device=device)
+    x = torch.randn(steps, rows, d_in, device=device)
     assert sparse_step.applies(x[0]) and sparse_sae._kernel_step(x[0])
 
     def run(sae, mode: str) -> list[dict]:
         fn = torch.compile(sae.training_output) if compiled and mode == "sparse" else sae.training_output
         recs = []
-        for i in range(2):
+        for i in range(steps):
             sae.zero_grad(set_to_none=True)
             with torch.autocast(device, dtype=torch.bfloat16, enabled=autocast):
                 if mode == "plain":
@@ -177,14 +178,15 @@ def test_sparse_kernels_match_float64_on_cuda(dummy):
 @pytest.mark.parametrize("autocast,compiled,shape,tol", [
     pytest.param(False, False, (16, 256, 4, 40), 1e-4, marks=GPU),
     # bf16: both steps round the codes and gradients to bf16 alike but sum in other orders, and the
-    # sparse decoder returns x_hat in float32 where the dense GEMM rounds it to bf16
+    # sparse decoder returns x_hat in float32 where the dense GEMM rounds it to bf16. One step: after
+    # an update those differences move near-tied pre-activations across the k-th largest.
     pytest.param(True, False, (768, 24576, 32, 4096), 2e-2, marks=GPU),
     pytest.param(True, True, (768, 24576, 32, 4096), 2e-2, marks=GPU),
 ])
 def test_sparse_step_matches_dense_step_on_cuda(autocast, compiled, shape, tol):
     seed = int.from_bytes(os.urandom(4), "little")
     check_step(step_differences("cuda", seed, autocast=autocast, compiled=compiled, shape=shape,
-                                reference="dense" if autocast else "plain"), seed, tol)
+                                reference="dense" if autocast else "plain", steps=1 if autocast else 2), seed, tol)
 
 
 if __name__ == "__main__":  # the interpreter run: one JSON line of results

@@ -11,8 +11,9 @@ or the encoder in its [d_sae, d_in] memory layout).
   input). It reads the entries sorted by latent (`sort_entries`, once per step for both
   gradients): each program takes BLOCK_E consecutive sorted entries, sums each latent's run of
   them with one small matrix product (a [runs, entries] matrix holding the values, times the
-  gathered rows of a), and adds the run sums into `out` atomically. Every program does the same
-  work however unevenly the latents fire, and only runs cut by a block boundary meet in `out`.
+  gathered rows of a), and writes the run sums into `out`: stored where the run holds all of its
+  latent's entries, added atomically for the first and last run of the block, which may continue
+  in the neighbouring blocks. Every program does the same work however unevenly the latents fire.
 
 Inputs of a bf16/fp16 `a` take the values in that dtype (as a bf16 GEMM over dense codes does) and
 accumulate in float32. Run where Triton runs: CUDA tensors, or any tensor under Triton's
@@ -34,7 +35,12 @@ try:  # Triton is optional: without it `supported` is False
 except Exception:  # noqa: BLE001 - any import problem means "no kernel"
     triton = tl = None
 
-BLOCK_ROWS, BLOCK_D, BLOCK_E = 32, 128, 64
+# Tile shapes and warps per kernel (`python -m rsae.bench sparse` times alternatives).
+TILES = {
+    "gather_rows": {"BLOCK_ROWS": 16, "BLOCK_D": 128, "num_warps": 4},
+    "gather_dots": {"BLOCK_E": 16, "BLOCK_D": 128, "num_warps": 4},
+    "scatter_rows": {"BLOCK_E": 32, "BLOCK_D": 128, "num_warps": 4},
+}
 
 
 def _gather_rows_kernel(v_ptr, idx_ptr, w_ptr, out_ptr, n_rows, d, K: tl.constexpr,
@@ -86,9 +92,15 @@ def _scatter_rows_kernel(lat_ptr, order_ptr, v_ptr, a_ptr, out_ptr, n_entries, d
         sums = tl.dot(tl.where(member, v[None, :], 0.0).to(tl.float32), a.to(tl.float32), input_precision="ieee")
     else:
         sums = tl.dot(tl.where(member, v[None, :], 0.0).to(a.dtype), a)
-    run_lat = tl.max(tl.where(member, lat[None, :], -1), axis=1)  # -1: no such run
-    tl.atomic_add(out_ptr + run_lat[:, None] * d + cols[None, :], sums,
-                  mask=(run_lat >= 0)[:, None] & (cols < d)[None, :])
+    run_lat = tl.max(tl.where(member, lat[None, :], -1), axis=1).to(tl.int64)  # -1: no such run
+    # Runs strictly inside the block hold every entry of their latent: no other program writes that
+    # row, so a plain store will do. The first and last runs may continue in the neighbouring blocks.
+    last = tl.max(tl.where(e_ok, run, 0), axis=0)
+    edge = (runs == 0) | (runs == last)
+    ptrs = out_ptr + run_lat[:, None] * d + cols[None, :]
+    ok = (run_lat >= 0)[:, None] & (cols < d)[None, :]
+    tl.store(ptrs, sums, mask=ok & ~edge[:, None])
+    tl.atomic_add(ptrs, sums, mask=ok & edge[:, None])
 
 
 @functools.lru_cache(maxsize=None)
@@ -120,9 +132,10 @@ def gather_rows(values: Tensor, indices: Tensor, w: Tensor) -> Tensor:
     d = w.shape[1]
     out = torch.empty((n, d), dtype=torch.float32, device=w.device)
     if n and d:
-        grid = (triton.cdiv(n, BLOCK_ROWS), triton.cdiv(d, BLOCK_D))
+        t = TILES["gather_rows"]
+        grid = (triton.cdiv(n, t["BLOCK_ROWS"]), triton.cdiv(d, t["BLOCK_D"]))
         _kernels()["_gather_rows_kernel"][grid](values.contiguous(), indices.contiguous(), w.contiguous(), out, n, d,
-                                                K=k, BLOCK_ROWS=BLOCK_ROWS, BLOCK_D=BLOCK_D, num_warps=4)
+                                                K=k, **t)
     return out
 
 
@@ -135,15 +148,16 @@ def gather_dots(g: Tensor, indices: Tensor, w: Tensor) -> Tensor:
         raise ValueError(f"gather_dots: g must be [{n}, {d}], got {tuple(g.shape)}")
     out = torch.empty((n, k), dtype=torch.float32, device=w.device)
     if n * k and d:
-        grid = (triton.cdiv(n * k, BLOCK_E),)
+        t = TILES["gather_dots"]
+        grid = (triton.cdiv(n * k, t["BLOCK_E"]),)
         _kernels()["_gather_dots_kernel"][grid](g.contiguous(), indices.contiguous(), w.contiguous(), out, n * k, d,
-                                                K=k, BLOCK_E=BLOCK_E, BLOCK_D=BLOCK_D, num_warps=4)
+                                                K=k, **t)
     return out
 
 
 def sort_entries(indices: Tensor) -> tuple[Tensor, Tensor]:
     """(the latents of all entries in ascending order, each one's position in indices.flatten())."""
-    lat, order = torch.sort(indices.flatten(), stable=True)
+    lat, order = torch.sort(indices.flatten().to(torch.int32), stable=True)  # 32-bit keys: half the radix passes
     return lat, order
 
 
@@ -158,10 +172,10 @@ def scatter_rows(values: Tensor, sorted_entries: tuple[Tensor, Tensor], a: Tenso
                          f"{lat.numel()}")
     out = torch.zeros((n_latents, d), dtype=torch.float32, device=a.device)
     if n * k and d:
-        grid = (triton.cdiv(n * k, BLOCK_E), triton.cdiv(d, BLOCK_D))
+        t = TILES["scatter_rows"]
+        grid = (triton.cdiv(n * k, t["BLOCK_E"]), triton.cdiv(d, t["BLOCK_D"]))
         _kernels()["_scatter_rows_kernel"][grid](lat, order, values.contiguous(), a.contiguous(), out, n * k, d, K=k,
-                                                 BLOCK_E=BLOCK_E, BLOCK_D=BLOCK_D, IEEE=a.dtype == torch.float32 or not a.is_cuda,
-                                                 num_warps=4)
+                                                 IEEE=a.dtype == torch.float32 or not a.is_cuda, **t)
     return out
 
 

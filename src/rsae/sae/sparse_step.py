@@ -90,8 +90,9 @@ def topk_encode(x: Tensor, w_enc: Tensor, b_enc: Tensor, b_dec: Tensor, k: int
                 ) -> tuple[Tensor, Tensor, Tensor, tuple[Tensor, Tensor]]:
     """(values [B, k] after the ReLU, latent indices [B, k], h without gradient, the entries sorted
     by latent) for the k largest pre-activations of each row."""
+    dtype = _dtype(x, w_enc)  # (read before autocast is switched off around the function)
     with torch.autocast(device_type=x.device.type, enabled=False):
-        values, indices, h, lat, order = _TopKEncoder.apply(x, w_enc, b_enc, b_dec, k, _dtype(x, w_enc))
+        values, indices, h, lat, order = _TopKEncoder.apply(x, w_enc, b_enc, b_dec, k, dtype)
     return values, indices, h, (lat, order)
 
 
