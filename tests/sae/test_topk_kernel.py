@@ -89,7 +89,7 @@ def test_unsupported_shapes_are_refused_clearly():
     pytest.importorskip("triton")
     from rsae.sae.topk_kernel import row_topk_indices, shape_for
 
-    assert shape_for(300, 5) == (16, 19, 64)
+    assert shape_for(300, 5) == (16, 19, 512)
     assert shape_for(30, 5) is None and shape_for(10**6, 2000) is None
     with pytest.raises(ValueError, match="rows of at least"):
         row_topk_indices(torch.randn(2, 30), 5)

@@ -4,11 +4,17 @@ AuxK (Gao et al. 2024): latents that have not fired for `dead_after_tokens` toke
 reconstruct the main model's residual with their own top-`k_aux`, weighted by `aux_coefficient`
 and normalised by the input variance, which revives dead latents.
 
-Training step (`training_output`), unless `rsae.sae.fast.disabled()`: the encoder GEMM without an
-input gradient, top-k selection by the faster of two exact methods, and sparse decoding (only the
-k selected decoder rows per token, forward and backward) when k is small next to d_sae; the codes
-`z` are still returned dense. The host never waits for the GPU inside a step: whether any latent
-is dead is read from a copy made at the end of the previous step (`AsyncFlag`).
+Training step (`training_output`), unless `rsae.sae.fast.disabled()`:
+* On CUDA, from d_sae / k >= SPARSE_STEP_RATIO and when no gradient has to reach the dense
+  pre-activations (no AuxK term this step): the sparse step of `rsae.sae.sparse_step`. After the
+  encoder GEMM only the k selected latents per row are touched: Triton kernels decode, form the
+  codes' gradient and both weight gradients; the dense codes are formed only if asked for
+  (`SAEOutput.z`).
+* Otherwise: the encoder GEMM without an input gradient, top-k selection by the fastest exact
+  method, and the decoder as dense GEMMs, or sparse (`embedding_bag`) from d_sae / k >=
+  SPARSE_DECODE_RATIO.
+The host never waits for the GPU inside a step: whether any latent is dead is read from a copy
+made at the end of the previous step (`AsyncFlag`).
 """
 
 from __future__ import annotations
