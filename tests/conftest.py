@@ -1,3 +1,4 @@
+import json
 import os
 import subprocess
 import sys
@@ -27,3 +28,22 @@ def run_train(*overrides: str, script: str = "train.py", check: bool = True, tim
 @pytest.fixture
 def train_cli():
     return run_train
+
+
+def run_interpreted(test_file: str, timeout: int = 300, **env: str) -> tuple[int, dict]:
+    """(seed, results): a kernel test file run as a script in a subprocess under Triton's CPU
+    interpreter (TRITON_INTERPRET must be set before triton is first imported), on a fresh seed; the
+    script prints its results as one JSON line."""
+    pytest.importorskip("triton")
+    seed = int.from_bytes(os.urandom(4), "little")
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONWARNINGS": "ignore", **env}
+    proc = subprocess.run([sys.executable, str(Path(test_file).resolve()), str(seed)], env=env,
+                          capture_output=True, text=True, timeout=timeout)
+    if proc.returncode != 0:
+        pytest.fail(f"interpreter run failed (seed {seed}):\n{proc.stderr[-3000:]}")
+    return seed, json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+@pytest.fixture(scope="session")
+def triton_interpreter():
+    return run_interpreted

@@ -11,9 +11,7 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -260,15 +258,8 @@ def check_edge(res: dict, seed: int) -> None:
 
 
 @pytest.fixture(scope="module")
-def interpreted():
-    pytest.importorskip("triton")
-    seed = int.from_bytes(os.urandom(4), "little")
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONWARNINGS": "ignore", "TRITON_DEFAULT_FP_FUSION": "1"}
-    proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), str(seed)], env=env,
-                          capture_output=True, text=True, timeout=300)
-    if proc.returncode != 0:
-        pytest.fail(f"interpreter run failed (seed {seed}):\n{proc.stderr[-3000:]}")
-    return seed, json.loads(proc.stdout.strip().splitlines()[-1])
+def interpreted(triton_interpreter):
+    return triton_interpreter(__file__, TRITON_DEFAULT_FP_FUSION="1")
 
 
 @pytest.mark.parametrize("name", [c[0] for c in CASES])

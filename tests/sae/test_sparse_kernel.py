@@ -16,9 +16,7 @@ from __future__ import annotations
 import copy
 import json
 import os
-import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -122,15 +120,8 @@ def check_step(diffs: dict, seed: int, tol: float) -> None:
 
 
 @pytest.fixture(scope="module")
-def interpreted():
-    pytest.importorskip("triton")
-    seed = int.from_bytes(os.urandom(4), "little")
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONWARNINGS": "ignore"}
-    proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), str(seed)], env=env,
-                          capture_output=True, text=True, timeout=600)
-    if proc.returncode != 0:
-        pytest.fail(f"interpreter run failed (seed {seed}):\n{proc.stderr[-3000:]}")
-    return seed, json.loads(proc.stdout.strip().splitlines()[-1])
+def interpreted(triton_interpreter):
+    return triton_interpreter(__file__, timeout=600)
 
 
 def test_sparse_kernels_match_float64_interpreted(interpreted):
