@@ -134,6 +134,10 @@ def test_sparse_step_matches_plain_step_interpreted(interpreted):
     check_step(results["step"], seed, tol=1e-5)
 
 
+def test_sparse_step_is_taken_where_it_applies_and_not_in_deterministic_mode(interpreted):
+    assert interpreted[1]["taken"] == [True, False]  # d_sae / k = 1024; then torch.use_deterministic_algorithms
+
+
 def test_sparse_step_is_not_taken_where_it_does_not_apply():
     from rsae.sae.batchtopk import BatchTopKSAE
     from rsae.sae.topk import TopKSAE
@@ -179,4 +183,12 @@ def test_sparse_step_matches_dense_step_on_cuda(autocast, compiled, shape, tol):
 
 if __name__ == "__main__":  # the interpreter run: one JSON line of results
     seed = int(sys.argv[1])
-    print(json.dumps({"kernels": kernel_errors("cpu", seed), "step": step_differences("cpu", seed)}))
+    from rsae.sae.topk import TopKSAE
+
+    probe, x0 = TopKSAE(16, 4096, k=4), torch.randn(8, 16)
+    taken = probe._kernel_step(x0)
+    torch.use_deterministic_algorithms(True)
+    taken_deterministic = probe._kernel_step(x0)
+    torch.use_deterministic_algorithms(False)
+    print(json.dumps({"kernels": kernel_errors("cpu", seed), "step": step_differences("cpu", seed),
+                      "taken": [taken, taken_deterministic]}))

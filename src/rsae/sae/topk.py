@@ -121,9 +121,10 @@ class TopKSAE(SAE):
 
     def _kernel_step(self, x: Tensor) -> bool:
         """The sparse step of `rsae.sae.sparse_step` applies: its kernels run here, k is small next to
-        d_sae, and no gradient reaches h (AuxK with dead latents needs one: the dense step)."""
+        d_sae, no gradient reaches h (AuxK with dead latents needs one: the dense step), and
+        deterministic algorithms are not asked for (its weight gradients add some rows atomically)."""
         return (sparse_step.applies(x) and not getattr(self, "_step_any_dead", None) and x.dim() == 2
-                and self.k * SPARSE_STEP_RATIO <= self.d_sae)
+                and self.k * SPARSE_STEP_RATIO <= self.d_sae and not torch.are_deterministic_algorithms_enabled())
 
     def _decode_sparsely(self, per_row: int) -> bool:
         device = self.W_dec.device.type
