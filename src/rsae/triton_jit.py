@@ -9,6 +9,14 @@ from __future__ import annotations
 import types
 
 
+def interpreting() -> bool:
+    """Whether Triton runs kernels in its interpreter (TRITON_INTERPRET=1 before triton was imported)."""
+    import triton.language as tl
+    from triton.runtime.interpreter import InterpretedFunction
+
+    return isinstance(tl.sum, InterpretedFunction)
+
+
 def jit_functions(namespace: dict, names: tuple[str, ...]) -> dict:
     """{name: triton.jit(function)} for the functions `names` of a module's namespace (`globals()`).
     Each is rebuilt over a copy of that namespace in which the others are already decorated, so a

@@ -53,7 +53,7 @@ import torch
 from torch import Tensor
 
 from rsae.rational.function import DENOMINATORS, T_MAX
-from rsae.triton_jit import jit_functions
+from rsae.triton_jit import interpreting, jit_functions
 
 try:  # Triton is optional: without it `use_kernel` is False and the reference runs
     import triton
@@ -340,13 +340,6 @@ def _bwd_kernel(
         for k in tl.static_range(N_PAR):
             part_offs = (pid_m * N_PAR + k).to(tl.int64) * n_cols + cols
             tl.store(part_ptr + part_offs, tl.sum(acc[k], axis=0), mask=col_ok)
-
-
-def interpreting() -> bool:
-    """Whether Triton runs kernels in its interpreter (TRITON_INTERPRET=1 before triton was imported)."""
-    from triton.runtime.interpreter import InterpretedFunction
-
-    return isinstance(tl.sum, InterpretedFunction)
 
 
 def _kernel_mode() -> str | tuple[int, int]:

@@ -27,7 +27,7 @@ import functools
 import torch
 from torch import Tensor
 
-from rsae.triton_jit import jit_functions
+from rsae.triton_jit import interpreting, jit_functions
 
 try:  # Triton is optional: without it `supported` is False
     import triton
@@ -110,24 +110,19 @@ def _kernels() -> dict:
 
 def supported(t: Tensor) -> bool:
     """Whether the kernels run on t's device: CUDA with Triton, or Triton's interpreter."""
-    if triton is None:
-        return False
-    if t.is_cuda:
-        return True
-    from triton.runtime.interpreter import InterpretedFunction
-
-    return isinstance(tl.sum, InterpretedFunction)
+    return triton is not None and (t.is_cuda or interpreting())
 
 
-def _check(values: Tensor, indices: Tensor, w: Tensor) -> None:
-    if not (values.ndim == 2 and indices.shape == values.shape and w.ndim == 2):
-        raise ValueError(f"sparse kernels: need values and indices [n, k] and a 2-d W, got "
-                         f"{tuple(values.shape)}, {tuple(indices.shape)}, {tuple(w.shape)}")
+def _check(indices: Tensor, w: Tensor, values: Tensor | None = None) -> None:
+    shapes_ok = indices.ndim == 2 and w.ndim == 2 and (values is None or values.shape == indices.shape)
+    if not shapes_ok:
+        got = [tuple(t.shape) for t in (values, indices, w) if t is not None]
+        raise ValueError(f"sparse kernels: need values and indices [n, k] and a 2-d W, got {got}")
 
 
 def gather_rows(values: Tensor, indices: Tensor, w: Tensor) -> Tensor:
     """[n, d] float32: row r is sum_i values[r, i] * w[indices[r, i]]."""
-    _check(values, indices, w)
+    _check(indices, w, values)
     n, k = values.shape
     d = w.shape[1]
     out = torch.empty((n, d), dtype=torch.float32, device=w.device)
@@ -141,7 +136,7 @@ def gather_rows(values: Tensor, indices: Tensor, w: Tensor) -> Tensor:
 
 def gather_dots(g: Tensor, indices: Tensor, w: Tensor) -> Tensor:
     """[n, k] float32: entry (r, i) is g[r] . w[indices[r, i]]."""
-    _check(indices, indices, w)
+    _check(indices, w)
     n, k = indices.shape
     d = w.shape[1]
     if g.shape != (n, d):
