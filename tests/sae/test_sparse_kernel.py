@@ -7,8 +7,9 @@ plain step: losses, reconstruction, codes, every gradient and the dead-latent co
 steps with an SGD update between them.
 
 On the CPU the kernels run in Triton's interpreter, in a subprocess started with TRITON_INTERPRET=1
-(this file run as a script); marked `gpu`: the same on CUDA, plus bf16 autocast and torch.compile
-at a real shape.
+(this file run as a script), eagerly and traced by torch.compile; marked `gpu`: the same on CUDA,
+plus bf16 autocast and torch.compile at a real shape. Both forms of the step are covered: the
+sparse step, and with AuxK on (dead latents) the dense encoder with the sparse decoder.
 """
 
 from __future__ import annotations
@@ -54,24 +55,27 @@ def kernel_errors(device: str, seed: int) -> dict:
 
 def step_differences(device: str, seed: int, autocast: bool = False, compiled: bool = False,
                      shape: tuple[int, int, int, int] = (16, 256, 4, 40), reference: str = "plain",
-                     steps: int = 2) -> dict:
+                     steps: int = 2, dead: bool = False, backend: str = "inductor") -> dict:
     """Largest differences between the sparse step and the `reference` step ("plain": the
     architecture's reference code; "dense": the fast path with dense decoding, which selects from
     the same h) of a TopK SAE over `steps` steps (SGD updates in between), relative to each
-    quantity's largest magnitude."""
+    quantity's largest magnitude. With `dead`, half the latents start dead: AuxK is on, and the
+    sparse run takes the dense encoder with the sparse decoder."""
     from rsae.sae import fast, sparse_step
     from rsae.sae import topk as topk_module
     from rsae.sae.topk import TopKSAE
 
     d_in, d_sae, k, rows = shape
     torch.manual_seed(seed)
-    sparse_sae = TopKSAE(d_in, d_sae, k=k, dead_after_tokens=10**9).to(device)
+    sparse_sae = TopKSAE(d_in, d_sae, k=k, dead_after_tokens=50 if dead else 10**9).to(device)
+    if dead:
+        sparse_sae.tokens_since_fired[::2] = 1000
     plain_sae = copy.deepcopy(sparse_sae)
     x = torch.randn(steps, rows, d_in, device=device)
     assert sparse_step.applies(x[0])
 
     def run(sae, mode: str) -> list[dict]:
-        fn = torch.compile(sae.training_output) if compiled and mode == "sparse" else sae.training_output
+        fn = torch.compile(sae.training_output, backend=backend) if compiled and mode == "sparse" else sae.training_output
         recs = []
         for i in range(steps):
             sae.zero_grad(set_to_none=True)
@@ -88,7 +92,10 @@ def step_differences(device: str, seed: int, autocast: bool = False, compiled: b
                         topk_module.SPARSE_STEP_RATIO = ratio
                     assert (out.sparse_codes is not None) == (mode == "sparse"), f"{mode}: the wrong step ran"
             out.loss.backward()
+            if dead:
+                assert float(out.losses["aux"]) > 0, "AuxK did not run"
             recs.append({"mse": out.losses["mse"].detach().float().reshape(1), "x_hat": out.x_hat.detach().float(),
+                         **({"aux": out.losses["aux"].detach().float().reshape(1)} if dead else {}),
                          "z": out.z.detach().float(), "l0": out.l0().reshape(1),
                          **{f"grad {n}": p.grad.float() for n, p in sae.named_parameters()},
                          "tokens_since_fired": sae.tokens_since_fired.float()})
@@ -134,6 +141,18 @@ def test_sparse_step_matches_plain_step_interpreted(interpreted):
     check_step(results["step"], seed, tol=1e-5)
 
 
+def test_sparse_decoder_with_auxk_matches_plain_step_interpreted(interpreted):
+    seed, results = interpreted
+    assert "aux" in results["step_auxk"]
+    check_step(results["step_auxk"], seed, tol=1e-5)
+
+
+def test_sparse_step_traced_by_torch_compile_matches_plain_step_interpreted(interpreted):
+    seed, results = interpreted
+    check_step(results["compiled"], seed, tol=1e-5)
+    check_step(results["compiled_auxk"], seed, tol=1e-5)
+
+
 def test_sparse_step_is_taken_where_it_applies_and_not_in_deterministic_mode(interpreted):
     assert interpreted[1]["taken"] == [True, False]  # d_sae / k = 1024; then torch.use_deterministic_algorithms
 
@@ -143,9 +162,9 @@ def test_sparse_step_is_not_taken_where_it_does_not_apply():
     from rsae.sae.topk import TopKSAE
 
     x = torch.randn(8, 16)
-    assert not TopKSAE(16, 256, k=4)._kernel_step(x)  # CPU without the interpreter: the dense step
+    assert not TopKSAE(16, 256, k=4)._kernels_apply(x)  # CPU without the interpreter: the dense step
     assert TopKSAE(16, 256, k=4).training_output(x).sparse_codes is None
-    assert not BatchTopKSAE(16, 256, k=4)._kernel_step(x)
+    assert not BatchTopKSAE(16, 256, k=4)._kernels_apply(x)
 
 
 def test_bad_shapes_are_refused_clearly():
@@ -186,9 +205,12 @@ if __name__ == "__main__":  # the interpreter run: one JSON line of results
     from rsae.sae.topk import TopKSAE
 
     probe, x0 = TopKSAE(16, 4096, k=4), torch.randn(8, 16)
-    taken = probe._kernel_step(x0)
+    taken = probe._kernels_apply(x0)
     torch.use_deterministic_algorithms(True)
-    taken_deterministic = probe._kernel_step(x0)
+    taken_deterministic = probe._kernels_apply(x0)
     torch.use_deterministic_algorithms(False)
     print(json.dumps({"kernels": kernel_errors("cpu", seed), "step": step_differences("cpu", seed),
-                      "taken": [taken, taken_deterministic]}))
+                      "step_auxk": step_differences("cpu", seed, dead=True), "taken": [taken, taken_deterministic],
+                      # traced by torch.compile (dynamo and AOT autograd; no code generation on the CPU)
+                      "compiled": step_differences("cpu", seed, compiled=True, backend="aot_eager"),
+                      "compiled_auxk": step_differences("cpu", seed, dead=True, compiled=True, backend="aot_eager")}))

@@ -40,7 +40,7 @@ class BatchTopKSAE(TopKSAE):
         # In eval mode the codes come from the global threshold (`activation`), not a batch top-k.
         return super()._fast_path() and self.training
 
-    def _kernel_step(self, x: Tensor) -> bool:  # its rows keep varying numbers of entries
+    def _kernels_apply(self, x: Tensor) -> bool:  # its rows keep varying numbers of entries
         return False
 
     def _select(self, h: Tensor) -> tuple[Tensor, Tensor, Tensor | None, Tensor]:

@@ -9,7 +9,7 @@ for k entries per row, plus the scatters that build those dense codes. Here:
   values, and the entries sorted by latent (shared by both weight gradients). Backward: W_enc's
   gradient from the selected entries only (`scatter_rows` over the encoder's input), b_enc's as a
   per-latent sum, b_dec's as -W_enc @ (that sum). h comes out without a gradient: a step that also
-  needs h's gradient (AuxK with dead latents) takes the dense path.
+  needs h's gradient (AuxK with dead latents) runs the dense encoder and `sparse_decode` alone.
 * `sparse_decode`: x_hat = sum_i values_i W_dec[idx_i] + b_dec in float32 (`gather_rows`);
   backward: the values' gradient (`gather_dots`), W_dec's (`scatter_rows` over dL/dx_hat), b_dec's.
 
@@ -96,9 +96,12 @@ def topk_encode(x: Tensor, w_enc: Tensor, b_enc: Tensor, b_dec: Tensor, k: int
     return values, indices, h, (lat, order)
 
 
-def sparse_decode(values: Tensor, indices: Tensor, entries: tuple[Tensor, Tensor], w_dec: Tensor, b_dec: Tensor) -> Tensor:
+def sparse_decode(values: Tensor, indices: Tensor, entries: tuple[Tensor, Tensor] | None, w_dec: Tensor,
+                  b_dec: Tensor) -> Tensor:
     """b_dec + sum_i values[:, i] * w_dec[indices[:, i]], float32 [B, d_in] (`entries` from
-    `topk_encode`)."""
+    `topk_encode`, or None to sort them here)."""
+    if entries is None:
+        entries = sparse_kernel.sort_entries(indices)
     dtype = _dtype(values, w_dec)
     with torch.autocast(device_type=values.device.type, enabled=False):
         return _SparseDecoder.apply(values, indices, *entries, w_dec, b_dec, dtype)

@@ -5,11 +5,11 @@ reconstruct the main model's residual with their own top-`k_aux`, weighted by `a
 and normalised by the input variance, which revives dead latents.
 
 Training step (`training_output`), unless `rsae.sae.fast.disabled()`:
-* On CUDA, from d_sae / k >= SPARSE_STEP_RATIO and when no gradient has to reach the dense
-  pre-activations (no AuxK term this step): the sparse step of `rsae.sae.sparse_step`. After the
-  encoder GEMM only the k selected latents per row are touched: Triton kernels decode, form the
-  codes' gradient and both weight gradients; the dense codes are formed only if asked for
-  (`SAEOutput.z`).
+* On CUDA, from d_sae / k >= SPARSE_STEP_RATIO: the sparse step of `rsae.sae.sparse_step`. After
+  the encoder GEMM only the k selected latents per row are touched: Triton kernels decode, form
+  the codes' gradient and both weight gradients; the dense codes are formed only if asked for
+  (`SAEOutput.z`). A step with AuxK on (some latent dead) needs the gradient of the dense
+  pre-activations: its encoder stays dense, its decoder is the same sparse one.
 * Otherwise: the encoder GEMM without an input gradient, top-k selection by the fastest exact
   method, and the decoder as dense GEMMs, or sparse (`embedding_bag`) from d_sae / k >=
   SPARSE_DECODE_RATIO.
@@ -78,10 +78,18 @@ class TopKSAE(SAE):
             return super().training_output(x, step)
         self._check_input(x)
         self._step_any_dead = self._any_dead() if self.training and self.aux_coefficient > 0 else None
-        if self._kernel_step(x):  # only the k selected latents per row, forward and backward
+        kernels = self._kernels_apply(x)
+        if kernels and not self._step_any_dead:  # only the k selected latents per row, forward and backward
             values, indices, h, entries = sparse_step.topk_encode(x, self.W_enc, self.b_enc, self.b_dec, self.k)
             self._decoder_boundary()
             x_hat = sparse_step.sparse_decode(values, indices, entries, self.W_dec, self.b_dec)
+            out = SAEOutput(x_hat=x_hat, h=h, sparse_codes=(values, indices))
+        elif kernels:  # AuxK needs the gradient of the dense h: a dense encoder, the sparse decoder
+            h = self.pre_acts(x)
+            indices = fast.topk_select(h.detach(), self.k)[1]
+            values = h.gather(-1, indices).relu()
+            self._decoder_boundary()
+            x_hat = sparse_step.sparse_decode(values, indices, None, self.W_dec, self.b_dec)
             out = SAEOutput(x_hat=x_hat, h=h, sparse_codes=(values, indices))
         else:
             h = self.pre_acts(x)
@@ -119,12 +127,11 @@ class TopKSAE(SAE):
         values = h.gather(-1, indices).relu()
         return values, indices, None, torch.zeros_like(h).scatter(-1, indices, values)
 
-    def _kernel_step(self, x: Tensor) -> bool:
-        """The sparse step of `rsae.sae.sparse_step` applies: its kernels run here, k is small next to
-        d_sae, no gradient reaches h (AuxK with dead latents needs one: the dense step), and
-        deterministic algorithms are not asked for (its weight gradients add some rows atomically)."""
-        return (sparse_step.applies(x) and not getattr(self, "_step_any_dead", None) and x.dim() == 2
-                and self.k * SPARSE_STEP_RATIO <= self.d_sae and not torch.are_deterministic_algorithms_enabled())
+    def _kernels_apply(self, x: Tensor) -> bool:
+        """The kernels of `rsae.sae.sparse_step` run here, k is small next to d_sae, and deterministic
+        algorithms are not asked for (the weight gradients add some rows atomically)."""
+        return (sparse_step.applies(x) and x.dim() == 2 and self.k * SPARSE_STEP_RATIO <= self.d_sae
+                and not torch.are_deterministic_algorithms_enabled())
 
     def _decode_sparsely(self, per_row: int) -> bool:
         device = self.W_dec.device.type
