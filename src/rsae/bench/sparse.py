@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 
 import torch
 
@@ -42,18 +41,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 
 def time_ms(fn, iters: int, repeats: int) -> float:
-    fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(iters):
-            fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end) / iters)
-    return statistics.median(times)
+    """Median ms per call of fn over `repeats` runs of `iters` calls, after one warm-up call."""
+    from rsae.bench.train import time_steps
+
+    return time_steps(lambda _batch, _i: fn(), [None], torch.device("cuda"), 1, iters, repeats)["ms"]
 
 
 def shape_rows(d: int, m: int, k: int, n: int, args) -> dict:

@@ -86,8 +86,7 @@ class TopKSAE(SAE):
             out = SAEOutput(x_hat=x_hat, h=h, sparse_codes=(values, indices))
         elif kernels:  # AuxK needs the gradient of the dense h: a dense encoder, the sparse decoder
             h = self.pre_acts(x)
-            indices = fast.topk_select(h.detach(), self.k)[1]
-            values = h.gather(-1, indices).relu()
+            values, indices = self._top_values(h)
             self._decoder_boundary()
             x_hat = sparse_step.sparse_decode(values, indices, None, self.W_dec, self.b_dec)
             out = SAEOutput(x_hat=x_hat, h=h, sparse_codes=(values, indices))
@@ -123,9 +122,13 @@ class TopKSAE(SAE):
 
     def _select(self, h: Tensor) -> tuple[Tensor, Tensor, Tensor | None, Tensor]:
         """(values [B, k] after the ReLU, latent indices [B, k], None, dense codes z)."""
-        indices = fast.topk_select(h.detach(), self.k)[1]
-        values = h.gather(-1, indices).relu()
+        values, indices = self._top_values(h)
         return values, indices, None, torch.zeros_like(h).scatter(-1, indices, values)
+
+    def _top_values(self, h: Tensor) -> tuple[Tensor, Tensor]:
+        """(the k largest entries of each row after the ReLU, differentiable in h; their latents)."""
+        indices = fast.topk_select(h.detach(), self.k)[1]
+        return h.gather(-1, indices).relu(), indices
 
     def _kernels_apply(self, x: Tensor) -> bool:
         """The kernels of `rsae.sae.sparse_step` run here, k is small next to d_sae, and deterministic
