@@ -27,7 +27,16 @@ SAES = {
     "batchtopk": lambda: BatchTopKSAE(8, 32, k=2),
     "jumprelu": lambda: JumpReLUSAE(8, 32, l0_coefficient=0.1, l0_warmup_steps=4),
     "rational": lambda: RationalSAE(8, 32, gate="topk", k=3, dead_after_tokens=40),
+    # Wide, with 52 latents dead from the start and the rest dying at step 10: AuxK first over the
+    # dead latents' own columns (at most 128 of them can be dead), then over all of them.
+    "topk-wide": lambda: some_dead(TopKSAE(8, 1024, k=2, dead_after_tokens=150)),
+    "rational-wide": lambda: some_dead(RationalSAE(8, 1024, gate="topk", k=3, dead_after_tokens=150)),
 }
+
+
+def some_dead(sae, every: int = 20):
+    sae.tokens_since_fired[::every] = 1000
+    return sae
 
 
 class Record(L.Callback):
@@ -72,7 +81,10 @@ def test_captured_step_trains_as_the_automatic_step(arch, device):
     graph, t_graph, r_graph = fit(sae, device, cuda_graph=True)
     assert t_graph.global_step == t_auto.global_step == 12
     assert not graph.automatic_optimization
-    exact = device == "cpu"  # the same operations in the same order; on CUDA the graph replays them
+    # The same operations in the same order; on CUDA the graph replays them. (Wide: AuxK over all
+    # columns or over the dead latents' own columns, rounded differently, in different steps: the
+    # captured step knows less at first, and the rational SAE's automatic step always takes all.)
+    exact = device == "cpu" and not arch.endswith("-wide")
     tol = dict(rtol=0, atol=0) if exact else dict(rtol=1e-4, atol=1e-5)
     assert_same_state(graph, auto, **tol)
     assert r_graph.l0 == pytest.approx(r_auto.l0, rel=1e-4)
@@ -84,7 +96,7 @@ def test_captured_step_trains_as_the_automatic_step(arch, device):
         assert graph._captured.captures == 1 or (graph.sae.uses_auxk() and graph._captured.captures == 2)
     if graph.sae.uses_auxk():  # AuxK switched on where latents die during the run (dead_after_tokens=40)
         dying = graph.sae.dead_after_tokens <= 12 * 16
-        assert graph.sae._aux_active == dying
+        assert (graph.sae._aux_capacity > 0) == dying
         assert (float(t_graph.callback_metrics["train/aux_loss"]) > 0) == dying
 
 
@@ -180,6 +192,34 @@ def test_dead_latent_bound_never_undercounts(device):
     bound.tokens += 32  # two more steps counted on the host, not recorded yet
     assert bound.bound() == 128
     assert copy.deepcopy(bound).bound() is None
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_dead_latent_capacity_always_holds_the_dead_latents(device):
+    """The host's bound on how many latents are dead (count >= dead_after): a size from
+    `aux_capacities` that is never below the true number, exact once every copy has landed."""
+    from rsae.sae.fast import DeadLatentBound, aux_capacities, aux_capacity
+
+    assert aux_capacities(1024) == [0, 128, 256] and aux_capacities(256) == [0]
+    assert [aux_capacity(n, 1024) for n in (0, 1, 128, 129, 256, 257)] == [0, 128, 128, 256, 256, 1024]
+    gen = torch.Generator().manual_seed(3)
+    bound, dead_after, n = DeadLatentBound(), 100, 1024
+    assert bound.capacity(dead_after, n) == n  # nothing recorded yet: every column
+    counts = torch.zeros(n, dtype=torch.long, device=device)
+    counts[torch.randperm(n, generator=gen)[:100].to(device)] = 60  # 100 latents not firing for a while
+    for step in range(8):
+        counts += 10
+        fired = torch.rand(n, generator=gen) < (0.9 if step < 4 else 0.99)
+        counts[fired.to(device) & (counts < 60)] = 0  # the others fire often
+        bound.record(counts, 10)
+        capacity = bound.capacity(dead_after, n)
+        assert capacity >= int((counts >= dead_after).sum()), step
+    if device == "cuda":
+        torch.cuda.synchronize()
+    true_dead = int((counts >= dead_after).sum())
+    assert true_dead >= 100 and bound.capacity(dead_after, n) == aux_capacity(true_dead, n) == 128
+    bound.tokens += 1000  # far ahead of the last copy: every latent can be dead
+    assert bound.capacity(dead_after, n) == n
 
 
 def test_capture_waits_for_a_key_to_hold_still_and_warns_when_it_never_does(caplog):

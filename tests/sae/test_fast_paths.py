@@ -200,6 +200,30 @@ def test_deepcopy_and_pickle_of_a_trained_topk():
     pickle.loads(pickle.dumps(sae))
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("arch", ["topk", "batchtopk"])
+@pytest.mark.parametrize("n_dead,k_aux,capacity", [(5, 8, 128), (100, 8, 128), (100, 128, 128), (200, 64, 256),
+                                                   (300, 8, 1024)])
+def test_auxk_over_the_dead_columns_matches_the_plain_path(device, arch, n_dead, k_aux, capacity, monkeypatch):
+    """With at most `capacity` (< d_sae / 2) latents dead, the fast step computes AuxK from the dead
+    latents' own columns (top-k_aux of them, or all where k_aux >= capacity); more, over all."""
+    taken = []
+    reconstruct = topk_module._dead_columns_reconstruction
+    monkeypatch.setattr(topk_module, "_dead_columns_reconstruction",
+                        lambda *a: taken.append(a[-1]) or reconstruct(*a))
+    torch.manual_seed(1)
+    sae = (TopKSAE if arch == "topk" else BatchTopKSAE)(16, 1024, k=2, k_aux=k_aux, dead_after_tokens=50).to(device)
+    sae.tokens_since_fired[torch.randperm(1024)[:n_dead]] = 1000
+    x = torch.randn(2, 40, 16, device=device)
+    plain = copy.deepcopy(sae)
+    with fast.disabled():
+        ref = step(plain, x)
+    got = step(sae, x)
+    assert_same(got, ref, **({"rtol": 1e-3, "atol": 1e-4} if device == "cuda" else {}))
+    assert float(ref[0]["losses"]["aux"]) > 0
+    assert taken == ([] if capacity == 1024 else [capacity] * 2)
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("arch,selection,decode", [("topk", "torch", "dense"), ("topk", "chunked", "dense"),

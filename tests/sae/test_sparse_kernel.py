@@ -55,12 +55,13 @@ def kernel_errors(device: str, seed: int) -> dict:
 
 def step_differences(device: str, seed: int, autocast: bool = False, compiled: bool = False,
                      shape: tuple[int, int, int, int] = (16, 256, 4, 40), reference: str = "plain",
-                     steps: int = 2, dead: bool = False, backend: str = "inductor") -> dict:
+                     steps: int = 2, dead: str | None = None, backend: str = "inductor") -> dict:
     """Largest differences between the sparse step and the `reference` step ("plain": the
     architecture's reference code; "dense": the fast path with dense decoding, which selects from
     the same h) of a TopK SAE over `steps` steps (SGD updates in between), relative to each
-    quantity's largest magnitude. With `dead`, half the latents start dead: AuxK is on, and the
-    sparse run takes the dense encoder with the sparse decoder."""
+    quantity's largest magnitude. With `dead`, AuxK is on: "half" the latents start dead, and the
+    sparse run takes the dense encoder with the sparse decoder; a "few" (under 128 of d_sae >= 512)
+    start dead, and the sparse step runs with AuxK over the dead latents' own columns."""
     from rsae.sae import fast, sparse_step
     from rsae.sae import topk as topk_module
     from rsae.sae.topk import TopKSAE
@@ -68,8 +69,11 @@ def step_differences(device: str, seed: int, autocast: bool = False, compiled: b
     d_in, d_sae, k, rows = shape
     torch.manual_seed(seed)
     sparse_sae = TopKSAE(d_in, d_sae, k=k, dead_after_tokens=50 if dead else 10**9).to(device)
-    if dead:
+    if dead == "half":
         sparse_sae.tokens_since_fired[::2] = 1000
+    elif dead == "few":
+        assert d_sae >= 512
+        sparse_sae.tokens_since_fired[::d_sae // 60] = 1000
     plain_sae = copy.deepcopy(sparse_sae)
     x = torch.randn(steps, rows, d_in, device=device)
     assert sparse_step.applies(x[0])
@@ -91,6 +95,8 @@ def step_differences(device: str, seed: int, autocast: bool = False, compiled: b
                     finally:
                         topk_module.SPARSE_STEP_RATIO = ratio
                     assert (out.sparse_codes is not None) == (mode == "sparse"), f"{mode}: the wrong step ran"
+                    if mode == "sparse" and dead:  # the sparse step (h without gradient) or the dense encoder
+                        assert out.h.requires_grad == (dead == "half"), f"{dead}: the wrong step ran"
             out.loss.backward()
             if dead:
                 assert float(out.losses["aux"]) > 0, "AuxK did not run"
@@ -147,10 +153,16 @@ def test_sparse_decoder_with_auxk_matches_plain_step_interpreted(interpreted):
     check_step(results["step_auxk"], seed, tol=1e-5)
 
 
+def test_sparse_step_with_auxk_over_dead_columns_matches_plain_step_interpreted(interpreted):
+    seed, results = interpreted
+    assert "aux" in results["step_auxk_few"]
+    check_step(results["step_auxk_few"], seed, tol=1e-5)
+
+
 def test_sparse_step_traced_by_torch_compile_matches_plain_step_interpreted(interpreted):
     seed, results = interpreted
-    check_step(results["compiled"], seed, tol=1e-5)
-    check_step(results["compiled_auxk"], seed, tol=1e-5)
+    for name in ("compiled", "compiled_auxk", "compiled_auxk_few"):
+        check_step(results[name], seed, tol=1e-5)
 
 
 def test_sparse_step_is_taken_where_it_applies_and_not_in_deterministic_mode(interpreted):
@@ -200,6 +212,12 @@ def test_sparse_step_matches_dense_step_on_cuda(autocast, compiled, shape, tol):
                                 reference="dense" if autocast else "plain", steps=1 if autocast else 2), seed, tol)
 
 
+@pytest.mark.parametrize("dead,compiled", [pytest.param(d, c, marks=GPU) for d in ("half", "few") for c in (False, True)])
+def test_sparse_step_with_auxk_matches_plain_step_on_cuda(dead, compiled):
+    seed = int.from_bytes(os.urandom(4), "little")
+    check_step(step_differences("cuda", seed, compiled=compiled, shape=(64, 2048, 8, 256), dead=dead), seed, 1e-4)
+
+
 if __name__ == "__main__":  # the interpreter run: one JSON line of results
     seed = int(sys.argv[1])
     from rsae.sae.topk import TopKSAE
@@ -210,7 +228,11 @@ if __name__ == "__main__":  # the interpreter run: one JSON line of results
     taken_deterministic = probe._kernels_apply(x0)
     torch.use_deterministic_algorithms(False)
     print(json.dumps({"kernels": kernel_errors("cpu", seed), "step": step_differences("cpu", seed),
-                      "step_auxk": step_differences("cpu", seed, dead=True), "taken": [taken, taken_deterministic],
+                      "step_auxk": step_differences("cpu", seed, dead="half"),
+                      "step_auxk_few": step_differences("cpu", seed, dead="few", shape=(16, 1024, 4, 40)),
+                      "taken": [taken, taken_deterministic],
                       # traced by torch.compile (dynamo and AOT autograd; no code generation on the CPU)
                       "compiled": step_differences("cpu", seed, compiled=True, backend="aot_eager"),
-                      "compiled_auxk": step_differences("cpu", seed, dead=True, compiled=True, backend="aot_eager")}))
+                      "compiled_auxk": step_differences("cpu", seed, dead="half", compiled=True, backend="aot_eager"),
+                      "compiled_auxk_few": step_differences("cpu", seed, dead="few", shape=(16, 1024, 4, 40),
+                                                            compiled=True, backend="aot_eager")}))

@@ -73,6 +73,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--cg-archs", default="relu,topk,rational",
                    help="architectures measured with compiled+cg (CUDA graphs; at the smallest shape only)")
     p.add_argument("--k", type=int, default=32, help="k of TopK / BatchTopK")
+    p.add_argument("--dead", default="", help="comma list of dead-latent counts: TopK / BatchTopK also measured with "
+                   "that many latents held dead (AuxK on every step), as rows '<arch> (<n> dead)'")
     p.add_argument("--steps", type=int, default=20, help="timed steps per repeat")
     p.add_argument("--warmup", type=int, default=5, help="untimed steps first (compilation happens here)")
     p.add_argument("--repeats", type=int, default=3)
@@ -412,10 +414,21 @@ def initial_sae(arch: str, d: int, m: int, args, device):
     return copy.deepcopy(_INITIAL[key])
 
 
-def bench_rsae(arch, d, m, batch, variant, args, device, batches, scale) -> dict:
+def hold_dead(sae, n: int) -> None:
+    """n latents, spread over the width, dead now and for good: their count past dead_after_tokens,
+    their encoder bias far below any pre-activation (never selected, so never firing)."""
+    idx = torch.linspace(0, sae.d_sae - 1, n).round().long().to(sae.b_enc.device)
+    with torch.no_grad():
+        sae.b_enc[idx] = -1e4
+        sae.tokens_since_fired[idx] = sae.dead_after_tokens
+
+
+def bench_rsae(arch, d, m, batch, variant, args, device, batches, scale, dead: int = 0) -> dict:
     from rsae.lit.module import SAEModule
 
     sae = initial_sae(arch, d, m, args, device)
+    if dead:
+        hold_dead(sae, dead)
     module = SAEModule(sae, compile=variant.startswith("compiled"), cuda_graph=variant.endswith("+graph"),
                        compile_mode="reduce-overhead" if variant.endswith("+cg") else None).to(device)
     module.set_activation_scale(scale)
@@ -430,7 +443,8 @@ def bench_rsae(arch, d, m, batch, variant, args, device, batches, scale) -> dict
         syncs = count_syncs(step, batches[0], timing["next_step"], device)
         trace = Path(args.work_dir) / f"profile-{arch}-{variant}-{d}x{m}.json.gz" if args.work_dir else None
         prof = profile_steps(step, batches, timing["next_step"] + 1, device, trace=trace) if variant in csv(args.profile) else None
-    res = {"kind": "rsae", "arch": arch, "variant": variant, "d": d, "m": m, "batch": batch, **timing,
+    res = {"kind": "rsae", "arch": f"{arch} ({dead} dead)" if dead else arch, "variant": variant, "d": d, "m": m,
+           "batch": batch, **timing,
            "syncs_per_step": syncs, "wall_s": round(total, 1)}
     if module.cuda_graph:
         res["graph_captures"] = module._captured.captures
@@ -970,9 +984,12 @@ def main(argv: list[str] | None = None) -> int:
                 for a, variant in todo:
                     if variant.endswith("+cg") and ((d, m) != by_size[-1] or arch not in csv(args.cg_archs)):
                         continue  # CUDA graphs cut launch overhead, which matters at the small shape
-                    if a == arch:
-                        record(bench_rsae, arch, d, m, b, variant, args, device, data, scale,
-                               kind="rsae", arch=arch, variant=variant, d=d, m=m, batch=b)
+                    if a != arch:
+                        continue
+                    for dead in [0] + ([int(n) for n in csv(args.dead)] if arch in ("topk", "batchtopk") else []):
+                        record(bench_rsae, arch, d, m, b, variant, args, device, data, scale, dead,
+                               kind="rsae", arch=f"{arch} ({dead} dead)" if dead else arch, variant=variant,
+                               d=d, m=m, batch=b)
                 if saelens and not args.no_saelens and arch in SAELENS_ARCHS:
                     try:
                         import sae_lens  # noqa: F401

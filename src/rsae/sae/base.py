@@ -182,12 +182,12 @@ class SAE(nn.Module):
 
     def before_captured_step(self) -> None:
         """Host-side decisions a captured step is recorded with (part of its key): with AuxK,
-        whether any latent can be dead now (`fast.DeadLatentBound`, no waiting). When none can,
-        the step leaves AuxK out, as the eager step does; otherwise it runs it (weight 0 if in
-        fact none is dead)."""
+        how many latents can be dead now, rounded up to a `fast.aux_capacities` size
+        (`fast.DeadLatentBound`, no waiting). When none can, the step leaves AuxK out, as the eager
+        step does; otherwise it runs AuxK over that many columns (weight 0 if in fact none is
+        dead)."""
         if self.uses_auxk():
-            bound = self._dead_bound().bound()
-            self._aux_active = bound is None or bound >= self.dead_after_tokens
+            self._aux_capacity = self._dead_bound().capacity(self.dead_after_tokens, self.d_sae)
 
     def after_captured_step(self, n_tokens: int) -> None:
         if self.uses_auxk():

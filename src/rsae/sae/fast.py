@@ -14,8 +14,9 @@
   chunk's top k), or by the one-pass Triton kernel of `rsae.sae.topk_kernel`, whichever is fastest
   on the device (timed once per shape).
 * `mark_fired`: the dead-latent counter update without a boolean-mask assignment (which makes the
-  host wait for the GPU); `AsyncFlag`: a device boolean read by the host one step later;
-  `DeadLatentBound`: the host's wait-free upper bound on the counts (captured steps).
+  host wait for the GPU); `AsyncCount`: a device integer read by the host one step later;
+  `DeadLatentBound`: the host's wait-free upper bounds on the counts (captured steps);
+  `aux_capacity`: the size AuxK's set of dead latents is rounded up to.
 
 `enabled()` / `disabled()`: switch the fast paths off to get the plain computation (the tests
 compare the two; `python -m rsae.bench train` times both).
@@ -224,8 +225,24 @@ def mark_fired(tokens_since_fired: Tensor, fired: Tensor, n_tokens: int) -> None
     tokens_since_fired.add_(n_tokens).masked_fill_(fired, 0)
 
 
-class AsyncFlag:
-    """A boolean computed on the GPU and copied to pinned host memory without waiting; `read` a
+def aux_capacities(d_sae: int) -> list[int]:
+    """The sizes a step's set of dead latents is rounded up to: 0 (none dead), then powers of two
+    from 128 while under d_sae / 2. More dead latents than the largest: AuxK runs over all d_sae
+    columns. Few sizes, so a captured step (keyed by the size) is recaptured rarely."""
+    caps, c = [0], 128
+    while c < d_sae // 2:
+        caps.append(c)
+        c *= 2
+    return caps
+
+
+def aux_capacity(n_dead: int, d_sae: int) -> int:
+    """The smallest of `aux_capacities` that holds n_dead latents, else d_sae."""
+    return next((c for c in aux_capacities(d_sae) if n_dead <= c), d_sae)
+
+
+class AsyncCount:
+    """An integer computed on the GPU and copied to pinned host memory without waiting; `read` a
     step later returns it (waiting only for work queued long before) or None when there is
     nothing valid to read (never recorded, recorded for another version of the source tensor, or
     not on CUDA). Copies of the owner (deepcopy, pickling) start empty."""
@@ -240,20 +257,20 @@ class AsyncFlag:
             self._event = None
             return
         if self._host is None:
-            self._host = torch.empty((), dtype=torch.bool, pin_memory=True)
+            self._host = torch.empty((), dtype=torch.int64, pin_memory=True)
         self._host.copy_(value.reshape(()), non_blocking=True)
         self._event = torch.cuda.Event()
         self._event.record()
         self._version = version
 
-    def read(self, version: tuple) -> bool | None:
+    def read(self, version: tuple) -> int | None:
         if self._event is None or self._version != version:
             return None
         self._event.synchronize()
-        return bool(self._host)
+        return int(self._host)
 
-    def __deepcopy__(self, memo) -> "AsyncFlag":
-        return AsyncFlag()
+    def __deepcopy__(self, memo) -> "AsyncCount":
+        return AsyncCount()
 
     def __getstate__(self) -> dict:
         return {}
@@ -263,49 +280,67 @@ class AsyncFlag:
 
 
 class DeadLatentBound:
-    """An upper bound for the largest tokens-since-fired count, known on the host without waiting.
+    """Upper bounds on the tokens-since-fired counts, known on the host without waiting.
 
-    `record` (after each step) copies the counts' maximum to pinned memory behind the GPU's work,
-    with the number of tokens the host had counted by then; `bound` takes the newest copy that has
-    landed (an event query, never a wait) and adds every token counted since: a count grows by at
-    most a step's tokens, so no count can be above it. A captured step uses it to know, exactly,
-    that no latent can be dead yet (AuxK not needed) without a host synchronisation. Copies of the
-    owner start empty."""
+    `record` (after each step) copies, behind the GPU's work, the counts' maximum and their
+    (c+1)-th largest value for each size c of `aux_capacities` to pinned memory, with the number of
+    tokens the host had counted by then. `bound` takes the newest copy that has landed (an event
+    query, never a wait) and adds every token counted since: a count grows by at most a step's
+    tokens, so no count can be above it. `capacity` does the same for the (c+1)-th largest counts:
+    where that one cannot have reached `dead_after`, at most c latents are dead. A captured step
+    uses them to leave AuxK out exactly when no latent can be dead, and to run it over at most c
+    columns, without a host synchronisation. Copies of the owner start empty."""
 
     def __init__(self, slots: int = 4) -> None:
         self.tokens = 0  # tokens the host has counted
-        self.known: tuple[int, int] | None = None  # (max count, tokens counted at its record)
+        self.known: tuple[list[int], int] | None = None  # (count at each rank, tokens counted at its record)
         self.pending: list[tuple[Tensor, object, int]] = []  # copies on their way: (pinned, event, tokens)
         self.free: list[Tensor] = []
         self.slots = slots
+        self._ranks: Tensor | None = None  # positions in the descending counts: the aux_capacities
 
     def record(self, counts: Tensor, n_tokens: int) -> None:
         self.tokens += n_tokens
+        if self._ranks is None or self._ranks.device != counts.device:
+            self._ranks = torch.tensor(aux_capacities(counts.numel()), device=counts.device)
         if not counts.is_cuda:
-            self.known = (int(counts.max()), self.tokens)
+            self.known = (self._ranked(counts).tolist(), self.tokens)
             return
         self._collect()
         if len(self.pending) >= self.slots:  # the GPU is far behind: skip; the bound only gets looser
             return
-        host = self.free.pop() if self.free else torch.empty((), dtype=counts.dtype, pin_memory=True)
-        host.copy_(counts.max(), non_blocking=True)
+        host = self.free.pop() if self.free else torch.empty(len(self._ranks), dtype=counts.dtype, pin_memory=True)
+        host.copy_(self._ranked(counts), non_blocking=True)
         event = torch.cuda.Event()
         event.record()
         self.pending.append((host, event, self.tokens))
 
+    def _ranked(self, counts: Tensor) -> Tensor:
+        return counts.sort(descending=True).values[self._ranks]
+
     def _collect(self) -> None:
         while self.pending and self.pending[0][1].query():
             host, _, tokens = self.pending.pop(0)
-            self.known = (int(host), tokens)
+            self.known = (host.tolist(), tokens)
             self.free.append(host)
 
     def bound(self) -> int | None:
-        """The bound now, or None before a first copy has landed."""
+        """The bound on the largest count now, or None before a first copy has landed."""
         self._collect()
         if self.known is None:
             return None
-        value, tokens = self.known
-        return value + self.tokens - tokens
+        ranked, tokens = self.known
+        return ranked[0] + self.tokens - tokens
+
+    def capacity(self, dead_after: int, d_sae: int) -> int:
+        """A size from `aux_capacities` (or d_sae) that holds every latent that can be dead now
+        (count >= dead_after); d_sae before a first copy has landed."""
+        self._collect()
+        if self.known is None:
+            return d_sae
+        ranked, tokens = self.known
+        grown = self.tokens - tokens
+        return next((c for c, v in zip(aux_capacities(d_sae), ranked) if v + grown < dead_after), d_sae)
 
     def __deepcopy__(self, memo) -> "DeadLatentBound":
         return DeadLatentBound(self.slots)

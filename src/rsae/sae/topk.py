@@ -8,13 +8,17 @@ Training step (`training_output`), unless `rsae.sae.fast.disabled()`:
 * On CUDA, from d_sae / k >= SPARSE_STEP_RATIO: the sparse step of `rsae.sae.sparse_step`. After
   the encoder GEMM only the k selected latents per row are touched: Triton kernels decode, form
   the codes' gradient and both weight gradients; the dense codes are formed only if asked for
-  (`SAEOutput.z`). A step with AuxK on (some latent dead) needs the gradient of the dense
-  pre-activations: its encoder stays dense, its decoder is the same sparse one.
+  (`SAEOutput.z`). A step whose AuxK covers every column (many dead latents, or their number not
+  yet known) needs the gradient of the dense pre-activations: its encoder stays dense, its
+  decoder is the same sparse one.
 * Otherwise: the encoder GEMM without an input gradient, top-k selection by the fastest exact
   method, and the decoder as dense GEMMs, or sparse (`embedding_bag`) from d_sae / k >=
   SPARSE_DECODE_RATIO.
-The host never waits for the GPU inside a step: whether any latent is dead is read from a copy
-made at the end of the previous step (`AsyncFlag`).
+AuxK runs only when some latent is dead, and then only over the columns of the dead latents when
+they are few (`fast.aux_capacities`): their own pre-activations and decoder rows, a [batch, <
+d_sae / 2] problem instead of a selection over [batch, d_sae]. The host never waits for the GPU
+inside a step: the number of dead latents is read from a copy made at the end of the previous
+step (`AsyncCount`), or, in a captured step, bounded from older copies (`DeadLatentBound`).
 """
 
 from __future__ import annotations
@@ -67,7 +71,7 @@ class TopKSAE(SAE):
         self.k = k
         self.aux_coefficient = aux_coefficient
         self.k_aux = k_aux if k_aux is not None else min(d_sae, max(1, d_in // 2))
-        self._dead_flag = fast.AsyncFlag()
+        self._dead_count = fast.AsyncCount()
 
     def activation(self, h: Tensor) -> Tensor:
         return topk_relu(h, self.k)
@@ -77,14 +81,15 @@ class TopKSAE(SAE):
         if not self._fast_path():
             return super().training_output(x, step)
         self._check_input(x)
-        self._step_any_dead = self._any_dead() if self.training and self.aux_coefficient > 0 else None
+        # How many latents can be dead (0: AuxK is left out; d_sae: it runs over every column).
+        self._step_aux_capacity = capacity = self._dead_capacity() if self.training and self.aux_coefficient > 0 else 0
         kernels = self._kernels_apply(x)
-        if kernels and not self._step_any_dead:  # only the k selected latents per row, forward and backward
+        if kernels and capacity < self.d_sae:  # only the k selected latents per row, forward and backward
             values, indices, h, entries = sparse_step.topk_encode(x, self.W_enc, self.b_enc, self.b_dec, self.k)
             self._decoder_boundary()
             x_hat = sparse_step.sparse_decode(values, indices, entries, self.W_dec, self.b_dec)
             out = SAEOutput(x_hat=x_hat, h=h, sparse_codes=(values, indices))
-        elif kernels:  # AuxK needs the gradient of the dense h: a dense encoder, the sparse decoder
+        elif kernels:  # AuxK over every column needs the gradient of the dense h: a dense encoder
             h = self.pre_acts(x)
             values, indices = self._top_values(h)
             self._decoder_boundary()
@@ -101,7 +106,7 @@ class TopKSAE(SAE):
             out = SAEOutput(x_hat=x_hat, z=z, h=h)
         out.losses["mse"] = (x_hat.float() - x.float()).pow(2).sum(-1).mean()
         out.losses.update(self.aux_losses(x, out, step))
-        self._step_any_dead = None
+        self._step_aux_capacity = None
         if self.training:
             fired = torch.zeros(self.d_sae, dtype=torch.int32, device=x.device)
             fired.index_add_(0, indices.reshape(-1), (values.detach() != 0).reshape(-1).to(torch.int32))
@@ -141,16 +146,16 @@ class TopKSAE(SAE):
         return per_row * SPARSE_DECODE_RATIO.get(device, SPARSE_DECODE_RATIO["other"]) <= self.d_sae
 
     @torch.compiler.disable
-    def _any_dead(self) -> bool:
+    def _dead_capacity(self) -> int:
         if self.step_in_cuda_graph:  # decided before the step, without waiting (`before_captured_step`)
-            return getattr(self, "_aux_active", True)
-        flag = self._dead_flag.read(fast.tensor_version(self.tokens_since_fired))
-        return bool(self.dead_mask().any()) if flag is None else flag
+            return getattr(self, "_aux_capacity", self.d_sae)
+        count = self._dead_count.read(fast.tensor_version(self.tokens_since_fired))
+        return fast.aux_capacity(int(self.dead_mask().sum()) if count is None else count, self.d_sae)
 
     @torch.compiler.disable
     def _record_dead(self) -> None:
         if self.tokens_since_fired.is_cuda and not self.step_in_cuda_graph:
-            self._dead_flag.record(self.dead_mask().any(), fast.tensor_version(self.tokens_since_fired))
+            self._dead_count.record(self.dead_mask().sum(), fast.tensor_version(self.tokens_since_fired))
 
     # --- AuxK ---------------------------------------------------------------------------------------
     def aux_losses(self, x: Tensor, out: SAEOutput, step: int) -> dict[str, Tensor]:
@@ -158,25 +163,16 @@ class TopKSAE(SAE):
         if not self.training or self.aux_coefficient == 0:
             return {}
         dead = self.dead_mask()
-        any_dead = getattr(self, "_step_any_dead", None)
-        if any_dead is None and self.step_in_cuda_graph:  # (the rational SAE's topk gate comes here)
-            any_dead = getattr(self, "_aux_active", True)
-        if any_dead is not None:
-            # Fast path: no dead count on the host. Taking the top k_aux even when fewer latents are
-            # dead selects some -inf entries, which the ReLU zeroes: the same z_aux as top-n_dead.
-            if not any_dead:
-                return {"aux": out.h.new_zeros((), dtype=torch.float32)}
-            k_aux = self.k_aux
-        else:
-            n_dead = int(dead.sum())
-            if n_dead == 0:
-                return {"aux": out.h.new_zeros((), dtype=torch.float32)}
-            k_aux = min(self.k_aux, n_dead)
-        # Top-k_aux among dead latents only: live ones are pushed to -inf before selection.
-        h_dead = out.h.masked_fill(~dead, float("-inf"))
-        z_aux = topk_relu(h_dead, k_aux)
+        capacity = _step_aux_capacity(self)
+        if capacity == 0:
+            return {"aux": out.h.new_zeros((), dtype=torch.float32)}
+        if capacity < self.d_sae:  # at most `capacity` latents are dead: only their columns
+            e_hat = _dead_columns_reconstruction(self, x, dead, capacity)
+        else:  # top-k_aux among dead latents only: live ones are pushed to -inf before selection,
+            # and where fewer than k_aux are dead the ReLU zeroes the -inf picks (= top-n_dead)
+            z_aux = topk_relu(out.h.masked_fill(~dead, float("-inf")), self.k_aux)
+            e_hat = (z_aux @ self.W_dec).float()
         residual = (x - out.x_hat).detach().float()
-        e_hat = (z_aux @ self.W_dec).float()
         variance = (x.float() - x.float().mean(0)).pow(2).sum().clamp_min(1e-12)
         # Weight min(n_dead / k_aux, 1) with the configured k_aux (Gao et al.): fewer dead latents
         # than k_aux weigh less. A tensor, so the fast path stays free of host syncs.
@@ -185,3 +181,28 @@ class TopKSAE(SAE):
 
     def export_config(self) -> dict:
         return {"architecture": "topk", "k": self.k}
+
+
+def _step_aux_capacity(sae: SAE) -> int:
+    """How many columns this step's AuxK covers: 0 (no latent dead), a `fast.aux_capacities` size
+    that holds every dead latent, or d_sae. The fast step decided it without waiting for the GPU;
+    the plain step (the reference) counts the dead latents and always covers every column."""
+    capacity = getattr(sae, "_step_aux_capacity", None)  # TopKSAE's fast step
+    if capacity is None and sae.step_in_cuda_graph:  # (the rational SAE's topk gate comes here)
+        capacity = getattr(sae, "_aux_capacity", sae.d_sae)
+    if capacity is None:
+        capacity = sae.d_sae if bool(sae.dead_mask().any()) else 0
+    return capacity
+
+
+def _dead_columns_reconstruction(sae: SAE, x: Tensor, dead: Tensor, capacity: int) -> Tensor:
+    """AuxK's reconstruction from the top-k_aux dead latents of each row when at most `capacity`
+    latents are dead: their pre-activations come from their own columns of W_enc (a [batch,
+    capacity] GEMM, not [batch, d_sae]), padded to `capacity` with -inf, and the decoder reads only
+    their rows. The same values as over all columns, to rounding."""
+    cols = torch.sort(dead.logical_not().to(torch.uint8), stable=True).indices[:capacity]  # dead ones first
+    valid = dead[cols]
+    w_enc = sae.W_enc.t()[cols]  # [capacity, d_in] rows of W_enc's memory when it is stored transposed
+    h = torch.nn.functional.linear(x - sae.b_dec, w_enc, sae.b_enc[cols]).masked_fill(~valid, float("-inf"))
+    z = topk_relu(h, sae.k_aux) if capacity > sae.k_aux else h.relu()
+    return (z @ sae.W_dec[cols]).float()
