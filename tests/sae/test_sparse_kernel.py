@@ -68,12 +68,14 @@ def step_differences(device: str, seed: int, autocast: bool = False, compiled: b
 
     d_in, d_sae, k, rows = shape
     torch.manual_seed(seed)
-    sparse_sae = TopKSAE(d_in, d_sae, k=k, dead_after_tokens=50 if dead else 10**9).to(device)
+    # "few": only the latents dead from the start die within the steps (dead_after above their rows)
+    dead_after = {"half": 50, "few": 10**6}.get(dead, 10**9)
+    sparse_sae = TopKSAE(d_in, d_sae, k=k, dead_after_tokens=dead_after).to(device)
     if dead == "half":
-        sparse_sae.tokens_since_fired[::2] = 1000
+        sparse_sae.tokens_since_fired[::2] = dead_after
     elif dead == "few":
         assert d_sae >= 512
-        sparse_sae.tokens_since_fired[::d_sae // 60] = 1000
+        sparse_sae.tokens_since_fired[::d_sae // 60] = dead_after
     plain_sae = copy.deepcopy(sparse_sae)
     x = torch.randn(steps, rows, d_in, device=device)
     assert sparse_step.applies(x[0])

@@ -374,7 +374,7 @@ def rsae_step(module, opt, device, dtype):
         module.on_before_optimizer_step(opt)
         opt.step()
         opt.zero_grad(set_to_none=True)
-        module.step_fn("normalize_decoder")()
+        module.renormalize_decoder()
 
     return step
 
@@ -383,7 +383,7 @@ def rsae_captured_step(module, opt, device, dtype):
     def step(x, i):  # what SAEModule.training_step runs with cuda_graph=True
         with autocast(device, dtype):
             opt.step(closure=lambda: module.forward_backward(x, BENCH_STEP, opt)[0])
-        module.step_fn("normalize_decoder")()
+        module.renormalize_decoder()
 
     return step
 

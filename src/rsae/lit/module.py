@@ -131,8 +131,10 @@ class SAEModule(L.LightningModule):
         self.automatic_optimization = not self.cuda_graph  # the captured step drives the optimizer itself
         self.sae.step_in_cuda_graph = self.cuda_graph
         self._captured = CapturedStep()
+        self._captured_renorm = CapturedStep(max_graphs=1)
         self._step_fns: dict[str, object] = {}
         self._step_tensor: Tensor | None = None
+        self._renorm_token: Tensor | None = None
 
     def step_fn(self, name: str):
         """The step's pieces, compiled on first use when `compile=True`: "train" (`train_losses`),
@@ -255,7 +257,7 @@ class SAEModule(L.LightningModule):
         opt = self.optimizers()
         out = []
         opt.step(closure=lambda: out.append(self.forward_backward(batch, step, opt)) or out[-1][0])
-        self.step_fn("normalize_decoder")()
+        self.renormalize_decoder()
         self.lr_schedulers().step()
         loss, losses, l0 = out[-1]
         if log_now:  # copies: the next replay overwrites the graph's outputs
@@ -310,7 +312,20 @@ class SAEModule(L.LightningModule):
     def optimizer_step(self, *args, **kwargs) -> None:
         # Re-normalise right after the update, before any callback (e.g. a checkpoint) sees it.
         super().optimizer_step(*args, **kwargs)
-        self.step_fn("normalize_decoder")()
+        self.renormalize_decoder()
+
+    def renormalize_decoder(self) -> None:
+        """The decoder rows back on the unit sphere after an update. With `cuda_graph` its kernels
+        are replayed as a small CUDA graph of their own (one launch): launching them one by one, or
+        entering the compiled region, costs the host more than the GPU takes to run them."""
+        fn = self.step_fn("normalize_decoder")
+        w = self.sae.W_dec
+        if not (self.cuda_graph and w.is_cuda and self.sae.unit_norm_decoder):
+            fn()
+            return
+        if self._renorm_token is None or self._renorm_token.device != w.device:
+            self._renorm_token = torch.zeros(1, device=w.device)  # (the captured call's input: unused)
+        self._captured_renorm(lambda _: fn(), self._renorm_token, w.data_ptr())
 
     def _lr_mult(self, step: int) -> float:
         max_steps = self.trainer.max_steps if self.trainer and self.trainer.max_steps > 0 else 1

@@ -280,76 +280,77 @@ class AsyncCount:
 
 
 class DeadLatentBound:
-    """Upper bounds on the tokens-since-fired counts, known on the host without waiting.
+    """An upper bound on how many latents are dead (count >= dead_after), known on the host
+    without waiting.
 
-    `record` (after each step) copies, behind the GPU's work, the counts' maximum and their
-    (c+1)-th largest value for each size c of `aux_capacities` to pinned memory, with the number of
-    tokens the host had counted by then. `bound` takes the newest copy that has landed (an event
-    query, never a wait) and adds every token counted since: a count grows by at most a step's
-    tokens, so no count can be above it. `capacity` does the same for the (c+1)-th largest counts:
-    where that one cannot have reached `dead_after`, at most c latents are dead. A captured step
-    uses them to leave AuxK out exactly when no latent can be dead, and to run it over at most c
-    columns, without a host synchronisation. Copies of the owner start empty."""
+    `record` (after each step) counts, on the GPU, the latents that would be dead after j more
+    steps of the same size without firing (j = 0 .. `lookahead` - 1: counts >= dead_after - j
+    tokens per step), and copies the counts to pinned memory behind the GPU's work, with the
+    number of tokens the host had counted by then. `capacity` takes the newest copy that has
+    landed (an event query, never a wait): a count grows by at most the tokens counted since, so
+    the count for the first j that covers them bounds the dead latents now. A captured step uses it
+    to leave AuxK out exactly when no latent can be dead, and to run it over a few columns when
+    few can, without a host synchronisation. Copies of the owner start empty."""
 
-    def __init__(self, slots: int = 4) -> None:
+    def __init__(self, slots: int = 4, lookahead: int = 8) -> None:
         self.tokens = 0  # tokens the host has counted
-        self.known: tuple[list[int], int] | None = None  # (count at each rank, tokens counted at its record)
-        self.pending: list[tuple[Tensor, object, int]] = []  # copies on their way: (pinned, event, tokens)
+        # (dead counts j steps ahead, tokens per step, dead_after, tokens counted at the record)
+        self.known: tuple[list[int], int, int, int] | None = None
+        self.pending: list[tuple[Tensor, object, int, int, int]] = []  # copies on their way
         self.free: list[Tensor] = []
-        self.slots = slots
-        self._ranks: Tensor | None = None  # positions in the descending counts: the aux_capacities
+        self.slots, self.lookahead = slots, lookahead
+        self._thresholds: tuple[tuple, Tensor] | None = None
 
-    def record(self, counts: Tensor, n_tokens: int) -> None:
+    def record(self, counts: Tensor, n_tokens: int, dead_after: int) -> None:
         self.tokens += n_tokens
-        if self._ranks is None or self._ranks.device != counts.device:
-            self._ranks = torch.tensor(aux_capacities(counts.numel()), device=counts.device)
+        key = (dead_after, n_tokens, counts.device)
+        if self._thresholds is None or self._thresholds[0] != key:
+            steps = torch.arange(self.lookahead, dtype=counts.dtype)
+            self._thresholds = (key, (dead_after - n_tokens * steps).to(counts.device)[:, None])
+        ahead = (counts >= self._thresholds[1]).sum(1)
         if not counts.is_cuda:
-            self.known = (self._ranked(counts).tolist(), self.tokens)
+            self.known = (ahead.tolist(), n_tokens, dead_after, self.tokens)
             return
         self._collect()
         if len(self.pending) >= self.slots:  # the GPU is far behind: skip; the bound only gets looser
             return
-        host = self.free.pop() if self.free else torch.empty(len(self._ranks), dtype=counts.dtype, pin_memory=True)
-        host.copy_(self._ranked(counts), non_blocking=True)
+        host = self.free.pop() if self.free else torch.empty(self.lookahead, dtype=ahead.dtype, pin_memory=True)
+        host.copy_(ahead, non_blocking=True)
         event = torch.cuda.Event()
         event.record()
-        self.pending.append((host, event, self.tokens))
-
-    def _ranked(self, counts: Tensor) -> Tensor:
-        return counts.sort(descending=True).values[self._ranks]
+        self.pending.append((host, event, n_tokens, dead_after, self.tokens))
 
     def _collect(self) -> None:
         while self.pending and self.pending[0][1].query():
-            host, _, tokens = self.pending.pop(0)
-            self.known = (host.tolist(), tokens)
+            host, _, n_tokens, dead_after, tokens = self.pending.pop(0)
+            self.known = (host.tolist(), n_tokens, dead_after, tokens)
             self.free.append(host)
 
-    def bound(self) -> int | None:
-        """The bound on the largest count now, or None before a first copy has landed."""
+    def dead_at_most(self, dead_after: int) -> int | None:
+        """The bound now, or None when nothing usable has landed (no copy yet, another dead_after,
+        or more tokens counted since than the lookahead covers)."""
         self._collect()
         if self.known is None:
             return None
-        ranked, tokens = self.known
-        return ranked[0] + self.tokens - tokens
+        ahead, n_tokens, recorded_after, tokens = self.known
+        grown = self.tokens - tokens
+        j = -(-grown // n_tokens) if n_tokens > 0 else (0 if grown == 0 else len(ahead))
+        return ahead[j] if recorded_after == dead_after and j < len(ahead) else None
 
     def capacity(self, dead_after: int, d_sae: int) -> int:
-        """A size from `aux_capacities` (or d_sae) that holds every latent that can be dead now
-        (count >= dead_after); d_sae before a first copy has landed."""
-        self._collect()
-        if self.known is None:
-            return d_sae
-        ranked, tokens = self.known
-        grown = self.tokens - tokens
-        return next((c for c, v in zip(aux_capacities(d_sae), ranked) if v + grown < dead_after), d_sae)
+        """`aux_capacity` of the bound: a size that holds every latent that can be dead now; d_sae
+        when there is no bound."""
+        n = self.dead_at_most(dead_after)
+        return d_sae if n is None else aux_capacity(n, d_sae)
 
     def __deepcopy__(self, memo) -> "DeadLatentBound":
-        return DeadLatentBound(self.slots)
+        return DeadLatentBound(self.slots, self.lookahead)
 
     def __getstate__(self) -> dict:
-        return {"slots": self.slots}
+        return {"slots": self.slots, "lookahead": self.lookahead}
 
     def __setstate__(self, state: dict) -> None:
-        self.__init__(state.get("slots", 4))
+        self.__init__(state.get("slots", 4), state.get("lookahead", 8))
 
 
 def tensor_version(t: Tensor) -> tuple:

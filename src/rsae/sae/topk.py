@@ -85,15 +85,19 @@ class TopKSAE(SAE):
         self._step_aux_capacity = capacity = self._dead_capacity() if self.training and self.aux_coefficient > 0 else 0
         kernels = self._kernels_apply(x)
         if kernels and capacity < self.d_sae:  # only the k selected latents per row, forward and backward
-            values, indices, h, entries = sparse_step.topk_encode(x, self.W_enc, self.b_enc, self.b_dec, self.k)
+            # (and AuxK's few dead columns, whose gradients the kernels' backward adds in place)
+            cols, valid = _dead_columns(self.dead_mask(), capacity) if capacity else (None, None)
+            values, indices, h, entries, h_aux = sparse_step.topk_encode(
+                x, self.W_enc, self.b_enc, self.b_dec, self.k, cols)
             self._decoder_boundary()
-            x_hat = sparse_step.sparse_decode(values, indices, entries, self.W_dec, self.b_dec)
-            out = SAEOutput(x_hat=x_hat, h=h, sparse_codes=(values, indices))
+            aux = (_aux_codes(h_aux, valid, self.k_aux), cols) if capacity else None
+            x_hat, e_hat = sparse_step.sparse_decode(values, indices, entries, self.W_dec, self.b_dec, aux)
+            out = SAEOutput(x_hat=x_hat, h=h, sparse_codes=(values, indices), aux_x_hat=e_hat)
         elif kernels:  # AuxK over every column needs the gradient of the dense h: a dense encoder
             h = self.pre_acts(x)
             values, indices = self._top_values(h)
             self._decoder_boundary()
-            x_hat = sparse_step.sparse_decode(values, indices, None, self.W_dec, self.b_dec)
+            x_hat = sparse_step.sparse_decode(values, indices, None, self.W_dec, self.b_dec)[0]
             out = SAEOutput(x_hat=x_hat, h=h, sparse_codes=(values, indices))
         else:
             h = self.pre_acts(x)
@@ -166,7 +170,9 @@ class TopKSAE(SAE):
         capacity = _step_aux_capacity(self)
         if capacity == 0:
             return {"aux": out.h.new_zeros((), dtype=torch.float32)}
-        if capacity < self.d_sae:  # at most `capacity` latents are dead: only their columns
+        if out.aux_x_hat is not None:  # formed by the sparse step
+            e_hat = out.aux_x_hat
+        elif capacity < self.d_sae:  # at most `capacity` latents are dead: only their columns
             e_hat = _dead_columns_reconstruction(self, x, dead, capacity)
         else:  # top-k_aux among dead latents only: live ones are pushed to -inf before selection,
             # and where fewer than k_aux are dead the ReLU zeroes the -inf picks (= top-n_dead)
@@ -200,9 +206,20 @@ def _dead_columns_reconstruction(sae: SAE, x: Tensor, dead: Tensor, capacity: in
     latents are dead: their pre-activations come from their own columns of W_enc (a [batch,
     capacity] GEMM, not [batch, d_sae]), padded to `capacity` with -inf, and the decoder reads only
     their rows. The same values as over all columns, to rounding."""
-    cols = torch.sort(dead.logical_not().to(torch.uint8), stable=True).indices[:capacity]  # dead ones first
-    valid = dead[cols]
+    cols, valid = _dead_columns(dead, capacity)
     w_enc = sae.W_enc.t()[cols]  # [capacity, d_in] rows of W_enc's memory when it is stored transposed
-    h = torch.nn.functional.linear(x - sae.b_dec, w_enc, sae.b_enc[cols]).masked_fill(~valid, float("-inf"))
-    z = topk_relu(h, sae.k_aux) if capacity > sae.k_aux else h.relu()
-    return (z @ sae.W_dec[cols]).float()
+    h = torch.nn.functional.linear(x - sae.b_dec, w_enc, sae.b_enc[cols])
+    return (_aux_codes(h, valid, sae.k_aux) @ sae.W_dec[cols]).float()
+
+
+def _dead_columns(dead: Tensor, capacity: int) -> tuple[Tensor, Tensor]:
+    """(`capacity` latents, the dead ones first; which of them are dead)."""
+    cols = torch.sort(dead.logical_not().to(torch.uint8), stable=True).indices[:capacity]
+    return cols, dead[cols]
+
+
+def _aux_codes(h: Tensor, valid: Tensor, k_aux: int) -> Tensor:
+    """AuxK's codes over the columns of h: the top k_aux of each row among the valid (dead)
+    columns after the ReLU; all of them where there are no more than k_aux columns."""
+    h = h.masked_fill(~valid, float("-inf"))
+    return topk_relu(h, k_aux) if h.shape[-1] > k_aux else h.relu()
