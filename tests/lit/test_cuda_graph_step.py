@@ -177,7 +177,7 @@ def test_captured_step_replays_on_new_inputs_and_recaptures_for_a_new_shape():
 def test_dead_latent_bound_never_undercounts(device):
     """The host's bound on how many latents are dead (count >= dead_after): never below the true
     number, exact once every copy has landed, looser as the host counts tokens past the newest
-    copy, gone past the lookahead; and the `aux_capacities` size it rounds up to."""
+    copy, gone once every latent can be dead; and the `aux_capacities` size it rounds up to."""
     from rsae.sae.fast import DeadLatentBound, aux_capacities, aux_capacity
 
     assert aux_capacities(1024) == [0, 128, 256] and aux_capacities(256) == [0]
@@ -201,8 +201,10 @@ def test_dead_latent_bound_never_undercounts(device):
     assert bound.capacity(dead_after, n) == aux_capacity(true_dead, n) == 128
     bound.tokens += 15  # two more steps' worth counted on the host, not recorded yet
     assert bound.dead_at_most(dead_after) == int((counts >= dead_after - 20).sum())
+    bound.tokens += 60  # the host far ahead of the GPU: 8 steps' worth, a looser bound
+    assert bound.dead_at_most(dead_after) == int((counts >= dead_after - 80).sum())
     assert bound.dead_at_most(dead_after + 1) is None  # recorded for another dead_after
-    bound.tokens += 1000  # past the lookahead: every latent can be dead
+    bound.tokens += 1000  # every latent can be dead by now
     assert bound.dead_at_most(dead_after) is None and bound.capacity(dead_after, n) == n
     assert copy.deepcopy(bound).dead_at_most(dead_after) is None
 

@@ -207,10 +207,9 @@ def test_deepcopy_and_pickle_of_a_trained_topk():
 def test_auxk_over_the_dead_columns_matches_the_plain_path(device, arch, n_dead, k_aux, capacity, monkeypatch):
     """With at most `capacity` (< d_sae / 2) latents dead, the fast step computes AuxK from the dead
     latents' own columns (top-k_aux of them, or all where k_aux >= capacity); more, over all."""
-    taken = []
-    reconstruct = topk_module._dead_columns_reconstruction
-    monkeypatch.setattr(topk_module, "_dead_columns_reconstruction",
-                        lambda *a: taken.append(a[-1]) or reconstruct(*a))
+    taken = []  # the capacity of each step that took the dead latents' own columns (both step forms)
+    columns = topk_module._dead_columns
+    monkeypatch.setattr(topk_module, "_dead_columns", lambda dead, capacity: taken.append(capacity) or columns(dead, capacity))
     torch.manual_seed(1)
     sae = (TopKSAE if arch == "topk" else BatchTopKSAE)(16, 1024, k=2, k_aux=k_aux, dead_after_tokens=50).to(device)
     sae.tokens_since_fired[torch.randperm(1024)[:n_dead]] = 1000

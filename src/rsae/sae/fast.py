@@ -284,58 +284,69 @@ class DeadLatentBound:
     without waiting.
 
     `record` (after each step) counts, on the GPU, the latents that would be dead after j more
-    steps of the same size without firing (j = 0 .. `lookahead` - 1: counts >= dead_after - j
-    tokens per step), and copies the counts to pinned memory behind the GPU's work, with the
-    number of tokens the host had counted by then. `capacity` takes the newest copy that has
-    landed (an event query, never a wait): a count grows by at most the tokens counted since, so
-    the count for the first j that covers them bounds the dead latents now. A captured step uses it
-    to leave AuxK out exactly when no latent can be dead, and to run it over a few columns when
-    few can, without a host synchronisation. Copies of the owner start empty."""
+    steps of the same size without firing (counts >= dead_after - j tokens per step; j = 0..7,
+    then doubling up to dead_after), and copies the counts to pinned memory behind the GPU's work,
+    with the number of tokens the host had counted by then. `capacity` takes the newest copy that
+    has landed (an event query, never a wait): a count grows by at most the tokens counted since,
+    so the count for the first j that covers them bounds the dead latents now (the host may run
+    many steps ahead of the GPU: the bound loosens, it does not fail). A captured step uses it to
+    leave AuxK out exactly when no latent can be dead, and to run it over a few columns when few
+    can, without a host synchronisation. Copies of the owner start empty."""
 
-    def __init__(self, slots: int = 4, lookahead: int = 8) -> None:
+    def __init__(self, slots: int = 4) -> None:
         self.tokens = 0  # tokens the host has counted
-        # (dead counts j steps ahead, tokens per step, dead_after, tokens counted at the record)
-        self.known: tuple[list[int], int, int, int] | None = None
-        self.pending: list[tuple[Tensor, object, int, int, int]] = []  # copies on their way
-        self.free: list[Tensor] = []
-        self.slots, self.lookahead = slots, lookahead
-        self._thresholds: tuple[tuple, Tensor] | None = None
+        # (dead counts j steps ahead, those j, tokens per step, dead_after, tokens counted at the record)
+        self.known: tuple[list[int], list[int], int, int, int] | None = None
+        self.pending: list[tuple] = []  # copies on their way: (pinned, event, js, tokens per step, dead_after, tokens)
+        self.free: dict[int, list[Tensor]] = {}
+        self.slots = slots
+        self._thresholds: tuple[tuple, list[int], Tensor] | None = None
+
+    @staticmethod
+    def steps_ahead(dead_after: int, n_tokens: int) -> list[int]:
+        js, j = list(range(8)), 8
+        while (j // 2) * n_tokens < dead_after:  # up to the first j at which every count has reached it
+            js.append(j)
+            j *= 2
+        return js
 
     def record(self, counts: Tensor, n_tokens: int, dead_after: int) -> None:
         self.tokens += n_tokens
         key = (dead_after, n_tokens, counts.device)
         if self._thresholds is None or self._thresholds[0] != key:
-            steps = torch.arange(self.lookahead, dtype=counts.dtype)
-            self._thresholds = (key, (dead_after - n_tokens * steps).to(counts.device)[:, None])
-        ahead = (counts >= self._thresholds[1]).sum(1)
+            js = self.steps_ahead(dead_after, n_tokens)
+            thresholds = dead_after - n_tokens * torch.tensor(js, dtype=counts.dtype)
+            self._thresholds = (key, js, thresholds.to(counts.device)[:, None])
+        _, js, thresholds = self._thresholds
+        ahead = (counts >= thresholds).sum(1)
         if not counts.is_cuda:
-            self.known = (ahead.tolist(), n_tokens, dead_after, self.tokens)
+            self.known = (ahead.tolist(), js, n_tokens, dead_after, self.tokens)
             return
         self._collect()
         if len(self.pending) >= self.slots:  # the GPU is far behind: skip; the bound only gets looser
             return
-        host = self.free.pop() if self.free else torch.empty(self.lookahead, dtype=ahead.dtype, pin_memory=True)
+        free = self.free.setdefault(len(js), [])
+        host = free.pop() if free else torch.empty(len(js), dtype=ahead.dtype, pin_memory=True)
         host.copy_(ahead, non_blocking=True)
         event = torch.cuda.Event()
         event.record()
-        self.pending.append((host, event, n_tokens, dead_after, self.tokens))
+        self.pending.append((host, event, js, n_tokens, dead_after, self.tokens))
 
     def _collect(self) -> None:
         while self.pending and self.pending[0][1].query():
-            host, _, n_tokens, dead_after, tokens = self.pending.pop(0)
-            self.known = (host.tolist(), n_tokens, dead_after, tokens)
-            self.free.append(host)
+            host, _, js, n_tokens, dead_after, tokens = self.pending.pop(0)
+            self.known = (host.tolist(), js, n_tokens, dead_after, tokens)
+            self.free.setdefault(len(js), []).append(host)
 
     def dead_at_most(self, dead_after: int) -> int | None:
-        """The bound now, or None when nothing usable has landed (no copy yet, another dead_after,
-        or more tokens counted since than the lookahead covers)."""
+        """The bound now, or None when there is none (no copy landed yet, one made for another
+        dead_after, or so many tokens counted since that every latent can be dead)."""
         self._collect()
-        if self.known is None:
+        if self.known is None or self.known[3] != dead_after:
             return None
-        ahead, n_tokens, recorded_after, tokens = self.known
+        ahead, js, n_tokens, _, tokens = self.known
         grown = self.tokens - tokens
-        j = -(-grown // n_tokens) if n_tokens > 0 else (0 if grown == 0 else len(ahead))
-        return ahead[j] if recorded_after == dead_after and j < len(ahead) else None
+        return next((n for n, j in zip(ahead, js) if j * n_tokens >= grown), None)  # (past them: every latent)
 
     def capacity(self, dead_after: int, d_sae: int) -> int:
         """`aux_capacity` of the bound: a size that holds every latent that can be dead now; d_sae
@@ -344,13 +355,13 @@ class DeadLatentBound:
         return d_sae if n is None else aux_capacity(n, d_sae)
 
     def __deepcopy__(self, memo) -> "DeadLatentBound":
-        return DeadLatentBound(self.slots, self.lookahead)
+        return DeadLatentBound(self.slots)
 
     def __getstate__(self) -> dict:
-        return {"slots": self.slots, "lookahead": self.lookahead}
+        return {"slots": self.slots}
 
     def __setstate__(self, state: dict) -> None:
-        self.__init__(state.get("slots", 4), state.get("lookahead", 8))
+        self.__init__(state.get("slots", 4))
 
 
 def tensor_version(t: Tensor) -> tuple:
