@@ -214,9 +214,8 @@ def _dead_columns_reconstruction(sae: SAE, x: Tensor, dead: Tensor, capacity: in
 
 def _dead_columns(dead: Tensor, capacity: int) -> tuple[Tensor, Tensor]:
     """(`capacity` latents: the dead ones in order, then padding; which of them are dead). The i-th
-    dead latent is where the running count of dead latents first reaches i + 1: a search, with no
-    sort (a stable sort of the mask, compiled by inductor on CUDA, failed the comparison with the
-    plain step) and no scatter."""
+    dead latent is where the running count of dead latents first reaches i + 1: a search (no sort,
+    no scatter)."""
     running = dead.cumsum(0)
     wanted = torch.arange(1, capacity + 1, device=dead.device)
     cols = torch.searchsorted(running, wanted).clamp_max(dead.shape[0] - 1)
