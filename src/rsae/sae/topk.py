@@ -42,6 +42,8 @@ SPARSE_DECODE_RATIO = {"cuda": 1280, "other": 128}
 # at k = 32 (d_sae / k = 768), 2.58 / 2.92 at k = 128 (192), 4.08 / 3.38 at k = 256 (96); the
 # crossover near 150. RSAE_SPARSE_STEP_RATIO overrides it (benchmarks: 1 always, a huge value never).
 SPARSE_STEP_RATIO = int(os.environ.get("RSAE_SPARSE_STEP_RATIO", 150))
+# AuxK's dead columns inside the sparse step's autograd functions (1), or beside it through autograd (0).
+AUX_IN_STEP = os.environ.get("RSAE_AUX_IN_STEP", "1") != "0"
 
 
 def topk_relu(h: Tensor, k: int) -> Tensor:
@@ -86,11 +88,12 @@ class TopKSAE(SAE):
         kernels = self._kernels_apply(x)
         if kernels and capacity < self.d_sae:  # only the k selected latents per row, forward and backward
             # (and AuxK's few dead columns, whose gradients the kernels' backward adds in place)
-            cols, valid = _dead_columns(self.dead_mask(), capacity) if capacity else (None, None)
+            fused = capacity and AUX_IN_STEP
+            cols, valid = _dead_columns(self.dead_mask(), capacity) if fused else (None, None)
             values, indices, h, entries, h_aux = sparse_step.topk_encode(
                 x, self.W_enc, self.b_enc, self.b_dec, self.k, cols)
             self._decoder_boundary()
-            aux = (_aux_codes(h_aux, valid, self.k_aux), cols) if capacity else None
+            aux = (_aux_codes(h_aux, valid, self.k_aux), cols) if fused else None
             x_hat, e_hat = sparse_step.sparse_decode(values, indices, entries, self.W_dec, self.b_dec, aux)
             out = SAEOutput(x_hat=x_hat, h=h, sparse_codes=(values, indices), aux_x_hat=e_hat)
         elif kernels:  # AuxK over every column needs the gradient of the dense h: a dense encoder
