@@ -36,17 +36,14 @@ class SAEOutput:
     z_abs_sums: the sums of |z| over the batch [d_sae] (float32) when the gate computed them in its
     own pass (`training_codes`): the L1 term and the firing count read them instead of z.
     sparse_codes: (values [B, k], latent indices [B, k]) when the step formed only the k non-zeros
-    of each row (TopK's sparse step); z is then built from them on first use.
-    aux_x_hat: AuxK's reconstruction from the dead latents (float32 [B, d_in]) when the step formed
-    it beside x_hat (TopK's sparse step)."""
+    of each row (TopK's sparse step); z is then built from them on first use."""
 
     def __init__(self, x_hat: Tensor, z: Tensor | None = None, h: Tensor | None = None,
                  losses: dict[str, Tensor] | None = None, z_abs_sums: Tensor | None = None,
-                 sparse_codes: tuple[Tensor, Tensor] | None = None, aux_x_hat: Tensor | None = None) -> None:
+                 sparse_codes: tuple[Tensor, Tensor] | None = None) -> None:
         if z is None and sparse_codes is None:
             raise ValueError("SAEOutput needs the codes: z or sparse_codes")
         self.x_hat, self.h, self.z_abs_sums, self.sparse_codes = x_hat, h, z_abs_sums, sparse_codes
-        self.aux_x_hat = aux_x_hat
         self._z = z
         self.losses = {} if losses is None else losses  # weighted terms summed into `loss`
 

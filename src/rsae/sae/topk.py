@@ -42,8 +42,6 @@ SPARSE_DECODE_RATIO = {"cuda": 1280, "other": 128}
 # at k = 32 (d_sae / k = 768), 2.58 / 2.92 at k = 128 (192), 4.08 / 3.38 at k = 256 (96); the
 # crossover near 150. RSAE_SPARSE_STEP_RATIO overrides it (benchmarks: 1 always, a huge value never).
 SPARSE_STEP_RATIO = int(os.environ.get("RSAE_SPARSE_STEP_RATIO", 150))
-# AuxK's dead columns inside the sparse step's autograd functions (1), or beside it through autograd (0).
-AUX_IN_STEP = os.environ.get("RSAE_AUX_IN_STEP", "1") != "0"
 
 
 def topk_relu(h: Tensor, k: int) -> Tensor:
@@ -87,20 +85,16 @@ class TopKSAE(SAE):
         self._step_aux_capacity = capacity = self._dead_capacity() if self.training and self.aux_coefficient > 0 else 0
         kernels = self._kernels_apply(x)
         if kernels and capacity < self.d_sae:  # only the k selected latents per row, forward and backward
-            # (and AuxK's few dead columns, whose gradients the kernels' backward adds in place)
-            fused = capacity and AUX_IN_STEP
-            cols, valid = _dead_columns(self.dead_mask(), capacity) if fused else (None, None)
-            values, indices, h, entries, h_aux = sparse_step.topk_encode(
-                x, self.W_enc, self.b_enc, self.b_dec, self.k, cols)
+            # (AuxK, if on, over the few dead latents' own columns: `aux_losses`)
+            values, indices, h, entries = sparse_step.topk_encode(x, self.W_enc, self.b_enc, self.b_dec, self.k)
             self._decoder_boundary()
-            aux = (_aux_codes(h_aux, valid, self.k_aux), cols) if fused else None
-            x_hat, e_hat = sparse_step.sparse_decode(values, indices, entries, self.W_dec, self.b_dec, aux)
-            out = SAEOutput(x_hat=x_hat, h=h, sparse_codes=(values, indices), aux_x_hat=e_hat)
+            x_hat = sparse_step.sparse_decode(values, indices, entries, self.W_dec, self.b_dec)
+            out = SAEOutput(x_hat=x_hat, h=h, sparse_codes=(values, indices))
         elif kernels:  # AuxK over every column needs the gradient of the dense h: a dense encoder
             h = self.pre_acts(x)
             values, indices = self._top_values(h)
             self._decoder_boundary()
-            x_hat = sparse_step.sparse_decode(values, indices, None, self.W_dec, self.b_dec)[0]
+            x_hat = sparse_step.sparse_decode(values, indices, None, self.W_dec, self.b_dec)
             out = SAEOutput(x_hat=x_hat, h=h, sparse_codes=(values, indices))
         else:
             h = self.pre_acts(x)
@@ -173,9 +167,7 @@ class TopKSAE(SAE):
         capacity = _step_aux_capacity(self)
         if capacity == 0:
             return {"aux": out.h.new_zeros((), dtype=torch.float32)}
-        if out.aux_x_hat is not None:  # formed by the sparse step
-            e_hat = out.aux_x_hat
-        elif capacity < self.d_sae:  # at most `capacity` latents are dead: only their columns
+        if capacity < self.d_sae:  # at most `capacity` latents are dead: only their columns
             e_hat = _dead_columns_reconstruction(self, x, dead, capacity)
         else:  # top-k_aux among dead latents only: live ones are pushed to -inf before selection,
             # and where fewer than k_aux are dead the ReLU zeroes the -inf picks (= top-n_dead)
