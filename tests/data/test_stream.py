@@ -173,9 +173,9 @@ def test_device_side_gather_gives_the_same_batches(tmp_path, dtype, device):
     """The device-side shuffle (window copied to a device, batches gathered there) reads the same
     rows in the same order as the host gather, across window and epoch boundaries, and resumes
     the same way. On CUDA the positions cross through reused pinned buffers. A bf16 cache crosses
-    narrow and is widened on the device: the same float32 batches as the host's widening. The
-    device windows are two reused buffers: on CUDA the gathers are held back behind a long kernel
-    while the loader runs ahead, so a window overwritten before its gathers ran would show."""
+    narrow and is widened on the device: the same float32 batches as the host's widening. On CUDA
+    the gathers are held back behind a long kernel while the loader runs ahead, so a window's
+    memory reused before its gathers ran would show."""
     shards = make_shards(tmp_path, [300, 170, 250, 64, 400], dtype)
     host = take(iter(stream(shards, start_batch=3)), 60)  # 1920 rows: past an epoch of 1184
     if device == "cuda":

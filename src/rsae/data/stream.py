@@ -126,11 +126,7 @@ class _WindowLoader:
     way). For a device gather (`device`) a bf16 cache stays bf16 on the host: half the bytes cross
     to the device, which widens each window in one cast. On a GPU the thread also copies the
     window there, from pinned memory on its own CUDA stream: the copy overlaps the training step
-    instead of queueing on its stream (about 2 ms per 100 MB window on the H200). The device
-    windows are two buffers made once and used in turn: a fresh window from the caching allocator
-    each time can stall the training thread on the allocator while the loader thread allocates.
-    The copy into a buffer waits (on the loader's stream) for the training stream's reads of the
-    window it held before (`submit(..., reads_done)`)."""
+    instead of queueing on its stream (about 2 ms per 100 MB window on the H200)."""
 
     def __init__(self, shards: _Shards, max_rows: int, block_rows: int, device: torch.device | None = None):
         d, dtype = shards.dims()
@@ -144,17 +140,11 @@ class _WindowLoader:
         self.stream = torch.cuda.Stream(device) if cuda else None
         self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rsae-window")
         self.turn = 0
-        self.max_rows = max_rows
-        self.device_windows: list[torch.Tensor] = []  # (CUDA) float32 [max_rows, d], made on first use
-        self.device_narrow: torch.Tensor | None = None  # (CUDA, bf16 cache) the window as it crosses
 
-    def submit(self, pieces: np.ndarray, n_rows: int, reads_done: "torch.cuda.Event | None" = None) -> Future:
-        """A future of the window's rows: in the next host buffer, or float32 on `device`.
-        `reads_done`: recorded on the training stream after its last read of the window before the
-        previous one, whose device buffer this one reuses."""
-        turn = self.turn
+    def submit(self, pieces: np.ndarray, n_rows: int) -> Future:
+        """A future of the window's rows: in the next host buffer, or float32 on `device`."""
+        buffer = self.buffers[self.turn]
         self.turn ^= 1
-        buffer = self.buffers[turn]
 
         def load() -> torch.Tensor:
             if self.narrow:  # the bit patterns as they are in the file
@@ -162,31 +152,20 @@ class _WindowLoader:
             else:
                 self.shards.load(pieces, buffer.numpy(), self.staging)
             rows = buffer[:n_rows]
-            return rows if self.device is None else self._to_device(rows, turn, reads_done)
+            return rows if self.device is None else self._to_device(rows)
 
         return self.pool.submit(load)
 
-    def _to_device(self, rows: torch.Tensor, turn: int, reads_done) -> torch.Tensor:
+    def _to_device(self, rows: torch.Tensor) -> torch.Tensor:
         if self.stream is None:  # not CUDA: a plain copy (a narrow window is widened after it)
             rows = rows.to(self.device)
             return rows.float() if self.narrow else rows
-        n = len(rows)
         with torch.cuda.device(self.device), torch.cuda.stream(self.stream):
-            if not self.device_windows:
-                shape = (self.max_rows, rows.shape[1])
-                self.device_windows = [torch.empty(shape, device=self.device) for _ in range(2)]
-                if self.narrow:
-                    self.device_narrow = torch.empty(shape, dtype=torch.bfloat16, device=self.device)
-            if reads_done is not None:
-                self.stream.wait_event(reads_done)
-            out = self.device_windows[turn][:n]
-            if self.narrow:
-                out.copy_(self.device_narrow[:n].copy_(rows, non_blocking=True))
-            else:
-                out.copy_(rows, non_blocking=True)
+            out = rows.to(self.device, non_blocking=True)
+            out = out.float() if self.narrow else out
             done = torch.cuda.Event()
             done.record(self.stream)
-        done.synchronize()  # on this thread: the host buffer may be refilled, and the rows are complete
+        done.synchronize()  # on this thread: the buffer may be refilled, and the rows are complete
         return out
 
     def close(self) -> None:
@@ -295,12 +274,10 @@ class TrainStream(IterableDataset):
             while True:
                 epoch, index, window, offset = current
                 rows = pending.result()
-                reads_done = None
-                if rows.is_cuda:  # the next window goes where the previous one was: after its reads
-                    reads_done = torch.cuda.Event()
-                    reads_done.record(torch.cuda.current_stream(rows.device))
+                if rows.is_cuda:  # made on the loader's stream, read on this one: not to be reused before
+                    rows.record_stream(torch.cuda.current_stream(rows.device))
                 current = next(windows)  # read the next window while this one is served
-                pending = loader.submit(self.blocks[current[2]], int(self.block_sizes[current[2]].sum()), reads_done)
+                pending = loader.submit(self.blocks[current[2]], int(self.block_sizes[current[2]].sum()))
                 order = self._window_permutation(slot, n_slots, epoch, index, len(rows))[offset:]
                 if carry is not None:  # complete the batch begun in the previous window
                     need = self.batch_size - len(carry)
