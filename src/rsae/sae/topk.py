@@ -164,7 +164,7 @@ class TopKSAE(SAE):
         if not self.training or self.aux_coefficient == 0:
             return {}
         dead = self.dead_mask()
-        capacity = _step_aux_capacity(self)
+        capacity = _auxk_columns(self)
         if capacity == 0:
             return {"aux": out.h.new_zeros((), dtype=torch.float32)}
         if capacity < self.d_sae:  # at most `capacity` latents are dead: only their columns
@@ -184,7 +184,7 @@ class TopKSAE(SAE):
         return {"architecture": "topk", "k": self.k}
 
 
-def _step_aux_capacity(sae: SAE) -> int:
+def _auxk_columns(sae: SAE) -> int:
     """How many columns this step's AuxK covers: 0 (no latent dead), a `fast.aux_capacities` size
     that holds every dead latent, or d_sae. The fast step decided it without waiting for the GPU;
     the plain step (the reference) counts the dead latents and always covers every column."""
