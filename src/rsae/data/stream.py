@@ -26,8 +26,9 @@ import contextlib
 import math
 import sys
 from concurrent.futures import Future, ThreadPoolExecutor
+from functools import partial
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, NamedTuple, Sequence
 
 import numpy as np
 import torch
@@ -119,14 +120,29 @@ class _Shards:
         return {**self.__dict__, "_readers": {}}
 
 
+class _Window(NamedTuple):
+    """A loaded window's rows and its batches' positions in them (sorted within each piece): `head`
+    completes the batch carried over from the previous window, `batches` is `[n, batch_size]`,
+    `tail` begins the batch carried into the next window."""
+
+    rows: torch.Tensor
+    head: torch.Tensor
+    batches: torch.Tensor
+    tail: torch.Tensor
+
+
 class _WindowLoader:
     """Loads windows on a background thread into two alternating host buffers, so the next window
-    is read from disk while batches are gathered from this one. File reads and numpy's shift
-    release the GIL. For a host gather the buffers are float32 (a bf16 cache is widened on the
-    way). For a device gather (`device`) a bf16 cache stays bf16 on the host: half the bytes cross
-    to the device, which widens each window in one cast. On a GPU the thread also copies the
-    window there, from pinned memory on its own CUDA stream: the copy overlaps the training step
-    instead of queueing on its stream (about 2 ms per 100 MB window on the H200)."""
+    is read from disk while batches are gathered from this one. The thread also draws the window's
+    shuffle and sorts its batches' positions (a permutation of 65536 rows costs about 1 ms: on the
+    training thread it stalled a small SAE's GPU at every window). File reads and numpy's shift,
+    shuffle and sort release the GIL. For a host gather the buffers are float32 (a bf16 cache is
+    widened on the way). For a device gather (`device`) a bf16 cache stays bf16 on the host: half
+    the bytes cross to the device, which widens each window in one cast. On a GPU the thread also
+    copies the window and its positions there, from pinned memory on its own CUDA stream, and
+    waits for the copy: it overlaps the training step instead of queueing on its stream (about
+    2 ms per 100 MB window on the H200), and the pinned buffers are free again for the next
+    window."""
 
     def __init__(self, shards: _Shards, max_rows: int, block_rows: int, device: torch.device | None = None):
         d, dtype = shards.dims()
@@ -136,37 +152,47 @@ class _WindowLoader:
         host_dtype = torch.bfloat16 if self.narrow else torch.float32
         # Pinned (page-locked) buffers when windows go on to a GPU: one fast, asynchronous copy per window.
         self.buffers = [torch.empty((max_rows, d), dtype=host_dtype, pin_memory=cuda) for _ in range(2)]
+        self.positions = torch.empty(max_rows, dtype=torch.int64, pin_memory=cuda)
         self.staging = np.empty((block_rows, d), dtype=np.uint16)
         self.stream = torch.cuda.Stream(device) if cuda else None
         self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rsae-window")
         self.turn = 0
 
-    def submit(self, pieces: np.ndarray, n_rows: int) -> Future:
-        """A future of the window's rows: in the next host buffer, or float32 on `device`."""
+    def submit(self, pieces: np.ndarray, n_rows: int, plan: Callable[[], tuple[np.ndarray, ...]]) -> Future:
+        """A future `_Window`: the rows (in the next host buffer, or float32 on `device`) and the
+        positions `plan()` returns as (head, batches, tail)."""
         buffer = self.buffers[self.turn]
         self.turn ^= 1
 
-        def load() -> torch.Tensor:
+        def load() -> _Window:
             if self.narrow:  # the bit patterns as they are in the file
                 self.shards.load_raw(pieces, buffer.view(torch.int16).numpy())
             else:
                 self.shards.load(pieces, buffer.numpy(), self.staging)
-            rows = buffer[:n_rows]
-            return rows if self.device is None else self._to_device(rows)
+            rows, (head, batches, tail) = buffer[:n_rows], plan()
+            if self.device is None:
+                return _Window(rows, torch.from_numpy(head), torch.from_numpy(batches), torch.from_numpy(tail))
+            sizes = (len(head), batches.size, len(tail))
+            staged = self.positions[:sum(sizes)]
+            np.concatenate([head, batches.ravel(), tail], out=staged.numpy())
+            rows, positions = self._to_device(rows, staged)
+            head, flat, tail = positions.split(sizes)
+            return _Window(rows, head, flat.view(batches.shape), tail)
 
         return self.pool.submit(load)
 
-    def _to_device(self, rows: torch.Tensor) -> torch.Tensor:
-        if self.stream is None:  # not CUDA: a plain copy (a narrow window is widened after it)
-            rows = rows.to(self.device)
-            return rows.float() if self.narrow else rows
+    def _to_device(self, rows: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.stream is None:  # not CUDA: plain copies (a narrow window is widened after it); the
+            rows = rows.to(self.device)  # positions' buffer is refilled by the next window
+            return (rows.float() if self.narrow else rows), positions.to(self.device, copy=True)
         with torch.cuda.device(self.device), torch.cuda.stream(self.stream):
             out = rows.to(self.device, non_blocking=True)
             out = out.float() if self.narrow else out
+            positions = positions.to(self.device, non_blocking=True)
             done = torch.cuda.Event()
             done.record(self.stream)
-        done.synchronize()  # on this thread: the buffer may be refilled, and the rows are complete
-        return out
+        done.synchronize()  # on this thread: the buffers may be refilled, and the copies are complete
+        return out, positions
 
     def close(self) -> None:
         if not sys.is_finalizing():  # at interpreter exit the thread is gone already
@@ -267,38 +293,51 @@ class TrainStream(IterableDataset):
         windows = self.windows(slot, n_slots, skip * self.batch_size)
         device = self._gather_device()
         loader = _WindowLoader(self.shards, self._window_blocks(n_slots) * self.block_rows, self.block_rows, device)
+        carried = 0  # rows of the batch a submitted window leaves unfinished: its rows and the earlier ones, mod batch_size
+
+        def submit(window: tuple[int, int, np.ndarray, int]) -> Future:
+            nonlocal carried
+            epoch, index, blocks, offset = window
+            n_rows = int(self.block_sizes[blocks].sum())
+            plan = partial(self._window_plan, slot, n_slots, epoch, index, n_rows, offset, carried)
+            carried = (carried + n_rows - offset) % self.batch_size
+            return loader.submit(self.blocks[blocks], n_rows, plan)
+
         try:
-            current = next(windows)
-            pending = loader.submit(self.blocks[current[2]], int(self.block_sizes[current[2]].sum()))
+            pending = submit(next(windows))
             carry: torch.Tensor | None = None
             while True:
-                epoch, index, window, offset = current
-                rows = pending.result()
-                if rows.is_cuda:  # made on the loader's stream, read on this one: not to be reused before
-                    rows.record_stream(torch.cuda.current_stream(rows.device))
-                current = next(windows)  # read the next window while this one is served
-                pending = loader.submit(self.blocks[current[2]], int(self.block_sizes[current[2]].sum()))
-                order = self._window_permutation(slot, n_slots, epoch, index, len(rows))[offset:]
+                window = pending.result()
+                if window.rows.is_cuda:  # made on the loader's stream, read on this one: not to be reused before
+                    stream = torch.cuda.current_stream(window.rows.device)
+                    window.rows.record_stream(stream)
+                    window.batches.record_stream(stream)  # (head, batches and tail share one allocation)
+                pending = submit(next(windows))  # read the next window while this one is served
                 if carry is not None:  # complete the batch begun in the previous window
-                    need = self.batch_size - len(carry)
-                    carry = torch.cat([carry, self._gather(rows, order[:need])])
-                    order = order[need:]
+                    carry = torch.cat([carry, self._take(window.rows, window.head)])
                     if len(carry) < self.batch_size:
                         continue
                     yield carry
                     carry = None
-                full = len(order) - len(order) % self.batch_size
-                if self.device is not None and full:  # every batch's positions cross to the device in one copy per window
-                    positions = self._device_batch_index(order[:full], rows.device)
-                    for i in range(len(positions)):
-                        yield torch.index_select(rows, 0, positions[i])
-                else:
-                    for lo in range(0, full, self.batch_size):
-                        yield self._gather(rows, order[lo:lo + self.batch_size])
-                if full < len(order):
-                    carry = self._gather(rows, order[full:])
+                for i in range(len(window.batches)):
+                    yield self._take(window.rows, window.batches[i])
+                if len(window.tail):
+                    carry = self._take(window.rows, window.tail)
         finally:
             loader.close()
+
+    def _window_plan(self, slot: int, n_slots: int, epoch: int, index: int, n_rows: int, offset: int,
+                     carried: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """A window's rows in the stream's order, from row `offset` on, cut into (head, batches,
+        tail) after `carried` rows of an unfinished batch, each piece's positions sorted (sorted
+        positions read memory in order; the order of rows inside a batch does not matter to
+        training)."""
+        order = self._window_permutation(slot, n_slots, epoch, index, n_rows)[offset:]
+        need = min(self.batch_size - carried, len(order)) if carried else 0
+        rest = order[need:]
+        full = len(rest) - len(rest) % self.batch_size
+        batches = np.sort(rest[:full].reshape(-1, self.batch_size), axis=1)
+        return np.sort(order[:need]), batches, np.sort(rest[full:])
 
     def _gather_device(self) -> torch.device | None:
         if self.device is None:
@@ -312,34 +351,13 @@ class TrainStream(IterableDataset):
             device = torch.device("cuda", torch.cuda.current_device())  # this rank's GPU under DDP
         return device
 
-    def _device_batch_index(self, positions: np.ndarray, device: torch.device) -> torch.Tensor:
-        """`[n_batches, batch_size]` positions on `device`, each batch's sorted as `_gather` sorts
-        them: one pinned, non-blocking copy per window instead of one per batch (the host's
-        per-batch work is then a single index_select launch)."""
-        index = np.sort(positions.reshape(-1, self.batch_size), axis=1)
-        if device.type == "cuda":
-            return self._staging().to_device(index, device)
-        return torch.from_numpy(index).to(device)
-
-    def _gather(self, rows: torch.Tensor, positions: np.ndarray) -> torch.Tensor:
-        """One gather of float32 rows (sorted positions read memory in order; the order of rows
-        inside a batch does not matter to training). With a device-side shuffle: a plain
-        index_select where the window is (a fresh tensor from that device's allocator)."""
-        index = np.sort(positions)
+    def _take(self, rows: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """The rows at `positions`: with a device-side shuffle a plain index_select where the window
+        is (a fresh tensor from that device's allocator); on the host into a fresh or ring buffer."""
         if self.device is not None:
-            # From pinned memory, asynchronously: a copy from pageable memory would wait for all
-            # the GPU work queued before it (a full drain of the pipeline every batch).
-            if rows.is_cuda:
-                return torch.index_select(rows, 0, self._staging().to_device(index, rows.device))
-            return torch.index_select(rows, 0, torch.from_numpy(index).to(rows.device))
-        index = torch.from_numpy(index)
+            return torch.index_select(rows, 0, positions)
         with one_thread():
-            return torch.index_select(rows, 0, index, out=self._out(len(index), rows.shape[1]))
-
-    def _staging(self) -> "PinnedStaging":
-        if getattr(self, "_pinned", None) is None:
-            self._pinned = PinnedStaging()
-        return self._pinned
+            return torch.index_select(rows, 0, positions, out=self._out(len(positions), rows.shape[1]))
 
     def _out(self, n: int, d: int) -> torch.Tensor:
         """Where a gather of n rows goes: the next ring buffer (full batches in the training
@@ -351,41 +369,6 @@ class TrainStream(IterableDataset):
         out = self._ring[self._ring_next]
         self._ring_next = (self._ring_next + 1) % self.reuse_buffers
         return out
-
-
-class PinnedStaging:
-    """Small host-to-GPU copies (batch positions) through a few reused pinned buffers.
-
-    From pageable memory a copy waits for all the GPU work queued before it; pinning a fresh
-    tensor for each copy calls the pinned allocator, which took about 1 ms of host time per window
-    on the H200 host (most of a small SAE's step). A buffer is refilled only once its previous
-    copy has finished (an event), so the host can run `slots` copies ahead of the GPU. The copy
-    into the buffer is numpy's, on the calling thread alone: torch's CPU copy of the same 512 KB
-    (65536 positions) took 4-9 ms on the H200 host in profiles of `train.py`."""
-
-    def __init__(self, slots: int = 4) -> None:
-        self.slots: list[tuple[torch.Tensor, torch.cuda.Event] | None] = [None] * slots
-        self.next = 0
-
-    def to_device(self, array: np.ndarray, device: torch.device) -> torch.Tensor:
-        dtype = torch.from_numpy(array[:0]).dtype
-        i, self.next = self.next, (self.next + 1) % len(self.slots)
-        slot = self.slots[i]
-        if slot is None or slot[0].numel() < array.size or slot[0].dtype != dtype:
-            buffer = torch.empty(array.size, dtype=dtype, pin_memory=True)
-        else:
-            buffer, done = slot
-            done.synchronize()  # the GPU has read this buffer's previous contents
-        staged = buffer[: array.size].view(array.shape)
-        np.copyto(staged.numpy(), array)
-        out = staged.to(device, non_blocking=True)
-        done = torch.cuda.Event()
-        done.record(torch.cuda.current_stream(device))
-        self.slots[i] = (buffer, done)
-        return out
-
-    def __getstate__(self) -> dict:  # pinned buffers and events stay in their process
-        return {"slots": [None] * len(self.slots), "next": 0}
 
 
 class ValStream(IterableDataset):
