@@ -198,12 +198,15 @@ def stream_gbps(files: list[Path], rows: list[int], d_in: int, itemsize: int, ar
 
 
 def window_load_gbps(files: list[Path], rows: list[int], passes: int = 3) -> dict:
-    """The loader thread's own work, warm, best of `passes`: cache bytes per second it reads into
-    shuffle windows, widened to float32 (host gather) or as stored (a bf16 window that a GPU
-    widens, `data.shuffle_device=cuda`)."""
+    """The loader's own work, warm, best of `passes`: cache bytes per second it reads into shuffle
+    windows with its `READ_THREADS` reading threads, widened to float32 (host gather) or as
+    stored (a bf16 window that a GPU widens, `data.shuffle_device=cuda`), and as stored on one
+    thread."""
     import numpy as np
 
-    from rsae.data.stream import TrainStream
+    from concurrent.futures import ThreadPoolExecutor
+
+    from rsae.data.stream import READ_THREADS, TrainStream
 
     stream = TrainStream(files, rows, batch_size=1)
     d, dtype = stream.shards.dims()
@@ -213,11 +216,12 @@ def window_load_gbps(files: list[Path], rows: list[int], passes: int = 3) -> dic
     windows = [stream.blocks[blocks[i:i + per_window]] for i in range(0, len(blocks), per_window)]
     wide = np.empty((per_window * stream.block_rows, d), dtype=np.float32)
     narrow = np.empty((per_window * stream.block_rows, d), dtype=np.int16 if itemsize == 2 else np.float32)
-    staging = np.empty((stream.block_rows, d), dtype=np.uint16)
     nbytes = sum(rows) * d * itemsize
     out = {}
-    for name, load in (("widened_GBps", lambda w: stream.shards.load(w, wide, staging)),
-                       ("as_stored_GBps", lambda w: stream.shards.load_raw(w, narrow))):
+    pool = ThreadPoolExecutor(READ_THREADS)
+    for name, load in (("widened_GBps", lambda w: stream.shards.load(w, wide, pool)),
+                       ("as_stored_GBps", lambda w: stream.shards.load(w, narrow, pool)),
+                       ("as_stored_one_thread_GBps", lambda w: stream.shards.load(w, narrow))):
         best = 0.0
         for _ in range(passes + 1):  # the first pass brings pages and buffers into memory
             begin = time.perf_counter()
@@ -225,6 +229,7 @@ def window_load_gbps(files: list[Path], rows: list[int], passes: int = 3) -> dic
                 load(w)
             best = max(best, nbytes / (time.perf_counter() - begin) / 1e9)
         out[name] = round(best, 3)
+    pool.shutdown()
     return out
 
 

@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import math
 import sys
+import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from functools import partial
 from pathlib import Path
@@ -35,6 +36,8 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from rsae.data.cache import ShardReader
+
+READ_THREADS = 4  # threads that read a shuffle window's blocks in parallel (per loader)
 
 
 @contextlib.contextmanager
@@ -75,11 +78,15 @@ class _Shards:
         self.files = [Path(f) for f in files]
         self.rows = [int(r) for r in rows]
         self._readers: dict[int, ShardReader] = {}
+        self._opening = threading.Lock()
 
     def reader(self, shard: int) -> ShardReader:
-        if shard not in self._readers:
-            self._readers[shard] = ShardReader(self.files[shard], self.rows[shard])
-        return self._readers[shard]
+        reader = self._readers.get(shard)
+        if reader is None:
+            with self._opening:  # (reading threads may ask for the same shard at once)
+                reader = self._readers.get(shard) or ShardReader(self.files[shard], self.rows[shard])
+                self._readers[shard] = reader
+        return reader
 
     def read_into(self, out: torch.Tensor, pieces: Sequence[tuple[int, int, int]]) -> torch.Tensor:
         """Copy the rows of `(shard, start, stop)` pieces, in order, into `out` (converting dtype)."""
@@ -90,26 +97,35 @@ class _Shards:
                 at += stop - start
         return out
 
-    def load(self, pieces, out: np.ndarray, staging: np.ndarray) -> None:
-        """Read the rows of `(shard, start, stop)` pieces, in order, into the float32 array `out`:
-        plain sequential reads (a bf16 piece goes through `staging` and is widened on the way)."""
-        at = 0
-        for shard, start, stop in pieces:
-            reader, n = self.reader(int(shard)), int(stop - start)
-            if reader.torch_dtype == torch.float32:
-                reader.read_into(int(start), int(stop), out[at:at + n])
-            else:  # bf16 -> fp32 is a 16-bit shift of the bit pattern; numpy does it in one pass
-                reader.read_into(int(start), int(stop), staging[:n])
-                np.left_shift(staging[:n], 16, out=out[at:at + n].view(np.uint32), dtype=np.uint32)
-            at += n
+    def load(self, pieces: np.ndarray, out: np.ndarray, pool: ThreadPoolExecutor | None = None) -> None:
+        """Read the rows of `(shard, start, stop)` pieces, in order, into `out` with plain
+        sequential reads: as stored when `out` has the storage's item size (the bit patterns), else
+        a bf16 shard widened to float32 on the way. With `pool` the pieces are cut into one run per
+        thread and read in parallel: the reads release the GIL, and one thread copying out of the
+        page cache (about 5 GB/s on the H200 host) fell behind a small SAE's step on a GPU."""
+        pieces = np.asarray(pieces, dtype=np.int64).reshape(-1, 3)
+        ends = np.cumsum(pieces[:, 2] - pieces[:, 1])
+        runs = np.array_split(np.arange(len(pieces)), min(len(pieces), pool._max_workers if pool else 1))
+        jobs = [(pieces[run], out[int(ends[run[0]] - (pieces[run[0], 2] - pieces[run[0], 1])):int(ends[run[-1]])])
+                for run in runs if len(run)]
+        if pool is None or len(jobs) == 1:
+            for job in jobs:
+                self._load_run(*job)
+            return
+        for future in [pool.submit(self._load_run, *job) for job in jobs]:
+            future.result()
 
-    def load_raw(self, pieces, out: np.ndarray) -> None:
-        """Read the rows of `(shard, start, stop)` pieces, in order, into `out` as stored (same
-        itemsize: the bit patterns, no conversion)."""
-        at = 0
-        for shard, start, stop in pieces:
-            n = int(stop - start)
-            self.reader(int(shard)).read_into(int(start), int(stop), out[at:at + n])
+    def _load_run(self, pieces: np.ndarray, out: np.ndarray) -> None:
+        at, staging = 0, None
+        for shard, start, stop in pieces.tolist():
+            reader, n = self.reader(shard), stop - start
+            if out.itemsize == np.dtype(reader.array.dtype).itemsize:
+                reader.read_into(start, stop, out[at:at + n])
+            else:  # bf16 -> fp32 is a 16-bit shift of the bit pattern; numpy does it in one pass
+                if staging is None or len(staging) < n:
+                    staging = np.empty((n, reader.d), dtype=np.uint16)
+                reader.read_into(start, stop, staging[:n])
+                np.left_shift(staging[:n], 16, out=out[at:at + n].view(np.uint32), dtype=np.uint32)
             at += n
 
     def dims(self) -> tuple[int, torch.dtype]:
@@ -117,7 +133,10 @@ class _Shards:
         return first.d, first.torch_dtype
 
     def __getstate__(self):  # files are reopened in each worker, not pickled
-        return {**self.__dict__, "_readers": {}}
+        return {**self.__dict__, "_readers": {}, "_opening": None}
+
+    def __setstate__(self, state):
+        self.__dict__.update(state, _opening=threading.Lock())
 
 
 class _Window(NamedTuple):
@@ -144,7 +163,7 @@ class _WindowLoader:
     2 ms per 100 MB window on the H200), and the pinned buffers are free again for the next
     window."""
 
-    def __init__(self, shards: _Shards, max_rows: int, block_rows: int, device: torch.device | None = None):
+    def __init__(self, shards: _Shards, max_rows: int, device: torch.device | None = None):
         d, dtype = shards.dims()
         self.shards, self.device = shards, device
         self.narrow = device is not None and dtype == torch.bfloat16
@@ -153,9 +172,9 @@ class _WindowLoader:
         # Pinned (page-locked) buffers when windows go on to a GPU: one fast, asynchronous copy per window.
         self.buffers = [torch.empty((max_rows, d), dtype=host_dtype, pin_memory=cuda) for _ in range(2)]
         self.positions = torch.empty(max_rows, dtype=torch.int64, pin_memory=cuda)
-        self.staging = np.empty((block_rows, d), dtype=np.uint16)
         self.stream = torch.cuda.Stream(device) if cuda else None
         self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rsae-window")
+        self.readers = ThreadPoolExecutor(max_workers=READ_THREADS, thread_name_prefix="rsae-read")
         self.turn = 0
 
     def submit(self, pieces: np.ndarray, n_rows: int, plan: Callable[[], tuple[np.ndarray, ...]]) -> Future:
@@ -165,10 +184,8 @@ class _WindowLoader:
         self.turn ^= 1
 
         def load() -> _Window:
-            if self.narrow:  # the bit patterns as they are in the file
-                self.shards.load_raw(pieces, buffer.view(torch.int16).numpy())
-            else:
-                self.shards.load(pieces, buffer.numpy(), self.staging)
+            # narrow: the bit patterns as they are in the file
+            self.shards.load(pieces, buffer.view(torch.int16).numpy() if self.narrow else buffer.numpy(), self.readers)
             rows, (head, batches, tail) = buffer[:n_rows], plan()
             if self.device is None:
                 return _Window(rows, torch.from_numpy(head), torch.from_numpy(batches), torch.from_numpy(tail))
@@ -197,6 +214,7 @@ class _WindowLoader:
     def close(self) -> None:
         if not sys.is_finalizing():  # at interpreter exit the thread is gone already
             self.pool.shutdown(wait=True, cancel_futures=True)
+            self.readers.shutdown(wait=True)
 
 
 class TrainStream(IterableDataset):
@@ -292,7 +310,7 @@ class TrainStream(IterableDataset):
         """Batches of one slot from its batch number `skip` on."""
         windows = self.windows(slot, n_slots, skip * self.batch_size)
         device = self._gather_device()
-        loader = _WindowLoader(self.shards, self._window_blocks(n_slots) * self.block_rows, self.block_rows, device)
+        loader = _WindowLoader(self.shards, self._window_blocks(n_slots) * self.block_rows, device)
         carried = 0  # rows of the batch a submitted window leaves unfinished: its rows and the earlier ones, mod batch_size
 
         def submit(window: tuple[int, int, np.ndarray, int]) -> Future:
