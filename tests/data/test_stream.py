@@ -212,3 +212,14 @@ def test_reused_batch_buffers_give_the_same_batches_and_cycle(shards):
     assert all(torch.equal(a, b) for a, b in zip(fresh, ring))
     assert len(set(ptrs)) <= 3 + 10  # the ring's 3 buffers (+ the window-crossing batches, fresh)
     assert ptrs.count(ptrs[0]) > 5
+
+
+def test_an_epoch_is_cut_into_windows_of_equal_block_counts(shards):
+    """25 blocks at 4 per window: 7 windows of 3-4 blocks, not 6 of 4 and a last one of 1 (which
+    would shuffle few rows and be used up before the next window is read)."""
+    s = stream(shards, block_rows=50, shuffle_buffer=200)
+    assert len(s.blocks) == 25 and s._window_blocks(1) == 4
+    epoch0 = [w for w in itertools.islice(s.windows(0, 1), 20) if w[0] == 0]
+    counts = [len(w[2]) for w in epoch0]
+    assert sum(counts) == 25 and len(counts) == 7 and set(counts) == {3, 4}
+    assert [w[1] for w in epoch0] == list(range(7))

@@ -7,11 +7,13 @@ Training order ("block shuffle"), a pure function of (seed, world size, workers,
    concatenated form one endless block sequence q = 0, 1, 2, ...
 3. Block q goes to slot `q mod S`, where S = world_size * num_workers and slot = rank * W + worker:
    in each epoch, ranks and workers read disjoint blocks that together cover every row once.
-4. Each slot groups its blocks of an epoch into windows of about `shuffle_buffer` rows, shuffles
-   the rows of a window (seeded by (seed, S, slot, epoch, window)) and cuts its row stream (all
+4. Each slot cuts its blocks of an epoch, in order, into the fewest windows of at most
+   `shuffle_buffer` rows (rounded up to whole blocks) with equal block counts (+-1), shuffles the
+   rows of a window (seeded by (seed, S, slot, epoch, window)) and cuts its row stream (all
    windows, epoch after epoch) into batches. A background thread reads the next window (plain
-   sequential reads of whole blocks, widened to float32) while batches are gathered from the
-   current one; memory: two windows, 2 * shuffle_buffer * d_in * 4 bytes per worker.
+   sequential reads of whole blocks, widened to float32) and draws its shuffle while batches are
+   gathered from the current one; memory: two windows, 2 * shuffle_buffer * d_in * 4 bytes per
+   worker.
 5. The DataLoader takes batches from workers in turn, so a rank's batch b is batch b // W of the
    worker that plays role b mod W.
 
@@ -296,8 +298,9 @@ class TrainStream(IterableDataset):
         per_window = self._window_blocks(n_slots)
         while True:
             blocks = self.epoch_blocks(slot, n_slots, epoch)
-            for index in range(math.ceil(len(blocks) / per_window)):
-                window = blocks[index * per_window:(index + 1) * per_window]
+            # The fewest windows that hold the epoch's blocks, of equal block counts (+-1): a short
+            # last window would shuffle few rows, and be used up before the next one is read.
+            for index, window in enumerate(np.array_split(blocks, max(1, math.ceil(len(blocks) / per_window)))):
                 size = int(self.block_sizes[window].sum())
                 if offset >= size:
                     offset -= size
