@@ -223,3 +223,25 @@ def test_an_epoch_is_cut_into_windows_of_equal_block_counts(shards):
     counts = [len(w[2]) for w in epoch0]
     assert sum(counts) == 25 and len(counts) == 7 and set(counts) == {3, 4}
     assert [w[1] for w in epoch0] == list(range(7))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_parallel_window_reads_match_one_thread(tmp_path, dtype):
+    """A window read by several threads (each a run of blocks) holds the same rows in the same
+    places as one read on one thread, widened or as stored."""
+    import numpy as np
+
+    files, rows = make_shards(tmp_path, [300, 170, 250, 64, 400], dtype)
+    s = stream((files, rows))
+    pieces = s.blocks[s.epoch_blocks(0, 1, 0)[:11]]  # 11 blocks from several shards, shuffled
+    n = int((pieces[:, 2] - pieces[:, 1]).sum())
+    stored = np.int16 if dtype == torch.bfloat16 else np.float32
+    for out_dtype in {np.float32, stored}:
+        one, four = np.full((n, D), -1, dtype=out_dtype), np.full((n, D), -2, dtype=out_dtype)
+        s.shards.load(pieces, one)
+        s.shards.load(pieces, four, threads=4)
+        assert np.array_equal(one, four)
+    ids = torch.tensor(np.concatenate([np.arange(a, b) + sum(rows[:sh]) for sh, a, b in pieces.tolist()]))
+    wide = np.empty((n, D), dtype=np.float32)
+    s.shards.load(pieces, wide, threads=3)
+    assert torch.equal(torch.from_numpy(wide[:, 0]), ids.to(dtype).float())  # (bf16 rounds ids above 256)

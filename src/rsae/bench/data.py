@@ -204,8 +204,6 @@ def window_load_gbps(files: list[Path], rows: list[int], passes: int = 3) -> dic
     thread."""
     import numpy as np
 
-    from concurrent.futures import ThreadPoolExecutor
-
     from rsae.data.stream import READ_THREADS, TrainStream
 
     stream = TrainStream(files, rows, batch_size=1)
@@ -218,9 +216,8 @@ def window_load_gbps(files: list[Path], rows: list[int], passes: int = 3) -> dic
     narrow = np.empty((per_window * stream.block_rows, d), dtype=np.int16 if itemsize == 2 else np.float32)
     nbytes = sum(rows) * d * itemsize
     out = {}
-    pool = ThreadPoolExecutor(READ_THREADS)
-    for name, load in (("widened_GBps", lambda w: stream.shards.load(w, wide, pool)),
-                       ("as_stored_GBps", lambda w: stream.shards.load(w, narrow, pool)),
+    for name, load in (("widened_GBps", lambda w: stream.shards.load(w, wide, READ_THREADS)),
+                       ("as_stored_GBps", lambda w: stream.shards.load(w, narrow, READ_THREADS)),
                        ("as_stored_one_thread_GBps", lambda w: stream.shards.load(w, narrow))):
         best = 0.0
         for _ in range(passes + 1):  # the first pass brings pages and buffers into memory
@@ -229,7 +226,6 @@ def window_load_gbps(files: list[Path], rows: list[int], passes: int = 3) -> dic
                 load(w)
             best = max(best, nbytes / (time.perf_counter() - begin) / 1e9)
         out[name] = round(best, 3)
-    pool.shutdown()
     return out
 
 

@@ -81,6 +81,7 @@ class _Shards:
         self.rows = [int(r) for r in rows]
         self._readers: dict[int, ShardReader] = {}
         self._opening = threading.Lock()
+        self._pool: tuple[int, ThreadPoolExecutor] | None = None  # (threads, pool) for reads, made on first use here
 
     def reader(self, shard: int) -> ShardReader:
         reader = self._readers.get(shard)
@@ -99,29 +100,33 @@ class _Shards:
                 at += stop - start
         return out
 
-    def load(self, pieces: np.ndarray, out: np.ndarray, pool: ThreadPoolExecutor | None = None) -> None:
+    def load(self, pieces: np.ndarray, out: np.ndarray, threads: int = 1) -> None:
         """Read the rows of `(shard, start, stop)` pieces, in order, into `out` with plain
         sequential reads: as stored when `out` has the storage's item size (the bit patterns), else
-        a bf16 shard widened to float32 on the way. With `pool` the pieces are cut into one run per
-        thread and read in parallel: the reads release the GIL, and one thread copying out of the
+        a bf16 shard widened to float32 on the way. With `threads` > 1 the pieces are cut into that
+        many runs, read in parallel: the reads release the GIL, and one thread copying out of the
         page cache (about 5 GB/s on the H200 host) fell behind a small SAE's step on a GPU."""
         pieces = np.asarray(pieces, dtype=np.int64).reshape(-1, 3)
         ends = np.cumsum(pieces[:, 2] - pieces[:, 1])
-        runs = np.array_split(np.arange(len(pieces)), min(len(pieces), pool._max_workers if pool else 1))
-        jobs = [(pieces[run], out[int(ends[run[0]] - (pieces[run[0], 2] - pieces[run[0], 1])):int(ends[run[-1]])])
-                for run in runs if len(run)]
-        if pool is None or len(jobs) == 1:
+        starts = ends - (pieces[:, 2] - pieces[:, 1])
+        runs = [r for r in np.array_split(np.arange(len(pieces)), max(1, min(threads, len(pieces)))) if len(r)]
+        jobs = [(pieces[r], out[int(starts[r[0]]):int(ends[r[-1]])]) for r in runs]
+        if len(jobs) <= 1:
             for job in jobs:
                 self._load_run(*job)
             return
-        for future in [pool.submit(self._load_run, *job) for job in jobs]:
+        if self._pool is None or self._pool[0] < len(jobs):
+            if self._pool is not None:
+                self._pool[1].shutdown(wait=False)
+            self._pool = (len(jobs), ThreadPoolExecutor(max_workers=len(jobs), thread_name_prefix="rsae-read"))
+        for future in [self._pool[1].submit(self._load_run, *job) for job in jobs]:
             future.result()
 
     def _load_run(self, pieces: np.ndarray, out: np.ndarray) -> None:
         at, staging = 0, None
         for shard, start, stop in pieces.tolist():
             reader, n = self.reader(shard), stop - start
-            if out.itemsize == np.dtype(reader.array.dtype).itemsize:
+            if out.itemsize == reader.array.itemsize:
                 reader.read_into(start, stop, out[at:at + n])
             else:  # bf16 -> fp32 is a 16-bit shift of the bit pattern; numpy does it in one pass
                 if staging is None or len(staging) < n:
@@ -135,7 +140,7 @@ class _Shards:
         return first.d, first.torch_dtype
 
     def __getstate__(self):  # files are reopened in each worker, not pickled
-        return {**self.__dict__, "_readers": {}, "_opening": None}
+        return {**self.__dict__, "_readers": {}, "_opening": None, "_pool": None}
 
     def __setstate__(self, state):
         self.__dict__.update(state, _opening=threading.Lock())
@@ -176,7 +181,6 @@ class _WindowLoader:
         self.positions = torch.empty(max_rows, dtype=torch.int64, pin_memory=cuda)
         self.stream = torch.cuda.Stream(device) if cuda else None
         self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rsae-window")
-        self.readers = ThreadPoolExecutor(max_workers=READ_THREADS, thread_name_prefix="rsae-read")
         self.turn = 0
 
     def submit(self, pieces: np.ndarray, n_rows: int, plan: Callable[[], tuple[np.ndarray, ...]]) -> Future:
@@ -187,7 +191,7 @@ class _WindowLoader:
 
         def load() -> _Window:
             # narrow: the bit patterns as they are in the file
-            self.shards.load(pieces, buffer.view(torch.int16).numpy() if self.narrow else buffer.numpy(), self.readers)
+            self.shards.load(pieces, buffer.view(torch.int16).numpy() if self.narrow else buffer.numpy(), READ_THREADS)
             rows, (head, batches, tail) = buffer[:n_rows], plan()
             if self.device is None:
                 return _Window(rows, torch.from_numpy(head), torch.from_numpy(batches), torch.from_numpy(tail))
@@ -216,7 +220,6 @@ class _WindowLoader:
     def close(self) -> None:
         if not sys.is_finalizing():  # at interpreter exit the thread is gone already
             self.pool.shutdown(wait=True, cancel_futures=True)
-            self.readers.shutdown(wait=True)
 
 
 class TrainStream(IterableDataset):
