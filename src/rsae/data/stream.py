@@ -11,9 +11,9 @@ Training order ("block shuffle"), a pure function of (seed, world size, workers,
    `shuffle_buffer` rows (rounded up to whole blocks) with equal block counts (+-1), shuffles the
    rows of a window (seeded by (seed, S, slot, epoch, window)) and cuts its row stream (all
    windows, epoch after epoch) into batches. A background thread reads the next window (plain
-   sequential reads of whole blocks, widened to float32) and draws its shuffle while batches are
-   gathered from the current one; memory: two windows, 2 * shuffle_buffer * d_in * 4 bytes per
-   worker.
+   sequential reads of whole blocks on `READ_THREADS` threads; widened to float32 for a host
+   gather) and draws its shuffle while batches are gathered from the current one; memory: two
+   windows, 2 * shuffle_buffer * d_in * 4 bytes per worker.
 5. The DataLoader takes batches from workers in turn, so a rank's batch b is batch b // W of the
    worker that plays role b mod W.
 
