@@ -128,7 +128,8 @@ class SAE(nn.Module):
         x_hat = self.decode(z)
         out = SAEOutput(x_hat=x_hat, z=z, h=h, z_abs_sums=z_abs_sums)
         out.losses["mse"] = (x_hat.float() - x.float()).pow(2).sum(-1).mean()
-        out.losses.update(self.aux_losses(x, out, step))
+        aux = self.aux_losses(x, out, step)  # (a statement: TopK's AuxK breaks a compiled graph here,
+        out.losses.update(aux)  # and a break with the losses' dict on the stack would guard on that dict)
         if self.training:
             self._track_firing(z, z_abs_sums)
         return out

@@ -81,10 +81,9 @@ class TopKSAE(SAE):
         if not self._fast_path():
             return super().training_output(x, step)
         self._check_input(x)
-        # How many latents can be dead (0: AuxK is left out; d_sae: it runs over every column).
-        self._step_aux_capacity = capacity = self._dead_capacity() if self.training and self.aux_coefficient > 0 else 0
+        aux_every_column = self._plan_aux()
         kernels = self._kernels_apply(x)
-        if kernels and capacity < self.d_sae:  # only the k selected latents per row, forward and backward
+        if kernels and not aux_every_column:  # only the k selected latents per row, forward and backward
             # (AuxK, if on, over the few dead latents' own columns: `aux_losses`)
             values, indices, h, entries = sparse_step.topk_encode(x, self.W_enc, self.b_enc, self.b_dec, self.k)
             self._decoder_boundary()
@@ -106,7 +105,8 @@ class TopKSAE(SAE):
                 x_hat = self.decode(z)
             out = SAEOutput(x_hat=x_hat, z=z, h=h)
         out.losses["mse"] = (x_hat.float() - x.float()).pow(2).sum(-1).mean()
-        out.losses.update(self.aux_losses(x, out, step))
+        aux = self.aux_losses(x, out, step)  # (a statement: TopK's AuxK breaks a compiled graph here,
+        out.losses.update(aux)  # and a break with the losses' dict on the stack would guard on that dict)
         self._step_aux_capacity = None
         if self.training:
             fired = torch.zeros(self.d_sae, dtype=torch.int32, device=x.device)
@@ -147,6 +147,16 @@ class TopKSAE(SAE):
         return per_row * SPARSE_DECODE_RATIO.get(device, SPARSE_DECODE_RATIO["other"]) <= self.d_sae
 
     @torch.compiler.disable
+    def _plan_aux(self) -> bool:
+        """Decides on the host how many columns this step's AuxK covers (`_step_aux_capacity`: 0
+        leaves AuxK out, d_sae covers every column) and returns whether that is every column, the
+        one choice the rest of the step branches on. Outside any compiled graph, and so is AuxK
+        itself (`aux_losses`): a compiled step sees a bool, never the count, so AuxK switching on
+        or growing costs no recompilation (it cost 4-8 s mid-run when the count was traced)."""
+        capacity = self._dead_capacity() if self.training and self.aux_coefficient > 0 else 0
+        self._step_aux_capacity = capacity
+        return capacity >= self.d_sae
+
     def _dead_capacity(self) -> int:
         if self.step_in_cuda_graph:  # decided before the step, without waiting (`before_captured_step`)
             return getattr(self, "_aux_capacity", self.d_sae)
@@ -163,25 +173,33 @@ class TopKSAE(SAE):
         # Also called as TopKSAE.aux_losses(rational_sae, ...): use only attributes both have.
         if not self.training or self.aux_coefficient == 0:
             return {}
-        dead = self.dead_mask()
-        capacity = _auxk_columns(self)
-        if capacity == 0:
-            return {"aux": out.h.new_zeros((), dtype=torch.float32)}
-        if capacity < self.d_sae:  # at most `capacity` latents are dead: only their columns
-            e_hat = _dead_columns_reconstruction(self, x, dead, capacity)
-        else:  # top-k_aux among dead latents only: live ones are pushed to -inf before selection,
-            # and where fewer than k_aux are dead the ReLU zeroes the -inf picks (= top-n_dead)
-            z_aux = topk_relu(out.h.masked_fill(~dead, float("-inf")), self.k_aux)
-            e_hat = (z_aux @ self.W_dec).float()
-        residual = (x - out.x_hat).detach().float()
-        variance = (x.float() - x.float().mean(0)).pow(2).sum().clamp_min(1e-12)
-        # Weight min(n_dead / k_aux, 1) with the configured k_aux (Gao et al.): fewer dead latents
-        # than k_aux weigh less. A tensor, so the fast path stays free of host syncs.
-        weight = (dead.sum(dtype=torch.float32) / self.k_aux).clamp(max=1.0)
-        return {"aux": self.aux_coefficient * weight * (e_hat - residual).pow(2).sum() / variance}
+        return {"aux": _auxk_loss(self, x, out.x_hat, out.h)}
 
     def export_config(self) -> dict:
         return {"architecture": "topk", "k": self.k}
+
+
+@torch.compiler.disable  # its sizes follow the dead count: traced, each new count recompiled the step
+def _auxk_loss(sae: SAE, x: Tensor, x_hat: Tensor, h: Tensor) -> Tensor:
+    """AuxK: the top-k_aux dead latents of each row reconstruct the main model's residual. Runs
+    outside any compiled graph (a captured CUDA graph still records it) and returns a tensor, so a
+    compiled step's graphs never depend on how many latents are dead."""
+    dead = sae.dead_mask()
+    capacity = _auxk_columns(sae)
+    if capacity == 0:
+        return h.new_zeros((), dtype=torch.float32)
+    if capacity < sae.d_sae:  # at most `capacity` latents are dead: only their columns
+        e_hat = _dead_columns_reconstruction(sae, x, dead, capacity)
+    else:  # top-k_aux among dead latents only: live ones are pushed to -inf before selection,
+        # and where fewer than k_aux are dead the ReLU zeroes the -inf picks (= top-n_dead)
+        z_aux = topk_relu(h.masked_fill(~dead, float("-inf")), sae.k_aux)
+        e_hat = (z_aux @ sae.W_dec).float()
+    residual = (x - x_hat).detach().float()
+    variance = (x.float() - x.float().mean(0)).pow(2).sum().clamp_min(1e-12)
+    # Weight min(n_dead / k_aux, 1) with the configured k_aux (Gao et al.): fewer dead latents
+    # than k_aux weigh less. A tensor, so the fast path stays free of host syncs.
+    weight = (dead.sum(dtype=torch.float32) / sae.k_aux).clamp(max=1.0)
+    return sae.aux_coefficient * weight * (e_hat - residual).pow(2).sum() / variance
 
 
 def _auxk_columns(sae: SAE) -> int:
