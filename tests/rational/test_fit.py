@@ -29,7 +29,7 @@ def test_relu_3_2_minimax_matches_literature():
 
 def test_relu_5_4_minimax_matches_known_value():
     res = fit_gate("relu", (5, 4))
-    assert abs(res.max_error - 0.00425) < 2e-5  # DESIGN / prototype: about 0.0043
+    assert abs(res.max_error - 0.00425) < 2e-5  # docs/design.md: about 0.0043
 
 
 def test_least_squares_trades_max_error_for_mse():

@@ -1,7 +1,7 @@
 """Downstream metrics: splice an SAE's reconstruction into the language model and measure the loss.
 
 One function, `downstream_metrics`, used by `evaluate.py`, the training callback and the upgrade
-pipeline. Conventions (DESIGN section 3), for token sequences `input_ids [N, T]` and a keep-mask
+pipeline. Conventions (docs/design.md, section 2), for token sequences `input_ids [N, T]` and a keep-mask
 `keep [N, T]` (False at BOS / EOS / padding / other special tokens, as the activation cache
 stores it):
 

@@ -1,4 +1,4 @@
-"""Reconstruction and sparsity metrics, one definition each (DESIGN section 3).
+"""Reconstruction and sparsity metrics, one definition each (docs/design.md, section 2).
 
 Over N evaluation tokens x (d dims), reconstructions x_hat, codes z:
   mse          mean over tokens of sum_d (x - x_hat)^2      (mse_per_dim = mse / d)

@@ -18,7 +18,7 @@ ReLUSAE) with m = |z| (`sparsity: codes`, the paper's lambda ||z||_1) or the mas
 mechanism (`sparsity: mask`: ReLU(h) for gate=relu, none for jumprelu/topk) + l0_coefficient * L0 (gate=jumprelu only, JumpReLU's step estimator) + AuxK
 (gate=topk, as TopKSAE, weight aux_coefficient).
 
-Upgrading a trained teacher (DESIGN section 1): `RationalSAE.from_teacher(teacher)` copies the
+Upgrading a trained teacher (docs/design.md, section 1): `RationalSAE.from_teacher(teacher)` copies the
 encoder/decoder exactly and sets the mask and a fitted table; `calibrate(h, z_teacher)` then fits
 (a, b, C_in, C_out) on the teacher's real pre-activations with everything else frozen.
 
@@ -49,7 +49,7 @@ from rsae.sae.topk import TopKSAE
 
 GATES = ("none", "relu", "jumprelu", "topk")
 
-# Default table per teacher mechanism (from_teacher): degrees (5,4) for ReLU (DESIGN: (3,2) is
+# Default table per teacher mechanism (from_teacher): degrees (5,4) for ReLU (docs/design.md: (3,2) is
 # too coarse, +7% MSE), (9,8) for the jump-type gates.
 DEFAULT_TEACHER_TABLES = {"relu": "relu_5_4", "jumprelu": "jumprelu_9_8_t0.3", "topk": "topk_9_8"}
 
@@ -72,7 +72,7 @@ def contribution_l0(z: Tensor, decoder_norms: Tensor, tolerances: Sequence[float
 
     reference: the scale eps is relative to; None uses the mean contribution of the non-zero
     entries of `z` itself. To compare with a teacher, pass the teacher's mean contribution
-    (`mean_contribution(z_teacher, teacher_norms)`), as DESIGN's prototype numbers do."""
+    (`mean_contribution(z_teacher, teacher_norms)`), as the numbers in docs/design.md do."""
     c = z.detach().abs().float() * decoder_norms.detach().float()
     if reference is None:
         reference = mean_contribution(z, decoder_norms)
