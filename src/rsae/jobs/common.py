@@ -119,7 +119,7 @@ class CheckpointOnInterrupt(L.Callback):
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
         if not isinstance(exception, SIGTERMException):
             return
-        trainer.save_checkpoint(self.path)
+        trainer.save_checkpoint(self.path, weights_only=False)
         _STATE.checkpoint, _STATE.step = self.path, int(trainer.global_step)
         log.info("saved %s at step %d", self.path, trainer.global_step)
 
@@ -184,6 +184,46 @@ def root_cause(exc: BaseException) -> BaseException:
     while type(exc).__name__ == "InstantiationException" and exc.__cause__ is not None:
         exc = exc.__cause__
     return exc
+
+
+# --- checkpoints ------------------------------------------------------------------------------
+def read_checkpoint(path: str | os.PathLike) -> dict:
+    """A training checkpoint read safely (`weights_only`: no arbitrary objects are unpickled;
+    memory-mapped: the tensors are not read), or one line saying why it is not one."""
+    import zipfile
+
+    import torch
+
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"ckpt_path does not exist: {path}")
+    if not zipfile.is_zipfile(p):
+        raise ConfigError(f"ckpt_path {path} is not a PyTorch checkpoint (not a zip archive; give a .ckpt file that "
+                          "training wrote, e.g. <run>/checkpoints/last.ckpt)")
+    try:
+        ckpt = torch.load(p, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as err:  # noqa: BLE001 - truncated, corrupt, or holding objects a safe load refuses
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ConfigError(f"ckpt_path {path} cannot be read safely as a checkpoint (truncated or corrupt?): "
+                          f"{type(err).__name__}: {reason[:200]}") from None
+    if not isinstance(ckpt, dict) or not isinstance(ckpt.get("state_dict"), dict) or "loops" not in ckpt:
+        raise ConfigError(f"ckpt_path {path} is not a training checkpoint (no state_dict / loop state; give "
+                          "<run>/checkpoints/last.ckpt or step*.ckpt)")
+    return ckpt
+
+
+def check_checkpoint_fits(ckpt: dict, module, path: str | os.PathLike) -> None:
+    """One line when the checkpoint's weights do not match the module built from the config."""
+    own, saved = module.state_dict(), ckpt["state_dict"]
+    missing = [k for k in own if k not in saved]
+    unexpected = [k for k in saved if k not in own]
+    if missing or unexpected:
+        raise ConfigError(f"ckpt_path {path} holds another model: missing {missing[:4]}, unexpected {unexpected[:4]} "
+                          "(resume with the sae settings of the run that wrote it)")
+    for key, tensor in own.items():
+        if tuple(saved[key].shape) != tuple(tensor.shape):
+            raise ConfigError(f"ckpt_path {path} does not fit this SAE: {key} is {list(saved[key].shape)} in the "
+                              f"checkpoint, {list(tensor.shape)} here (resume with the sae / data settings of the run that wrote it)")
 
 
 # --- non-finite values ------------------------------------------------------------------------

@@ -258,6 +258,7 @@ class SAEModule(L.LightningModule):
         x = batch * self.act_scale
         loss, losses, l0 = self.run_train(x, self.global_step)
         self.watch_loss(loss.detach(), self.global_step)
+        self._last_terms, self._last_terms_step = losses, self.global_step  # named by check_finite
         self.last_train_l0 = l0
         if self._trainer is not None and self.trainer.world_size > 1:  # dead latents judged on every rank's rows
             self.sae.merge_firing_across_ranks(x.shape[0])
@@ -277,6 +278,7 @@ class SAEModule(L.LightningModule):
         self.renormalize_decoder()
         self.lr_schedulers().step()
         loss, losses, l0 = out[-1]
+        self._last_terms, self._last_terms_step = losses, step  # (the graph's outputs: the latest step's)
         if log_now:  # copies: the next replay overwrites the graph's outputs
             self._log_train(step, loss.clone(), {k: v.clone() for k, v in losses.items()}, l0.clone())
         self.last_train_l0 = l0
@@ -315,7 +317,6 @@ class SAEModule(L.LightningModule):
             self.check_finite()
 
     def _log_train(self, step: int, loss: Tensor, losses: dict[str, Tensor], l0: Tensor) -> None:
-        self._last_terms, self._last_terms_step = losses, step  # named by check_finite
         logs = {"train/l0": l0, "train/loss": loss}
         logs["train/mse"] = losses["mse"] / self.act_scale.pow(2)
         logs.update({f"train/{k}_loss": v for k, v in losses.items() if k != "mse"})
