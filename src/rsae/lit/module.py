@@ -339,6 +339,10 @@ class SAEModule(L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         self.check_finite()  # no checkpoint of a diverged run
         checkpoint["rsae_cuda_graph"] = self.cuda_graph
+        # Coefficients a callback adapts during training (HoldL0) are 0-d tensor attributes of the
+        # SAE, not parameters or buffers: kept here so that a resumed run goes on from their values.
+        checkpoint["rsae_sae_scalars"] = {k: float(v) for k, v in vars(self.sae).items()
+                                          if isinstance(v, Tensor) and v.ndim == 0 and v.is_floating_point()}
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         # Lightning counts steps in different places for automatic and manual optimisation: a
@@ -346,6 +350,8 @@ class SAEModule(L.LightningModule):
         saved = bool(checkpoint.get("rsae_cuda_graph", False))
         require(saved == self.cuda_graph, f"this checkpoint was trained with module.cuda_graph={str(saved).lower()}; "
                                           f"resume it with the same setting")
+        for name, value in checkpoint.get("rsae_sae_scalars", {}).items():
+            setattr(self.sae, name, value)  # a float; the callback that adapts it makes it a tensor again
 
     def on_before_optimizer_step(self, optimizer) -> None:
         if self.cuda_graph:  # forward_backward did this, inside the captured step

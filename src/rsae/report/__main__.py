@@ -59,8 +59,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 1
     runs = result["runs"]
-    failed = sum(r.status != "ok" for r in runs)
-    print(f"{len(runs)} runs ({failed} failed) -> {result['out']}/table.md, table.csv, table.tex"
+    failed = sum(r.status == "failed" for r in runs)
+    interrupted = sum(r.status == "interrupted" for r in runs)
+    print(f"{len(runs)} runs ({failed} failed{f', {interrupted} interrupted' if interrupted else ''}) -> "
+          f"{result['out']}/table.md, table.csv, table.tex"
           + "".join(f", {p.name}" for p in result["plots"]))
     return 0
 
