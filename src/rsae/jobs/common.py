@@ -198,8 +198,8 @@ def read_checkpoint(path: str | os.PathLike) -> dict:
     if not p.is_file():
         raise FileNotFoundError(f"ckpt_path does not exist: {path}")
     if not zipfile.is_zipfile(p):
-        raise ConfigError(f"ckpt_path {path} is not a PyTorch checkpoint (not a zip archive; give a .ckpt file that "
-                          "training wrote, e.g. <run>/checkpoints/last.ckpt)")
+        raise ConfigError(f"ckpt_path {path} is not a complete PyTorch checkpoint (no zip archive: truncated, or another "
+                          "kind of file; give a .ckpt file that training wrote, e.g. <run>/checkpoints/last.ckpt)")
     try:
         ckpt = torch.load(p, map_location="cpu", weights_only=True, mmap=True)
     except Exception as err:  # noqa: BLE001 - truncated, corrupt, or holding objects a safe load refuses
