@@ -54,10 +54,10 @@ def test_resume_matches_uninterrupted_run(tmp_path, cuda_graph):
 @pytest.mark.parametrize(
     "overrides,message",
     [
-        (("sae=topk", "sae.k=0"), "k must satisfy"),
-        (("sae=topk", "sae.k=100000"), "k must satisfy"),
-        (("sae=relu", "sae.l1_coefficient=-1"), "l1_coefficient must be >= 0"),
-        (("sae=relu", "sae.expansion_factor=null", "sae.d_sae=0"), "d_sae must be"),
+        (("sae=topk", "sae.k=0"), "sae.k must be an integer in [1, d_sae=256], got 0"),
+        (("sae=topk", "sae.k=100000"), "sae.k must be an integer in [1, d_sae=256], got 100000"),
+        (("sae=relu", "sae.l1_coefficient=-1"), "sae.l1_coefficient must be a finite number >= 0, got -1"),
+        (("sae=relu", "sae.expansion_factor=null", "sae.d_sae=0"), "sae.d_sae must be an integer >= 1 or null, got 0"),
         (("sae=relu", "sae.d_in=32"), "does not match the data's d_in=64"),
         (("sae=topk", "ckpt_path=/nonexistent.ckpt"), "ckpt_path does not exist"),
     ],

@@ -12,12 +12,13 @@ from __future__ import annotations
 import base64
 import html
 import io
-import json
 from pathlib import Path
 from typing import Sequence
 
 import torch
 from torch import Tensor
+
+from rsae import jsonfile
 
 
 def choose_latents(fires: Tensor, requested: Sequence[int] | None = None, n_frequent: int = 4,
@@ -148,5 +149,5 @@ def write_feature_report(report: list[dict], directory: Path, title: str, meta: 
               "examples": [{**{k: v for k, v in ex.items() if k != "tokens"},
                             "tokens": [[t["text"], round(t["act"], 5)] for t in ex["tokens"]]}
                            for ex in e["examples"]]} for e in report]
-    json_path.write_text(json.dumps({"meta": meta or {}, "latents": plain}, indent=1), encoding="utf-8")
+    json_path.write_text(jsonfile.dumps({"meta": meta or {}, "latents": plain}, indent=1), encoding="utf-8")
     return {"html": html_path, "json": json_path}

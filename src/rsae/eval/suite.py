@@ -6,7 +6,6 @@ the config, the loggers and the run directory.
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,6 +14,7 @@ from typing import Sequence
 import torch
 from tqdm.auto import tqdm
 
+from rsae import jsonfile
 from rsae.eval.downstream import downstream_metrics, sae_reconstructor
 from rsae.eval.features import choose_latents, feature_report, write_feature_report
 from rsae.eval.heldout import HeldOut
@@ -106,7 +106,7 @@ def evaluate_sae(sae: SAE, held: HeldOut, opts: EvalOptions, out_dir: Path | Non
                     metrics[f"{prefix}_k{k}"] = value
         details["probing"] = probing
         if out_dir is not None:
-            (Path(out_dir) / "probing.json").write_text(json.dumps(probing, indent=1))
+            (Path(out_dir) / "probing.json").write_text(jsonfile.dumps(probing, indent=1))
             details["files"]["probing"] = str(Path(out_dir) / "probing.json")
 
     if opts.features and texts is not None:

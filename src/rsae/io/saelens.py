@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from rsae import jsonfile
 from rsae.sae import ARCHITECTURES, SAE, ConfigError
 
 CFG_FILE = "cfg.json"
@@ -41,7 +42,7 @@ def save_sae(sae: SAE, path: str | os.PathLike, scale: float = 1.0, metadata: di
     # Temporary names then rename: a crash never leaves a half-written SAE that looks complete.
     tmp_w, tmp_c = path / (WEIGHTS_FILE + ".tmp"), path / (CFG_FILE + ".tmp")
     save_file(tensors, str(tmp_w))
-    tmp_c.write_text(json.dumps(cfg, indent=2))
+    tmp_c.write_text(jsonfile.dumps(cfg, indent=2))
     os.replace(tmp_w, path / WEIGHTS_FILE)
     os.replace(tmp_c, path / CFG_FILE)
     return path

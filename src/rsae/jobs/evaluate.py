@@ -23,9 +23,10 @@ from rsae.data.cache import CacheMismatchError
 from rsae.data.lm import load_lm, load_tokenizer, resolve_device
 from rsae.eval.heldout import load_heldout
 from rsae.eval.suite import EvalOptions, evaluate_sae
-from rsae.io.saelens import load_sae, read_sae_dir
-from rsae.jobs.common import finish_loggers, output_dir, run_guarded, write_json
+from rsae.io.saelens import CFG_FILE, WEIGHTS_FILE, build_sae, read_sae_dir
+from rsae.jobs.common import finish_loggers, output_dir, require_finite, run_guarded, write_json
 from rsae.sae.base import ConfigError
+from rsae.validate import check_config
 
 log = logging.getLogger(__name__)
 
@@ -64,13 +65,31 @@ def build_data(cfg: DictConfig, d_in: int, sae_path: str):
     return dm
 
 
-def evaluate(cfg: DictConfig) -> dict[str, Any]:
-    run_dir = output_dir()
-    sae_path = cfg.get("sae_path")
+def read_sae(sae_path: Any):
+    """(cfg.json, SAE) of an exported SAE directory, or one line saying what is wrong with it."""
     if not sae_path:
         raise ConfigError("give the SAE to evaluate: sae_path=<exported SAE directory> (e.g. <train run>/sae)")
-    sae_cfg, _ = read_sae_dir(sae_path)  # FileNotFoundError: one line
-    sae = load_sae(sae_path)
+    path = Path(str(sae_path))
+    if not path.exists():
+        raise ConfigError(f"sae_path does not exist: {sae_path} (give an exported SAE directory, e.g. <train run>/sae)")
+    if not (path / CFG_FILE).is_file() or not (path / WEIGHTS_FILE).is_file():
+        raise ConfigError(f"sae_path {sae_path} is not an SAE directory (needs {CFG_FILE} and {WEIGHTS_FILE})")
+    try:
+        sae_cfg, tensors = read_sae_dir(path)
+    except (ConfigError, FileNotFoundError):
+        raise
+    except Exception as err:  # noqa: BLE001 - a corrupt cfg.json or weights file: one line
+        raise ConfigError(f"sae_path {sae_path}: cannot read the SAE ({type(err).__name__}: "
+                          f"{str(err).strip().splitlines()[0] if str(err).strip() else ''})") from None
+    require_finite(tensors, str(path / WEIGHTS_FILE))  # a diverged SAE has nothing to evaluate
+    return sae_cfg, build_sae(sae_cfg, tensors)
+
+
+def evaluate(cfg: DictConfig) -> dict[str, Any]:
+    run_dir = output_dir()
+    check_config(cfg)
+    sae_path = cfg.get("sae_path")
+    sae_cfg, sae = read_sae(sae_path)
     opts = eval_options(cfg)
     device = resolve_device(cfg.eval.get("device", "auto"))
     torch.manual_seed(int(cfg.seed))

@@ -11,7 +11,10 @@ Control: the teacher fine-tuned with its own gate and loss for the same steps an
 
 All four models are evaluated on the same held-out tokens; `upgrade.json` holds their metrics,
 and `teacher_ft/`, `rsae_init/`, `rsae/` their exports. Each finished phase is saved at once, and
-a rerun in the same run directory skips it, so a crash loses at most the phase in flight.
+a rerun in the same run directory skips it, so a crash loses at most the phase in flight. A signal
+during a fine-tune saves `<phase>/interrupted.ckpt` at the step reached, and the rerun (the command
+in metrics.json) continues that phase from it. A loss, weight or metric that is not finite stops
+the run (`status: failed`); nothing non-finite is exported.
 """
 
 from __future__ import annotations
@@ -34,7 +37,9 @@ from rsae.lit.l0_control import HoldL0
 from rsae.sae import SAE, JumpReLUSAE, ReLUSAE
 from rsae.sae.base import require
 from rsae.sae.rational import RationalSAE, teacher_mechanism
-from rsae.jobs.common import finish_loggers, output_dir, run_guarded, write_json
+from rsae.jobs.common import (CheckpointOnInterrupt, finish_loggers, output_dir, read_checkpoint, require_finite,
+                              require_finite_metrics, rerun_command, run_guarded, stop_after_step_on_signal, write_json)
+from rsae.validate import check_config
 
 log = logging.getLogger(__name__)
 
@@ -77,13 +82,23 @@ def finetune(cfg: DictConfig, sae: SAE, dm, scale: float, phase: str, run_dir: P
     lever = sparsity_lever(sae)
     if up.hold_l0 and lever is not None:
         callbacks.append(HoldL0(target_l0, attribute=lever, rate=up.hold_l0_rate))
+    interrupted = run_dir / phase / "interrupted.ckpt"
+    callbacks.append(CheckpointOnInterrupt(interrupted))
+    ckpt_path = None
+    if interrupted.is_file():
+        read_checkpoint(interrupted)
+        ckpt_path = interrupted
+        log.info("%s: resuming from %s", phase, interrupted)
     logger = instantiate(cfg.logger, **_logger_phase_kwargs(cfg, phase)) if cfg.get("logger") else False
     trainer = instantiate(cfg.trainer, max_steps=int(up.steps), callbacks=callbacks, logger=logger,
                           limit_val_batches=0, enable_checkpointing=False, default_root_dir=str(run_dir / phase))
     try:
-        trainer.fit(module, datamodule=dm)
+        with stop_after_step_on_signal(trainer):
+            trainer.fit(module, datamodule=dm, ckpt_path=ckpt_path, weights_only=True)
+        module.check_finite()
     finally:
         finish_loggers(trainer)
+    require_finite(module.sae.state_dict(), f"{phase} after fine-tuning")
     return module.sae.eval()
 
 
@@ -116,6 +131,7 @@ def teacher_coefficient(meta: dict, name: str, fallback: float) -> float:
 
 def upgrade(cfg: DictConfig) -> dict[str, Any]:
     run_dir = output_dir()
+    check_config(cfg)  # before anything loads
     up = cfg.upgrade
     teacher_dir = Path(str(cfg.teacher.path))
     dm = instantiate(cfg.data)
@@ -123,6 +139,7 @@ def upgrade(cfg: DictConfig) -> dict[str, Any]:
     dm.setup("fit")
     scale = float(dm.norm_scale)
     teacher_raw = load_teacher(teacher_dir, d_in=dm.d_in)
+    require_finite(teacher_raw.state_dict(), f"teacher {teacher_dir}")
     mech = teacher_mechanism(teacher_raw)
     teacher = teacher_raw.rescaled(1.0 / scale)  # normalised units, like every training run
     meta = teacher_metadata(teacher_dir)
@@ -144,6 +161,7 @@ def upgrade(cfg: DictConfig) -> dict[str, Any]:
     def evaluate(name: str, sae_norm: SAE) -> None:
         raw = sae_norm.rescaled(scale).eval()
         metrics, _ = evaluate_sae(raw, held, opts, lm=lm, hook=getattr(dm, "hook", None), layer=getattr(dm, "layer", None))
+        require_finite_metrics(metrics, ("mse", "fvu"), f"{name} on the held-out tokens")
         results[name] = metrics
         results["settings"] = settings
         write_json(results_path, results)
@@ -185,6 +203,7 @@ def upgrade(cfg: DictConfig) -> dict[str, Any]:
             sparsity=up.sparsity, unit_norm_decoder=False,
         )
         stats = rsae.calibrate(h, z_teacher, steps=int(up.calibration_steps))
+        require_finite(rsae.state_dict(), "rsae_init after calibration")
         settings["calibration"] = stats
         save_sae(rsae, init_dir, scale=scale, metadata={"phase": "rsae_init", **settings})
         evaluate("rsae_init", rsae)
@@ -200,6 +219,7 @@ def upgrade(cfg: DictConfig) -> dict[str, Any]:
         rsae = finetune(cfg, rsae, dm, scale, "rsae", run_dir, target_l0,
                         lr_scales={"rational_gate.": gate_scale} if gate_scale != 1.0 else None)
         save_sae(rsae, run_dir / "rsae", scale=scale, metadata={"phase": "rsae", **settings})
+        (run_dir / "rsae" / "interrupted.ckpt").unlink(missing_ok=True)
         evaluate("rsae", rsae)
 
     # Control: the teacher fine-tuned with its own gate for the same steps and tokens.
@@ -208,6 +228,7 @@ def upgrade(cfg: DictConfig) -> dict[str, Any]:
         _set_control_coefficients(control, up)
         control = finetune(cfg, control, dm, scale, "teacher_ft", run_dir, target_l0)
         save_sae(control, run_dir / "teacher_ft", scale=scale, metadata={"phase": "teacher_ft", **settings})
+        (run_dir / "teacher_ft" / "interrupted.ckpt").unlink(missing_ok=True)
         evaluate("teacher_ft", control)
 
     summary = {f"upgrade/{phase}/{k}": v for phase in PHASES if phase in results for k, v in results[phase].items()
@@ -243,7 +264,8 @@ def _log_summary(cfg: DictConfig, summary: dict) -> None:
 
 
 def main(cfg: DictConfig) -> float | None:
-    summary = run_guarded(upgrade, cfg)
+    # A rerun in the same run directory skips the finished phases and resumes the interrupted one.
+    summary = run_guarded(upgrade, cfg, resume=lambda _ckpt: rerun_command(f"hydra.run.dir={output_dir()}"))
     if summary.get("status") == "failed":
         return float("nan")
     value = summary.get(cfg.optimized_metric)

@@ -22,6 +22,14 @@ backward, decoder-gradient projection, clipping) is captured once as a CUDA grap
 optimisation, one `optimizer.step` per batch), which also spares Lightning's closure machinery.
 Adam (one fused kernel) and the decoder re-normalisation run after the replay. Single device,
 bf16-mixed or float32 only; off CUDA the same path runs uncaptured.
+
+A diverged run stops: every step folds "was the loss finite?" into a device scalar holding the
+first step whose loss was NaN or infinite (three small kernels, queued like the rest of the step;
+inside the captured graph with `cuda_graph`). The host reads that scalar only where it waits for
+the GPU anyway: on the steps the logger writes (after the step, where Lightning's own read of the
+logged values would wait), before a checkpoint is written, and when the fit ends; it then raises
+`NonFiniteError` naming the first such step. So a NaN is caught within `log_every_n_steps` steps
+of its step, and no checkpoint or export holds what came after it.
 """
 
 from __future__ import annotations
@@ -32,11 +40,14 @@ import lightning as L
 import torch
 from torch import Tensor
 
+from rsae.errors import NonFiniteError
 from rsae.eval.metrics import ReconstructionMetrics, feature_recovery
 from rsae.lit.graph_step import CapturedStep
 from rsae.sae.base import SAE, require
 
 log = logging.getLogger(__name__)
+
+NEVER = 2**62  # "no step yet" in the first-non-finite-step scalar
 
 
 def lr_multiplier(step: int, max_steps: int, warmup_steps: int, decay_fraction: float, min_lr_ratio: float) -> float:
@@ -135,6 +146,8 @@ class SAEModule(L.LightningModule):
         self._step_fns: dict[str, object] = {}
         self._step_tensor: Tensor | None = None
         self._renorm_token: Tensor | None = None
+        self._first_nonfinite: Tensor | None = None  # int64 on the device: see watch_loss
+        self._check_due = False
 
     def step_fn(self, name: str):
         """The step's pieces, compiled on first use when `compile=True`: "train" (`train_losses`),
@@ -193,6 +206,7 @@ class SAEModule(L.LightningModule):
             for p in params:  # the backward writes fresh gradients (captured: into the graph's memory)
                 p.grad = None
             loss, losses, l0 = self.run_train(x * self.act_scale, step)
+            self.watch_loss(loss.detach(), step)
             loss.backward()
             self.step_fn("remove_parallel_decoder_grad")()
             if self.grad_clip:
@@ -243,10 +257,13 @@ class SAEModule(L.LightningModule):
             return self._captured_training_step(batch)
         x = batch * self.act_scale
         loss, losses, l0 = self.run_train(x, self.global_step)
+        self.watch_loss(loss.detach(), self.global_step)
+        self._last_terms, self._last_terms_step = losses, self.global_step  # named by check_finite
         self.last_train_l0 = l0
         if self._trainer is not None and self.trainer.world_size > 1:  # dead latents judged on every rank's rows
             self.sae.merge_firing_across_ranks(x.shape[0])
-        if self._log_now():
+        self._check_due = self._log_now()
+        if self._check_due:
             self._log_train(self.global_step, loss.detach(), losses, l0)
         return loss
 
@@ -254,16 +271,50 @@ class SAEModule(L.LightningModule):
         """Manual optimisation around `forward_backward`: Lightning counts the step through
         `optimizer.step`, whose closure is the (replayed) step."""
         step, log_now = self.global_step, self._log_now()  # before optimizer.step advances global_step
+        self._check_due = log_now
         opt = self.optimizers()
         out = []
         opt.step(closure=lambda: out.append(self.forward_backward(batch, step, opt)) or out[-1][0])
         self.renormalize_decoder()
         self.lr_schedulers().step()
         loss, losses, l0 = out[-1]
+        self._last_terms, self._last_terms_step = losses, step  # (the graph's outputs: the latest step's)
         if log_now:  # copies: the next replay overwrites the graph's outputs
             self._log_train(step, loss.clone(), {k: v.clone() for k, v in losses.items()}, l0.clone())
         self.last_train_l0 = l0
         return None
+
+    def watch_loss(self, loss: Tensor, step: int | Tensor) -> None:
+        """Fold this step's loss into the first-non-finite-step scalar, without the host waiting."""
+        first = self._first_nonfinite
+        if first is None or first.device != loss.device:
+            first = self._first_nonfinite = torch.full((), NEVER, dtype=torch.int64, device=loss.device)
+        torch.minimum(first, torch.where(torch.isfinite(loss), NEVER, step), out=first)
+
+    def check_finite(self) -> None:
+        """Raise NonFiniteError if a step's loss was NaN or infinite (waits for the GPU: call it
+        where the host waits anyway). Under DDP every rank raises at the same step."""
+        if self._first_nonfinite is None:
+            return
+        first = self._first_nonfinite
+        if torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+            first = first.clone()
+            torch.distributed.all_reduce(first, op=torch.distributed.ReduceOp.MIN)
+        first = int(first)
+        if first == NEVER:
+            return
+        terms = ", ".join(f"{k}={float(v):g}" for k, v in (self._last_terms or {}).items())
+        raise NonFiniteError(f"the training loss is not finite at step {first}"
+                             + (f" (loss terms at step {self._last_terms_step}: {terms})" if terms else "")
+                             + "; lower module.lr (or module.grad_clip), or check the data")
+
+    _last_terms: dict[str, Tensor] | None = None
+    _last_terms_step: int | None = None
+
+    def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
+        if self._check_due:  # a logged step: Lightning reads its values from the GPU right after this
+            self._check_due = False
+            self.check_finite()
 
     def _log_train(self, step: int, loss: Tensor, losses: dict[str, Tensor], l0: Tensor) -> None:
         logs = {"train/l0": l0, "train/loss": loss}
@@ -286,7 +337,12 @@ class SAEModule(L.LightningModule):
             log.info("module.cuda_graph: no CUDA device, the step runs uncaptured")
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
+        self.check_finite()  # no checkpoint of a diverged run
         checkpoint["rsae_cuda_graph"] = self.cuda_graph
+        # Coefficients a callback adapts during training (HoldL0) are 0-d tensor attributes of the
+        # SAE, not parameters or buffers: kept here so that a resumed run goes on from their values.
+        checkpoint["rsae_sae_scalars"] = {k: float(v) for k, v in vars(self.sae).items()
+                                          if isinstance(v, Tensor) and v.ndim == 0 and v.is_floating_point()}
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         # Lightning counts steps in different places for automatic and manual optimisation: a
@@ -294,6 +350,8 @@ class SAEModule(L.LightningModule):
         saved = bool(checkpoint.get("rsae_cuda_graph", False))
         require(saved == self.cuda_graph, f"this checkpoint was trained with module.cuda_graph={str(saved).lower()}; "
                                           f"resume it with the same setting")
+        for name, value in checkpoint.get("rsae_sae_scalars", {}).items():
+            setattr(self.sae, name, value)  # a float; the callback that adapts it makes it a tensor again
 
     def on_before_optimizer_step(self, optimizer) -> None:
         if self.cuda_graph:  # forward_backward did this, inside the captured step

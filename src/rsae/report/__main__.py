@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import sys
 from pathlib import Path
 from typing import Sequence
 
+from rsae import jsonfile
 from rsae.report.collect import collect
 from rsae.report.plots import write_plots
 from rsae.report.tables import latex_runs, latex_upgrade, markdown_runs, markdown_upgrade, write_csv
@@ -43,7 +43,7 @@ def build_report(paths: Sequence[str], out: str | Path, title: str = "rsae resul
     (out / "table.tex").write_text("\n".join(tex), encoding="utf-8")
     write_csv(out / "table.csv", runs)
     records = [{**dataclasses.asdict(r), "path": str(r.path)} for r in runs]
-    (out / "runs.json").write_text(json.dumps(records, indent=1, default=str), encoding="utf-8")
+    (out / "runs.json").write_text(jsonfile.dumps(records, indent=1), encoding="utf-8")
     return {"runs": runs, "plots": plots, "out": out}
 
 
@@ -59,8 +59,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 1
     runs = result["runs"]
-    failed = sum(r.status != "ok" for r in runs)
-    print(f"{len(runs)} runs ({failed} failed) -> {result['out']}/table.md, table.csv, table.tex"
+    failed = sum(r.status == "failed" for r in runs)
+    interrupted = sum(r.status == "interrupted" for r in runs)
+    print(f"{len(runs)} runs ({failed} failed{f', {interrupted} interrupted' if interrupted else ''}) -> "
+          f"{result['out']}/table.md, table.csv, table.tex"
           + "".join(f", {p.name}" for p in result["plots"]))
     return 0
 

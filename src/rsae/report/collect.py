@@ -7,12 +7,17 @@ directories are searched recursively, so a Hydra multirun sweep directory yields
 trials; outputs inside a run (`sae/`, `checkpoints/`, `wandb/`, `csv/`) are not searched.
 
 Metric names are canonical: training's `val/mse` is read as `mse`, like eval.json's keys.
+
+Status: `ok`, `interrupted` (metrics.json says so: a signal stopped it; `error` holds the resume
+command) or `failed` (metrics.json says so, no result file, or a reconstruction metric that is not
+a finite number: NaN in a file written before metrics were strict JSON, or null).
 """
 
 from __future__ import annotations
 
 import glob
 import json
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,13 +29,15 @@ SKIP_DIRS = {".hydra", "wandb", "checkpoints", "csv", "sae", "__pycache__", ".gi
 STAGES = {"teacher": "teacher", "rsae_init": "RSAE-init", "rsae": "RSAE", "teacher_ft": "teacher-FT"}
 ARCH_ALIASES = {"standard": "relu"}
 COUNT_KEYS = {"n_tokens", "n_sequences", "n_scored", "n_spliced", "n_rows"}
+# A result whose reconstruction is not a finite number did not work, whatever its status says.
+FINITE_KEYS = ("mse", "fvu", "val/mse", "val/fvu")
 
 
 @dataclass
 class Run:
     path: Path
     kind: str  # train | evaluate | upgrade | <task_name> | unknown
-    status: str  # ok | failed
+    status: str  # ok | interrupted | failed
     error: str | None = None
     metrics: dict[str, float] = field(default_factory=dict)
     stages: dict[str, dict[str, float]] = field(default_factory=dict)  # upgrade runs
@@ -165,6 +172,9 @@ def read_run(path: Path) -> Run:
         run.status, run.error = "failed", "no metrics written (crashed, killed or still running)"
     elif failed is not None and failed.get("status") == "failed" and newest == "metrics.json":
         run.status, run.error = "failed", str(failed.get("error", "failed"))
+    elif failed is not None and failed.get("status") == "interrupted" and newest == "metrics.json":
+        at = f" at step {failed['step']}" if failed.get("step") is not None else ""
+        run.status, run.error = "interrupted", f"interrupted by {failed.get('signal', 'a signal')}{at}; resume: {failed.get('resume', '?')}"
     elif any(v is None for v in data.values()) and all(v is None for v in data.values()):
         run.status, run.error = "failed", f"unreadable {', '.join(files)}"
 
@@ -189,7 +199,27 @@ def read_run(path: Path) -> Run:
         run.architecture = architecture_of(cfg, choices)
     if run.architecture == "?":
         run.architecture = architecture_of(cfg, choices)
+    if run.status == "ok":
+        bad = [f"{stage}/{k}" if stage else k for stage, d in _result_dicts(data) for k in FINITE_KEYS if k in d and not _finite(d[k])]
+        if bad:
+            run.status, run.error = "failed", f"not a finite number: {', '.join(bad)}"
+            run.metrics = {}
     return run
+
+
+def _result_dicts(data: dict[str, dict | None]) -> Iterable[tuple[str, dict]]:
+    """(stage, values) of every result in the run's files (upgrade stages by name)."""
+    for name, d in data.items():
+        if not isinstance(d, dict):
+            continue
+        if name == "upgrade.json":
+            yield from ((stage, v) for stage, v in d.items() if stage != "settings" and isinstance(v, dict))
+        else:
+            yield "", d
+
+
+def _finite(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def _read_upgrade(run: Run, up: dict, cfg: Any) -> None:

@@ -92,7 +92,7 @@ def runs_rows(runs: Sequence[Run]) -> tuple[list[str], list[list[str]], list[str
     header = ["run", "kind", "architecture", "overrides", "status", *cols]
     rows = []
     for i, r in enumerate(runs):
-        status = "ok" if r.status == "ok" else "failed"
+        status = r.status if r.status in ("ok", "interrupted") else "failed"
         over = " ".join(own.get(i, []))
         vals = [r.metrics.get(c) for c in cols]
         if r.status != "ok":

@@ -1,0 +1,86 @@
+"""The pre-flight config check (rsae.validate) and the strict JSON writer (rsae.jsonfile)."""
+
+import json
+import math
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+
+import rsae.config  # noqa: F401  (registers the config resolvers)
+from conftest import ROOT
+from rsae import jsonfile
+from rsae.errors import ConfigError
+from rsae.validate import check_config
+
+
+def config(*overrides: str):
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        return compose("train", overrides=list(overrides))
+
+
+def error(cfg, **kw) -> str:
+    with pytest.raises(ConfigError) as info:
+        check_config(cfg, **kw)
+    return str(info.value)
+
+
+def test_defaults_pass():
+    for group in ("sae=topk", "sae=relu", "sae=jumprelu", "sae=batchtopk", "sae=rational"):
+        check_config(config(group, "data=synthetic"))
+        check_config(config(group))  # data=activations: d_in unknown until the cache is read
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (("sae.k=abc",), "sae.k must be an integer in [1, d_sae=256], got 'abc'"),
+    (("sae.k=3.5",), "sae.k must be an integer in [1, d_sae=256], got 3.5"),
+    (("sae.k=true",), "sae.k must be an integer in [1, d_sae=256], got True"),
+    (("module.lr=0",), "module.lr must be a finite number > 0, got 0"),
+    (("module.decay_fraction=1.5",), "module.decay_fraction must be a finite number in [0, 1], got 1.5"),
+    (("module.grad_clip=0",), "module.grad_clip must be a finite number > 0 or null, got 0"),
+    (("trainer.log_every_n_steps=0",), "trainer.log_every_n_steps must be an integer >= 1, got 0"),
+    (("trainer.devices=0",), "trainer.devices must be an integer >= 1, -1 (all), 'auto' or a list of device indices, got 0"),
+    (("data.max_magnitude=0.1",), "data.max_magnitude must be a finite number >= data.min_magnitude=0.5, got 0.1"),
+    (("sae=jumprelu", "sae.bandwidth=0"), "sae.bandwidth must be a finite number > 0, got 0"),
+    (("sae=batchtopk", "sae.threshold_ema=0"), "sae.threshold_ema must be a finite number in (0, 1], got 0"),
+    (("sae=rational", "sae.gate=topk"), "sae.gate=topk needs sae.k"),
+    (("sae=rational", "sae.degrees=[5]"), "sae.degrees must be a list of 2 numbers each >= 0 or null, got [5]"),
+    (("sae.d_sae=100",), "give exactly one of sae.d_sae and sae.expansion_factor"),
+    (("target_l0=-1",), "target_l0 must be a finite number > 0 or null, got -1"),
+])
+def test_bad_value_names_key_range_and_value(overrides, message):
+    assert error(config("data=synthetic", *overrides)).startswith(message)
+
+
+def test_activation_settings_and_d_in_dependent_bounds():
+    assert error(config("data.val_fraction=1")) == "data.val_fraction must be a finite number in (0, 1), got 1"
+    assert error(config("data.storage_dtype=int8")) == "data.storage_dtype must be one of bfloat16, float32, got 'int8'"
+    cfg = config("sae.k=5000")  # data=activations: d_in comes from the cache's manifest
+    check_config(cfg)  # nothing to compare k with yet
+    assert error(cfg, d_in=576) == "sae.k must be an integer in [1, d_sae=2304], got 5000"
+
+
+def test_memory_is_bounded_by_the_device():
+    cfg = config("data=synthetic", "sae.expansion_factor=null", "sae.d_sae=65536")
+    check_config(cfg, device_memory=("RAM", 10**12))
+    message = error(cfg, device_memory=("RAM", 10**8))
+    assert "d_in=64 x d_sae=65536" in message and "RAM has 100 MB free" in message
+
+
+def test_upgrade_and_eval_sections():
+    assert error(config("experiment=rsae_upgrade", "upgrade.hold_l0_rate=0")).startswith("upgrade.hold_l0_rate must be")
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose("evaluate", overrides=["eval.probe_test_fraction=1"])
+    assert error(cfg) == "eval.probe_test_fraction must be a finite number in (0, 1), got 1"
+
+
+def test_json_is_strict(tmp_path):
+    data = {"a": float("nan"), "b": [1.0, float("inf")], "c": {"d": -math.inf}, "t": torch.tensor(float("nan")),
+            "u": torch.tensor(2.5), "ok": 1, "s": "x", "n": None}
+    jsonfile.write_json(tmp_path / "m.json", data)
+
+    def reject(constant):
+        raise ValueError(constant)
+
+    back = json.loads((tmp_path / "m.json").read_text(), parse_constant=reject)
+    assert back == {"a": None, "b": [1.0, None], "c": {"d": None}, "t": None, "u": 2.5, "ok": 1, "s": "x", "n": None}
