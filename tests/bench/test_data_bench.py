@@ -8,7 +8,7 @@ import json
 import torch
 
 from rsae.bench import data
-from rsae.bench.train import write_synthetic_cache
+from rsae.bench._synthetic import write_synthetic_cache
 
 
 def test_stream_bench_runs_the_device_shuffle_path(tmp_path):

@@ -80,7 +80,7 @@ def test_missing_trace_is_a_one_line_error(tmp_path):
 def test_step_timer_writes_a_trace_the_timeline_reads(tmp_path):
     import lightning as L
 
-    from rsae.bench.train import StepTimer
+    from rsae.bench._step_timer import StepTimer
     from rsae.data.synthetic import SyntheticDataModule
     from rsae.lit.module import SAEModule
     from rsae.sae import ReLUSAE

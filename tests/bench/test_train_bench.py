@@ -10,6 +10,9 @@ import json
 import torch
 
 from rsae.bench import train as bench
+from rsae.bench._models import ARCHS
+from rsae.bench._step_timer import StepTimer
+from rsae.bench._synthetic import data_overrides, write_synthetic_cache
 
 
 def test_bench_cli_smoke(tmp_path, capsys):
@@ -23,7 +26,7 @@ def test_bench_cli_smoke(tmp_path, capsys):
     assert "### Rational gate alone" in text and "### Quality" in text and "### Targets" in text
     results = json.loads(out.read_text())
     runs = [r for r in results["runs"] if r["kind"] == "rsae"]
-    assert {(r["arch"], r["variant"]) for r in runs} == {(a, v) for a in bench.ARCHS for v in ("plain", "fast")}
+    assert {(r["arch"], r["variant"]) for r in runs} == {(a, v) for a in ARCHS for v in ("plain", "fast")}
     assert all("ms" in r and "error" not in r for r in runs), [r.get("error") for r in runs]
     assert [r["match"] for r in results["runs"] if r["kind"] == "quality"] == [True]
 
@@ -31,14 +34,14 @@ def test_bench_cli_smoke(tmp_path, capsys):
 def test_synthetic_cache_is_accepted_by_the_data_module(tmp_path):
     from rsae.data.activations import ActivationDataModule
 
-    kwargs = bench.write_synthetic_cache(tmp_path / "cache", d=12, n_train=1024, n_val=256, device=torch.device("cpu"))
+    kwargs = write_synthetic_cache(tmp_path / "cache", d=12, n_train=1024, n_val=256, device=torch.device("cpu"))
     dm = ActivationDataModule(**kwargs, batch_size=64, num_workers=0, progress=False)
     dm.prepare_data()
     dm.setup("fit")
     assert dm.d_in == 12 and dm.norm_scale > 0
     batch = next(iter(dm.train_dataloader()))
     assert batch.shape == (64, 12) and batch.dtype == torch.float32 and torch.isfinite(batch).all()
-    overrides = bench.data_overrides(kwargs)
+    overrides = data_overrides(kwargs)
     assert f"data.cache_dir={tmp_path / 'cache'}" in overrides and "data.gguf_file=null" in overrides
 
 
@@ -56,7 +59,7 @@ def test_step_timer_leaves_out_validation(tmp_path):
         def on_validation_start(self, trainer, pl_module) -> None:
             time.sleep(0.4)
 
-    timer = bench.StepTimer(str(tmp_path / "timer.json"), skip=2)
+    timer = StepTimer(str(tmp_path / "timer.json"), skip=2)
     trainer = L.Trainer(max_steps=12, val_check_interval=6, limit_val_batches=1, accelerator="cpu", logger=False,
                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                         callbacks=[timer, SlowValidation()])

@@ -29,7 +29,8 @@ from pathlib import Path
 import lightning as L
 import torch
 
-from rsae.bench.train import data_overrides, repo_root, write_synthetic_cache
+from rsae.bench._synthetic import data_overrides, write_synthetic_cache
+from rsae.bench.e2e import repo_root
 
 
 class FirstBatchProbe(L.Callback):
@@ -58,7 +59,7 @@ class FirstBatchProbe(L.Callback):
 def run(name: str, overrides: list[str], work: Path, timeout: int, profile_steps: int = 0) -> dict:
     run_dir = work / name
     cmd = [sys.executable, str(repo_root() / "train.py"), *overrides,
-           "+callbacks.step_timer._target_=rsae.bench.train.StepTimer", f"+callbacks.step_timer.out={run_dir / 'timer.json'}",
+           "+callbacks.step_timer._target_=rsae.bench._step_timer.StepTimer", f"+callbacks.step_timer.out={run_dir / 'timer.json'}",
            f"+callbacks.step_timer.profile_steps={profile_steps}",
            "+callbacks.probe._target_=rsae.bench.ddp.FirstBatchProbe", f"+callbacks.probe.out={run_dir / 'probe'}",
            f"hydra.run.dir={run_dir}"]

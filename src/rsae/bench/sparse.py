@@ -42,7 +42,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 def time_ms(fn, iters: int, repeats: int) -> float:
     """Median ms per call of fn over `repeats` runs of `iters` calls, after one warm-up call."""
-    from rsae.bench.train import time_steps
+    from rsae.bench._timing import time_steps
 
     return time_steps(lambda _batch, _i: fn(), [None], torch.device("cuda"), 1, iters, repeats)["ms"]
 

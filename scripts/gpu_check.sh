@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# Focused GPU checks for the lent H200 machines (one or two GPUs), stage by stage, each with its own
-# time limit, everything under $OUT:
+# Focused checks for a GPU host (one or two GPUs, offline: the wheels it installs are carried in
+# .gpu-wheels), stage by stage, each with its own time limit, everything under $OUT. Run from the
+# repository root:
 #
-#   STAGES="tests gate steps ddp" bash src/rsae/bench/gpu_check.sh   # device tool, carry [".gpu-wheels"]
+#   STAGES="tests gate steps ddp" bash scripts/gpu_check.sh
 #
 #   tests  pytest -m gpu of the fused rational kernel (every tile shape against float64)
 #   gate   the rational gate alone, forward + backward: fused kernel, reference, compiled reference
@@ -80,5 +81,5 @@ for stage in $STAGES; do
   esac
 done
 log "done"
-# One archive of everything (the device tool returns a limited number of files).
+# One archive of everything (one file to copy back from the host).
 tar czf /tmp/gpu_check.tgz -C "$OUT" . && mv /tmp/gpu_check.tgz "$OUT/gpu_check.tgz"

@@ -1,10 +1,9 @@
 #!/usr/bin/env bash
-# One command for the lent GPU machine (H200): install the carried wheels, run the GPU tests, run the
-# training-step benchmark, leave everything under $OUT. Run from the repository root, carrying
-# .gpu-wheels (hydra-core, omegaconf, wandb, datasets and, for the SAELens columns, the wheels of
-# the GPU wheel-fetching script of this workplace, run with `.gpu-wheels --with-saelens`):
+# One command for an offline GPU host where wheels are carried in .gpu-wheels (hydra-core, omegaconf,
+# wandb, datasets and, for the SAELens columns, sae-lens and its dependencies): install them, run the
+# GPU tests, run the training-step benchmark, leave everything under $OUT. Run from the repository root:
 #
-#   bash src/rsae/bench/gpu_run.sh            # device tool: run(command=..., carry=[".gpu-wheels"])
+#   bash scripts/gpu_run.sh
 #
 # Stays under ~8.5 minutes (RSAE_GPU_RUN_SECONDS, default 500, sets the limit): each stage has a
 # timeout and the benchmark a time budget that drops the least important measurements first (it
@@ -21,7 +20,7 @@ OUT=${OUT:-/tmp/rsae-gpu-out}
 mkdir -p "$OUT"
 exec > >(tee -a "$OUT/gpu_run.log") 2>&1
 START=$(date +%s)
-LIMIT=${RSAE_GPU_RUN_SECONDS:-500}  # whole script (the device tool allows 600 per command)
+LIMIT=${RSAE_GPU_RUN_SECONDS:-500}  # whole script
 elapsed() { echo $(( $(date +%s) - START )); }
 log() { echo "[gpu_run +$(elapsed)s] $*"; }
 export PYTHONUNBUFFERED=1 WANDB_MODE=offline HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
