@@ -10,7 +10,6 @@ An existing complete cache is validated against the request and returned; an int
 from __future__ import annotations
 
 import time
-from array import array
 from pathlib import Path
 from typing import Sequence
 

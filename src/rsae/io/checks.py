@@ -114,7 +114,8 @@ def safetensors_shapes(path: Path) -> dict[str, tuple[str, tuple[int, ...]]]:
             return {name: (handle.get_slice(name).get_dtype(), tuple(handle.get_slice(name).get_shape()))
                     for name in handle.keys()}
     except Exception as err:  # noqa: BLE001 - safetensors raises its own error types
-        raise SAEFileError(f"{path}: not a readable safetensors file ({str(err).splitlines()[0] if str(err) else type(err).__name__})") from None
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise SAEFileError(f"{path}: not a readable safetensors file ({reason})") from None
 
 
 def load_safetensors(path: Path, names: Iterable[str]) -> dict[str, torch.Tensor]:

@@ -6,7 +6,10 @@
 * sparsify: `cfg.json` + `sae.safetensors` (TopK; `encoder.weight`, `encoder.bias`, `W_dec`, `b_dec`).
 
 Every loader maps onto h = (x - b_dec) W_enc + b_enc with W_enc [d_in, d_sae], so the upgrade
-pipeline sees one skeleton whatever trained the teacher.
+pipeline sees one skeleton whatever trained the teacher. These files come from elsewhere: every
+field read is type- and range-checked and every tensor's shape compared with the others (and the
+config) before use, and NaN/Inf weights are refused, each as one `SAEFileError` line naming the
+file and the field (`rsae.io.checks`).
 """
 
 from __future__ import annotations
