@@ -89,7 +89,10 @@ def test_resume_after_a_crash_gives_the_same_cache(setup, tmp_path, monkeypatch)
         _harvest(tmp_path / "crashed", setup)
     assert (tmp_path / "crashed" / C.PROGRESS).exists() and not (tmp_path / "crashed" / C.MANIFEST).exists()
     calls.clear()
+    stale = tmp_path / "crashed" / "train" / "00099.safetensors.tmp"  # as a kill mid-write leaves one
+    stale.write_bytes(b"partial")
     resumed = _harvest(tmp_path / "crashed", setup)
+    assert not stale.exists()
     n_shards = sum(len(reference.shards(s)) for s in C.SPLITS)
     assert len(calls) == n_shards - 3  # the three finished shards were kept
     for split in C.SPLITS:

@@ -103,6 +103,9 @@ def _build(root: Path, request: dict, text_source: dict, *, name_or_path, hook, 
     dataset_split, text_column, text_files = (text_source["dataset_split"], text_source["text_column"],
                                               text_source["text_files"])
     done = _resume_state(root, request)
+    # A process killed mid-write leaves `<file>.tmp`; we hold the lock, so none is being written.
+    for stale in [*root.glob("*.tmp"), *root.glob("train/*.tmp"), *root.glob("val/*.tmp")]:
+        stale.unlink(missing_ok=True)
     started = time.perf_counter()
     model, tokenizer = lm if lm is not None else load_lm(name_or_path, gguf_file, lm_dtype, device, revision)
     device_ = next(model.parameters()).device
