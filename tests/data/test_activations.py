@@ -197,3 +197,28 @@ def test_hydra_config_composes_and_instantiates(sources):
     dm.prepare_data()  # the cache built by the fixture above matches this request
     dm.setup("fit")
     assert dm.d_in == 32
+
+
+def test_an_edited_mean_norm_is_refused_not_used(dm, sources, tmp_path):
+    import json
+    import shutil
+
+    shutil.copytree(sources[2] / "cache", tmp_path / "cache")
+    manifest = tmp_path / "cache" / "manifest.json"
+    data = json.loads(manifest.read_text())
+    data["stats"]["mean_norm"] = 0
+    manifest.write_text(json.dumps(data))
+    dm = make_dm(sources, cache_dir=str(tmp_path / "cache"))
+    with pytest.raises(CacheCorruptError, match=f"^{manifest}: was edited \\(checksum mismatch\\)"):
+        dm.setup("fit")  # a rank that did not run prepare_data
+    with pytest.raises(CacheCorruptError, match="checksum mismatch"):
+        dm.prepare_data()
+
+
+def test_cache_root_that_is_a_file_is_a_one_line_error(sources, tmp_path):
+    from rsae.data.cache import CacheWriteError
+
+    (tmp_path / "root").write_text("not a directory")
+    dm = make_dm(sources, cache_dir=None, cache_root=str(tmp_path / "root"))
+    with pytest.raises(CacheWriteError, match=f"{tmp_path / 'root'} is a file, not a directory; choose another"):
+        dm.prepare_data()

@@ -1,5 +1,6 @@
 """Harvesting into the cache: round trip, reuse, resume after a crash, mismatch and corruption errors."""
 
+import errno
 import json
 
 import pytest
@@ -88,7 +89,10 @@ def test_resume_after_a_crash_gives_the_same_cache(setup, tmp_path, monkeypatch)
         _harvest(tmp_path / "crashed", setup)
     assert (tmp_path / "crashed" / C.PROGRESS).exists() and not (tmp_path / "crashed" / C.MANIFEST).exists()
     calls.clear()
+    stale = tmp_path / "crashed" / "train" / "00099.safetensors.tmp"  # as a kill mid-write leaves one
+    stale.write_bytes(b"partial")
     resumed = _harvest(tmp_path / "crashed", setup)
+    assert not stale.exists()
     n_shards = sum(len(reference.shards(s)) for s in C.SPLITS)
     assert len(calls) == n_shards - 3  # the three finished shards were kept
     for split in C.SPLITS:
@@ -190,3 +194,142 @@ def test_concurrent_harvests_wait_for_the_lock(setup, tmp_path):
         assert worker.is_alive() and not (cache_dir / C.PROGRESS).exists()  # waiting, not writing
     worker.join()
     assert result["m"].rows("train") > 0
+
+
+# --- the manifest's own integrity -----------------------------------------------------------------
+def _edit_manifest(cache_dir, edit, reseal=False):
+    path = cache_dir / C.MANIFEST
+    data = json.loads(path.read_text())
+    edit(data)
+    if reseal:
+        data[C.CHECKSUM_KEY] = C.json_digest(data)
+    path.write_text(json.dumps(data))
+
+
+def _one_line_error(error, pattern, call):
+    with pytest.raises(error, match=pattern) as info:
+        call()
+    assert "\n" not in str(info.value)
+    return str(info.value)
+
+
+@pytest.mark.parametrize("edit", [
+    lambda m: m["stats"].update(mean_norm=m["stats"]["mean_norm"] * 2),
+    lambda m: m["stats"].update(mean_norm=0),
+    lambda m: m.update(d_in=64),
+    lambda m: m["splits"]["train"]["shards"].pop(),
+])
+def test_an_edited_manifest_is_refused_by_name(built, setup, tmp_path, edit):
+    cache_dir = _copy(built, tmp_path)
+    assert json.loads((cache_dir / C.MANIFEST).read_text())[C.CHECKSUM_KEY] == C.json_digest(built.data)
+    _edit_manifest(cache_dir, edit)
+    message = _one_line_error(C.CacheCorruptError, "checksum mismatch", lambda: _harvest(cache_dir, setup))
+    assert message == f"{cache_dir / C.MANIFEST}: was edited (checksum mismatch); delete the cache to rebuild it"
+    _one_line_error(C.CacheCorruptError, "checksum mismatch", lambda: C.Manifest.load(cache_dir))
+
+
+def test_a_manifest_without_checksum_is_read_with_a_warning(built, setup, tmp_path):
+    cache_dir = _copy(built, tmp_path)
+    _edit_manifest(cache_dir, lambda m: m.pop(C.CHECKSUM_KEY))
+    with pytest.warns(UserWarning, match="manifest.json has no checksum.*delete the cache to rebuild it"):
+        again = _harvest(cache_dir, setup)
+    assert again.rows("train") == built.rows("train")
+
+
+@pytest.mark.parametrize("edit, pattern", [
+    (lambda m: m["stats"].update(mean_norm=0), r"stats.mean_norm must be a finite number > 0, got 0"),
+    (lambda m: m["stats"].update(mean_norm="3.1"), r"stats.mean_norm must be a finite number > 0"),
+    (lambda m: m.update(d_in=64), r"says shard train/00000.safetensors holds F32 \[\d+, 64\] \(rows, d_in\) but it holds F32 \[\d+, 32\]"),
+    (lambda m: m.update(d_in="32"), r"d_in must be an integer >= 1"),
+    (lambda m: m["splits"]["val"]["shards"][0].update(file="../../elsewhere.safetensors"),
+     r"splits.val.shards\[0\]: file must be a relative path inside the cache"),
+    (lambda m: m["splits"]["train"]["shards"][1].update(rows=m["splits"]["train"]["shards"][1]["rows"] + 1),
+     r"splits.train.rows must be the sum of its shards' rows"),
+    (lambda m: m["request"].update(storage_dtype="int8"), r"request.storage_dtype must be"),
+])
+def test_fields_are_checked_in_a_manifest_without_checksum(built, setup, tmp_path, edit, pattern):
+    cache_dir = _copy(built, tmp_path)
+    _edit_manifest(cache_dir, lambda m: (m.pop(C.CHECKSUM_KEY), edit(m)))
+    with pytest.warns(UserWarning, match="no checksum"):
+        message = _one_line_error(C.CacheCorruptError, pattern, lambda: _harvest(cache_dir, setup, verify_checksums=False))
+    assert message.startswith(str(cache_dir / C.MANIFEST))
+
+
+def test_an_edited_progress_record_is_refused(setup, tmp_path, monkeypatch):
+    monkeypatch.setattr(C, "write_shard", lambda *a: (_ for _ in ()).throw(SimulatedCrash()))
+    with pytest.raises(SimulatedCrash):
+        _harvest(tmp_path / "c", setup)
+    monkeypatch.undo()
+    progress = tmp_path / "c" / C.PROGRESS
+    state = json.loads(progress.read_text())
+    state["seqs_per_shard"] += 1
+    progress.write_text(json.dumps(state))
+    _one_line_error(C.CacheCorruptError, f"{progress}: was edited", lambda: _harvest(tmp_path / "c", setup))
+
+
+# --- writing fails: disk full, read-only, a file in the way ---------------------------------------
+@pytest.mark.parametrize("fail_on", ["train/00003.safetensors", C.MANIFEST])
+def test_disk_full_is_one_line_leaves_no_tmp_and_resumes(built, setup, tmp_path, monkeypatch, fail_on):
+    real_write = C._write_all
+
+    def fill_the_disk(handle, data):
+        if handle.name.endswith(fail_on + ".tmp"):
+            handle.write(data[: len(data) // 2])
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real_write(handle, data)
+
+    cache_dir = tmp_path / "c"
+    monkeypatch.setattr(C, "_write_all", fill_the_disk)
+    message = _one_line_error(C.CacheWriteError, "No space left on device", lambda: _harvest(cache_dir, setup))
+    assert message.startswith(f"cannot write {cache_dir / fail_on}: No space left on device; free some space")
+    assert not list(cache_dir.rglob("*.tmp")) and not (cache_dir / C.MANIFEST).exists()
+    done = json.loads((cache_dir / C.PROGRESS).read_text())["splits"]
+    n_shards = sum(len(built.shards(s)) for s in C.SPLITS)
+    assert sum(map(len, done.values())) == (3 if fail_on != C.MANIFEST else n_shards)
+    monkeypatch.undo()
+    real_shard, written = C.write_shard, []
+    monkeypatch.setattr(C, "write_shard", lambda path, tensors: written.append(path) or real_shard(path, tensors))
+    resumed = _harvest(cache_dir, setup)
+    assert len(written) == n_shards - sum(map(len, done.values()))  # only what the full disk left undone
+    for split in C.SPLITS:
+        assert [s["sha256"] for s in resumed.shards(split)] == [s["sha256"] for s in built.shards(split)]
+
+
+def test_unwritable_cache_root_is_one_line(setup, tmp_path, monkeypatch):
+    from pathlib import Path
+
+    real_mkdir, root = Path.mkdir, tmp_path / "readonly"
+
+    def refuse(self, *args, **kwargs):
+        if str(self).startswith(str(root)):
+            raise OSError(errno.EROFS, "Read-only file system", str(self))
+        return real_mkdir(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "mkdir", refuse)
+    message = _one_line_error(C.CacheWriteError, "Read-only file system", lambda: _harvest(root / "cache", setup))
+    assert message == f"cannot write {root / 'cache'}: Read-only file system; choose a writable cache_dir (or cache_root)"
+
+
+def test_read_only_cache_dir_is_one_line(setup, tmp_path, monkeypatch):
+    import builtins
+
+    cache_dir = tmp_path / "c"
+    cache_dir.mkdir()
+
+    def read_only_open(file, mode="r", *args, **kwargs):
+        if str(file).startswith(str(cache_dir)) and any(c in mode for c in "wax+"):
+            raise PermissionError(errno.EACCES, "Permission denied", str(file))
+        return builtins.open(file, mode, *args, **kwargs)
+
+    monkeypatch.setattr(C, "open", read_only_open, raising=False)
+    _one_line_error(C.CacheWriteError, f"cannot write {cache_dir / '.lock'}: Permission denied; choose a writable",
+                    lambda: _harvest(cache_dir, setup))
+
+
+def test_cache_dir_or_root_that_is_a_file(setup, tmp_path):
+    a_file = tmp_path / "not-a-dir"
+    a_file.write_text("x")
+    message = _one_line_error(C.CacheWriteError, "is a file", lambda: _harvest(a_file, setup))
+    assert message == f"cannot write {a_file}: {a_file} is a file, not a directory; choose another cache_dir (or cache_root)"
+    _one_line_error(C.CacheWriteError, f"cannot write {a_file / 'x' / 'c'}: {a_file} is a file, not a directory",
+                    lambda: _harvest(a_file / "x" / "c", setup))

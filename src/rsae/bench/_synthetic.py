@@ -80,7 +80,7 @@ def write_synthetic_cache(root: Path, d: int, n_train: int, n_val: int, device: 
         "splits": splits, "eval_tokens": {"file": C.EVAL_TOKENS, **eval_tokens},
         "stats": {"mean_norm": norm_sum / n_train}, "args": {"synthetic": True, "seed": seed},
     }
-    C.write_json_atomic(root / C.MANIFEST, manifest)
+    C.write_manifest(root, manifest)
     return {**args, "cache_dir": str(root), "verify_checksums": False}
 
 

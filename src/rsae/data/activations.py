@@ -153,7 +153,7 @@ class ActivationDataModule(L.LightningDataModule):
             manifest.verify(checksums=False)
             self.manifest = manifest
         self.d_in = self.manifest.d_in
-        self.norm_scale = math.sqrt(self.d_in) / self.manifest.data["stats"]["mean_norm"]
+        self.norm_scale = math.sqrt(self.d_in) / self.manifest.mean_norm
 
     def _split(self, split: str) -> tuple[list[Path], list[int]]:
         if self.manifest is None:

@@ -12,19 +12,27 @@ Layout::
 Rows are the kept positions (no BOS / padding / special tokens) of consecutive sequences; a shard
 always holds whole sequences, so a harvest can resume at the first sequence of the next shard.
 Every file is written to a temporary name and renamed; each shard's byte count and sha256 are in
-the manifest, so truncation and corruption are detected and reported with the file's name.
+the manifest, so truncation and corruption are detected and reported with the file's name. The
+manifest (and progress.json) carry `json_sha256`, the sha256 of their own canonical JSON without
+that field, so an edited manifest is refused rather than trusted; its fields are also type- and
+range-checked, and `verify` compares each shard's header with the manifest's rows and d_in.
+Manifests written before the checksum existed are accepted with a warning (fields still checked).
 """
 
 from __future__ import annotations
 
 import contextlib
 import datetime as _dt
+import errno
 import fcntl
 import hashlib
 import json
 import os
 import struct
+import math
+import re
 import sys
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -57,6 +65,11 @@ class CacheCorruptError(CacheError):
     """A cache file is missing, truncated or fails its checksum."""
 
 
+class CacheWriteError(CacheError):
+    """The cache cannot be written: no space left, a read-only or unwritable place, or a file
+    where a directory should be."""
+
+
 class NonFiniteActivationError(CacheError):
     """The model produced NaN/Inf activations; nothing is written."""
 
@@ -76,26 +89,99 @@ def now_iso() -> str:
     return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
 
 
+def write_error(path: Path, err: OSError) -> CacheWriteError:
+    """One line naming `path` and what the system said, with what to do about it."""
+    if err.errno in (errno.ENOTDIR, errno.EEXIST):
+        blocker = next((p for p in (path, *path.parents) if p.exists() and not p.is_dir()), path)
+        return CacheWriteError(f"cannot write {path}: {blocker} is a file, not a directory; "
+                               "choose another cache_dir (or cache_root)")
+    if err.errno == errno.ENOSPC or err.errno == errno.EDQUOT:
+        hint = "free some space and run again: the harvest resumes from the last complete shard"
+    elif err.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+        hint = "choose a writable cache_dir (or cache_root)"
+    else:
+        hint = "fix it and run again: the harvest resumes from the last complete shard"
+    return CacheWriteError(f"cannot write {path}: {err.strerror or err}; {hint}")
+
+
+def make_dirs(*paths: Path) -> None:
+    for path in paths:
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise write_error(path, err) from None
+
+
+def _write_all(handle, data: bytes) -> None:
+    handle.write(data)
+
+
 def write_atomic(path: Path, data: bytes) -> None:
-    """Write to `<path>.tmp`, fsync, then rename: readers never see a partial file."""
+    """Write to `<path>.tmp`, fsync, then rename: readers never see a partial file. On failure
+    (disk full, read-only) the temporary file is removed and a CacheWriteError names `path`."""
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as handle:
-        handle.write(data)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as handle:
+            _write_all(handle, data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except OSError as err:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise write_error(path, err) from None
 
 
 def write_json_atomic(path: Path, obj: dict) -> None:
     write_atomic(path, (json.dumps(obj, indent=1, sort_keys=False) + "\n").encode())
 
 
+CHECKSUM_KEY = "json_sha256"
+
+
+def json_digest(obj: dict) -> str:
+    """sha256 of the canonical JSON of `obj` without its own checksum field."""
+    body = {k: v for k, v in obj.items() if k != CHECKSUM_KEY}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def write_sealed_json(path: Path, obj: dict) -> dict:
+    """Write `obj` with its checksum (see `read_sealed_json`); returns what was written."""
+    sealed = {**obj, CHECKSUM_KEY: json_digest(obj)}
+    write_json_atomic(path, sealed)
+    return sealed
+
+
+def write_manifest(root: Path, manifest: dict) -> dict:
+    """Write the manifest last: its presence marks the cache complete."""
+    return write_sealed_json(Path(root) / MANIFEST, manifest)
+
+
+def read_sealed_json(path: Path) -> dict:
+    """A JSON object written by `write_sealed_json`; an edited one is a CacheCorruptError. One
+    written before checksums existed is accepted with a warning."""
+    data = read_json(path)
+    if not isinstance(data, dict):
+        raise CacheCorruptError(f"{path}: must hold a JSON object; {_REBUILD}")
+    stored = data.get(CHECKSUM_KEY)
+    if stored is None:
+        warnings.warn(f"{path} has no checksum (written by an older rsae): edits to it cannot be detected; "
+                      "delete the cache to rebuild it with one", stacklevel=3)
+    elif stored != json_digest(data):
+        raise CacheCorruptError(f"{path}: was edited (checksum mismatch); delete the cache to rebuild it")
+    return data
+
+
 @contextlib.contextmanager
 def cache_lock(root: Path):
     """Exclusive lock on a cache directory while it is being built: concurrent runs (DDP ranks,
     parallel sweep trials) sharing a cache wait, then find it complete instead of racing."""
-    root.mkdir(parents=True, exist_ok=True)
-    with open(root / ".lock", "w") as handle:
+    make_dirs(root)
+    try:
+        handle = open(root / ".lock", "w")
+    except OSError as err:
+        raise write_error(root / ".lock", err) from None
+    with handle:
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -107,11 +193,14 @@ def cache_lock(root: Path):
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
+_REBUILD = "delete the cache directory to rebuild it"
+
+
 def read_json(path: Path) -> dict:
     try:
         return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as err:
-        raise CacheCorruptError(f"cannot read {path}: {err}; delete the cache directory to rebuild it") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise CacheCorruptError(f"cannot read {path}: {err}; {_REBUILD}") from None
 
 
 def write_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> dict:
@@ -164,6 +253,75 @@ def _short(value) -> str:
     return json.dumps(value, sort_keys=True)
 
 
+def _is_int(value, lo: int = 0) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= lo
+
+
+def _check_file_entry(entry, where: str, path: Path, rows: bool) -> None:
+    """A manifest entry naming a file inside the cache with its size and sha256 (and rows)."""
+    problem = None
+    if not isinstance(entry, dict):
+        problem = "must be an object"
+    elif not isinstance(entry.get("file"), str) or not entry["file"] or Path(entry["file"]).is_absolute() \
+            or ".." in Path(entry["file"]).parts:
+        problem = f"file must be a relative path inside the cache, got {json.dumps(entry.get('file'))}"
+    elif not _is_int(entry.get("bytes")):
+        problem = f"bytes must be an integer >= 0, got {json.dumps(entry.get('bytes'))}"
+    elif not (isinstance(entry.get("sha256"), str) and re.fullmatch(r"[0-9a-f]{64}", entry["sha256"])):
+        problem = "sha256 must be 64 hex digits"
+    elif rows and not _is_int(entry.get("rows")):
+        problem = f"rows must be an integer >= 0, got {json.dumps(entry.get('rows'))}"
+    if problem:
+        raise CacheCorruptError(f"{path}: {where}: {problem}; {_REBUILD}")
+
+
+def check_manifest_fields(data: dict, path: Path) -> None:
+    """Types and ranges of every manifest field the readers use; one line naming the field."""
+    def bad(field: str, what: str, value) -> CacheCorruptError:
+        return CacheCorruptError(f"{path}: {field} must be {what}, got {json.dumps(value)[:80]}; {_REBUILD}")
+
+    if not _is_int(data.get("d_in"), 1):
+        raise bad("d_in", "an integer >= 1", data.get("d_in"))
+    request = data.get("request")
+    if not isinstance(request, dict):
+        raise bad("request", "an object", request)
+    if request.get("storage_dtype") not in ("bfloat16", "float32"):
+        raise bad("request.storage_dtype", '"bfloat16" or "float32"', request.get("storage_dtype"))
+    splits = data.get("splits")
+    if not isinstance(splits, dict):
+        raise bad("splits", "an object", splits)
+    for split in SPLITS:
+        entry = splits.get(split)
+        if not isinstance(entry, dict) or not isinstance(entry.get("shards"), list):
+            raise bad(f"splits.{split}", "an object with a list of shards", entry)
+        for i, shard in enumerate(entry["shards"]):
+            _check_file_entry(shard, f"splits.{split}.shards[{i}]", path, rows=True)
+        total = sum(s["rows"] for s in entry["shards"])
+        if entry.get("rows") != total:
+            raise bad(f"splits.{split}.rows", f"the sum of its shards' rows ({total})", entry.get("rows"))
+    if splits["train"]["rows"] == 0:
+        raise bad("splits.train.rows", "> 0", 0)
+    _check_file_entry(data.get("eval_tokens"), "eval_tokens", path, rows=False)
+    stats = data.get("stats")
+    mean_norm = stats.get("mean_norm") if isinstance(stats, dict) else None
+    if isinstance(mean_norm, bool) or not isinstance(mean_norm, (int, float)) or not math.isfinite(mean_norm) \
+            or mean_norm <= 0:
+        raise bad("stats.mean_norm", "a finite number > 0", mean_norm)
+
+
+def shard_acts_info(path: Path) -> tuple[str, list]:
+    """(dtype, shape) of a shard's `acts` from its safetensors header, without mapping the data."""
+    try:
+        with open(path, "rb") as handle:
+            (header_len,) = struct.unpack("<Q", handle.read(8))
+            if header_len > min(path.stat().st_size, 1 << 24):
+                raise ValueError(f"header length {header_len} is impossible")
+            info = json.loads(handle.read(header_len))["acts"]
+        return info["dtype"], list(info["shape"])
+    except (OSError, ValueError, KeyError, TypeError, struct.error) as err:
+        raise CacheCorruptError(f"cannot read shard {path}: {err}; {_REBUILD}") from None
+
+
 @dataclass
 class Manifest:
     """The parsed `manifest.json` of a complete cache."""
@@ -177,15 +335,21 @@ class Manifest:
         path = root / MANIFEST
         if not path.is_file():
             raise CacheError(f"no complete activation cache at {root} (missing {MANIFEST})")
-        data = read_json(path)
+        data = read_sealed_json(path)
         if data.get("schema_version") != SCHEMA_VERSION:
             raise CacheMismatchError(f"cache {root} has schema version {data.get('schema_version')}, "
                                      f"this code reads {SCHEMA_VERSION}; rebuild it")
+        check_manifest_fields(data, path)
         return cls(root, data)
 
     @property
     def d_in(self) -> int:
         return int(self.data["d_in"])
+
+    @property
+    def mean_norm(self) -> float:
+        """Mean L2 norm of the training rows (checked finite and > 0 on load)."""
+        return float(self.data["stats"]["mean_norm"])
 
     @property
     def storage_dtype(self) -> str:
@@ -201,10 +365,18 @@ class Manifest:
         return [self.root / s["file"] for s in self.shards(split)]
 
     def verify(self, checksums: bool = True) -> None:
-        """Every file present with its recorded size (and sha256 when `checksums`)."""
+        """Every file present with its recorded size (and sha256 when `checksums`), and every
+        shard's header agreeing with the manifest's rows, d_in and storage dtype."""
+        dtype = {"bfloat16": "BF16", "float32": "F32"}[self.storage_dtype]
         for split in SPLITS:
             for shard in self.shards(split):
-                verify_file(self.root / shard["file"], shard["bytes"], shard["sha256"] if checksums else None)
+                path = self.root / shard["file"]
+                verify_file(path, shard["bytes"], shard["sha256"] if checksums else None)
+                got = shard_acts_info(path)
+                if got != (dtype, [shard["rows"], self.d_in]):
+                    raise CacheCorruptError(
+                        f"{self.root / MANIFEST}: says shard {shard['file']} holds {dtype} [{shard['rows']}, {self.d_in}] "
+                        f"(rows, d_in) but it holds {got[0]} {got[1]}; {_REBUILD}")
         tokens = self.data["eval_tokens"]
         verify_file(self.root / tokens["file"], tokens["bytes"], tokens["sha256"] if checksums else None)
 

@@ -10,7 +10,6 @@ An existing complete cache is validated against the request and returned; an int
 from __future__ import annotations
 
 import time
-from array import array
 from pathlib import Path
 from typing import Sequence
 
@@ -104,6 +103,9 @@ def _build(root: Path, request: dict, text_source: dict, *, name_or_path, hook, 
     dataset_split, text_column, text_files = (text_source["dataset_split"], text_source["text_column"],
                                               text_source["text_files"])
     done = _resume_state(root, request)
+    # A process killed mid-write leaves `<file>.tmp`; we hold the lock, so none is being written.
+    for stale in [*root.glob("*.tmp"), *root.glob("train/*.tmp"), *root.glob("val/*.tmp")]:
+        stale.unlink(missing_ok=True)
     started = time.perf_counter()
     model, tokenizer = lm if lm is not None else load_lm(name_or_path, gguf_file, lm_dtype, device, revision)
     device_ = next(model.parameters()).device
@@ -137,9 +139,8 @@ def _build(root: Path, request: dict, text_source: dict, *, name_or_path, hook, 
         "seqs_per_shard": seqs_per_shard,
         "splits": done.get("splits", {"train": [], "val": []}),
     }
-    (root / "train").mkdir(parents=True, exist_ok=True)
-    (root / "val").mkdir(parents=True, exist_ok=True)
-    C.write_json_atomic(root / C.PROGRESS, state)
+    C.make_dirs(root / "train", root / "val")
+    C.write_sealed_json(root / C.PROGRESS, state)
     eval_tokens = C.write_tensors(root / C.EVAL_TOKENS, {"input_ids": tokens[n_train:], "keep": keep[n_train:]})
 
     ranges = {"train": (0, n_train), "val": (n_train, n_train + n_val)}
@@ -158,7 +159,7 @@ def _build(root: Path, request: dict, text_source: dict, *, name_or_path, hook, 
             entry = {"file": name, **entry, "sequences": [first, last],
                      "norm_sum": float(rows["acts"].float().norm(dim=1).double().sum())}
             shards.append(entry)
-            C.write_json_atomic(root / C.PROGRESS, state)
+            C.write_sealed_json(root / C.PROGRESS, state)
     bar.close()
 
     train_rows = sum(s["rows"] for s in state["splits"]["train"])
@@ -185,7 +186,7 @@ def _build(root: Path, request: dict, text_source: dict, *, name_or_path, hook, 
                  **text_source},
         "harvest_seconds": round(time.perf_counter() - started, 2),
     }
-    C.write_json_atomic(root / C.MANIFEST, manifest)
+    manifest = C.write_manifest(root, manifest)
     (root / C.PROGRESS).unlink(missing_ok=True)
     return C.Manifest(root, manifest)
 
@@ -199,7 +200,11 @@ def _resume_state(root: Path, request: dict) -> dict:
     path = root / C.PROGRESS
     if not path.is_file():
         return {}
-    state = C.read_json(path)
+    state = C.read_sealed_json(path)
+    splits = state.get("splits")
+    if not (isinstance(splits, dict) and all(isinstance(splits.get(s), list) for s in C.SPLITS)
+            and isinstance(state.get("seqs_per_shard"), int)):
+        raise C.CacheCorruptError(f"{path}: not a harvest progress record; delete it to start the harvest afresh")
     problem = C.describe_mismatch(state.get("request", {}), request)
     if problem:
         raise C.CacheMismatchError(f"unfinished harvest in {root} was for another request ({problem}); "

@@ -3,6 +3,8 @@
 Tensors: W_enc [d_in, d_sae], b_enc [d_sae], W_dec [d_sae, d_in], b_dec [d_in], plus `threshold`
 [d_sae] for JumpReLU-style exports. Exported weights act on raw (unnormalised) activations.
 Extra `rsae_*` keys in cfg.json are ignored by SAELens and let rsae restore its own classes.
+Loading checks `cfg.json` field by field and the tensors' shapes (read from the safetensors
+header) against it before loading any tensor, then refuses NaN/Inf weights (`rsae.io.checks`).
 """
 
 from __future__ import annotations
@@ -13,10 +15,26 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from rsae import jsonfile
+from rsae.io.checks import (
+    SAEFileError,
+    bool_field,
+    check_finite,
+    check_tensors,
+    choice_field,
+    degrees_field,
+    int_field,
+    load_safetensors,
+    number_field,
+    read_json_object,
+    safetensors_shapes,
+)
+from rsae.rational.function import DENOMINATORS, T_MAX
+from rsae.rational.gate import SCALE_MODES, SHARING
 from rsae.sae import ARCHITECTURES, SAE, ConfigError
+from rsae.sae.rational import GATES
 
 CFG_FILE = "cfg.json"
 WEIGHTS_FILE = "sae_weights.safetensors"
@@ -49,17 +67,91 @@ def save_sae(sae: SAE, path: str | os.PathLike, scale: float = 1.0, metadata: di
 
 
 def read_sae_dir(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """The raw `cfg.json` and the tensors of an SAE directory, both checked (`sae_config`)."""
     path = Path(path)
-    cfg_file, weights_file = path / CFG_FILE, path / WEIGHTS_FILE
-    if not cfg_file.is_file() or not weights_file.is_file():
-        raise FileNotFoundError(f"{path}: not an SAE directory (needs {CFG_FILE} and {WEIGHTS_FILE})")
-    cfg = json.loads(cfg_file.read_text())
-    tensors = load_file(str(weights_file))
+    cfg, _, tensors = _read_checked(path)
     return cfg, tensors
 
 
+def _read_checked(path: Path) -> tuple[dict[str, Any], dict[str, Any], dict[str, torch.Tensor]]:
+    """(raw cfg, checked cfg, tensors): fields and tensor shapes are checked against each other
+    before any tensor is loaded, and the loaded tensors must be finite."""
+    cfg_file, weights_file = path / CFG_FILE, path / WEIGHTS_FILE
+    if not cfg_file.is_file() or not weights_file.is_file():
+        raise FileNotFoundError(f"{path}: not an SAE directory (needs {CFG_FILE} and {WEIGHTS_FILE})")
+    raw = read_json_object(cfg_file)
+    found = safetensors_shapes(weights_file)
+    cfg, expected = sae_config(raw, cfg_file)
+    w_enc = found.get("W_enc", (None, None))[1]
+    if w_enc is not None and len(w_enc) == 2 and tuple(w_enc) != (cfg["d_in"], cfg["d_sae"]):
+        raise SAEFileError(f"{cfg_file}: d_in={cfg['d_in']}, d_sae={cfg['d_sae']} disagree with the weights "
+                           f"({WEIGHTS_FILE}: W_enc [d_in, d_sae] has shape {list(w_enc)})")
+    check_tensors(weights_file, found, expected)
+    tensors = load_safetensors(weights_file, expected)
+    check_finite(tensors, weights_file)
+    return raw, cfg, tensors
+
+
+def sae_config(raw: dict[str, Any], where: Path) -> tuple[dict[str, Any], dict[str, tuple[tuple[int, ...], str]]]:
+    """The fields rsae reads from a SAELens-layout `cfg.json`, each type- and range-checked, and
+    the tensors (name -> (shape, why)) they imply. Errors name `where` and the field."""
+    name = where.name
+    d_in = int_field(raw, "d_in", where, 1)
+    d_sae = int_field(raw, "d_sae", where, 1)
+    arch = choice_field(raw, "architecture", where, ARCHITECTURES, default="standard")
+    arch = choice_field(raw, "rsae_architecture", where, ARCHITECTURES, default=arch)
+    cfg: dict[str, Any] = {
+        "architecture": arch,
+        "d_in": d_in,
+        "d_sae": d_sae,
+        "apply_b_dec_to_input": bool_field(raw, "apply_b_dec_to_input", where, default=True),
+        "normalize_activations": choice_field(raw, "normalize_activations", where, ("none", None), default="none"),
+    }
+    if "rsae_activation_scale" in raw:
+        number_field(raw, "rsae_activation_scale", where)
+    expected = {
+        "W_enc": ((d_in, d_sae), f"[d_in, d_sae] from {name}"),
+        "b_enc": ((d_sae,), f"[d_sae] from {name}"),
+        "W_dec": ((d_sae, d_in), f"[d_sae, d_in] from {name}"),
+        "b_dec": ((d_in,), f"[d_in] from {name}"),
+    }
+    threshold = {"threshold": ((d_sae,), f"[d_sae] from {name}")}
+    if arch in ("topk", "batchtopk"):
+        cfg["k"] = int_field(raw, "k", where, 1, d_sae)
+    if arch == "topk" and bool_field(raw, "rescale_acts_by_decoder_norm", where, default=False):
+        raise SAEFileError(f"{where}: rescale_acts_by_decoder_norm=true is not supported")
+    if arch in ("jumprelu", "batchtopk"):
+        expected.update(threshold)
+    if arch == "rational":
+        p, q = degrees_field(raw, where)
+        gate = choice_field(raw, "gate", where, GATES, default="relu")
+        sharing = choice_field(raw, "sharing", where, SHARING, default="shared")
+        n_groups = int_field(raw, "n_groups", where, 1, d_sae, default=1)
+        scale_mode = choice_field(raw, "scale_mode", where, SCALE_MODES, default="latent")
+        cfg.update(degrees=[p, q], gate=gate, sharing=sharing, n_groups=n_groups, scale_mode=scale_mode,
+                   denominator=choice_field(raw, "denominator", where, DENOMINATORS, default="B"),
+                   t_max=number_field(raw, "t_max", where, default=T_MAX),
+                   sparsity=choice_field(raw, "sparsity", where, ("codes", "mask"), default="codes"))
+        if gate == "topk":
+            cfg["k"] = int_field(raw, "k", where, 1, d_sae)
+        if gate == "jumprelu":
+            cfg["bandwidth"] = number_field(raw, "bandwidth", where, default=0.05)
+            expected.update(threshold)
+        sets = {"shared": 1, "group": n_groups, "latent": d_sae}[sharing]
+        scales = d_sae if scale_mode == "latent" else 1
+        sets_why = f"sharing={sharing}" + (f", n_groups={n_groups}" if sharing == "group" else "")
+        expected.update({
+            "rational_a": ((sets, p + 1), f"[sets, p + 1] for {sets_why}, degrees=[{p}, {q}] in {name}"),
+            "rational_b": ((sets, q), f"[sets, q] for {sets_why}, degrees=[{p}, {q}] in {name}"),
+            "rational_c_in": ((scales,), f"scale_mode={scale_mode} in {name}"),
+            "rational_c_out": ((scales,), f"scale_mode={scale_mode} in {name}"),
+        })
+    return cfg, expected
+
+
 def build_sae(cfg: dict[str, Any], tensors: dict[str, torch.Tensor]) -> SAE:
-    """An rsae SAE from a SAELens-layout config and tensors (ours or SAELens's own)."""
+    """An rsae SAE from a SAELens-layout config and tensors (ours or SAELens's own); the callers
+    check both first (`sae_config`, `rsae.io.checks`)."""
     arch = cfg.get("rsae_architecture", cfg.get("architecture", "standard"))
     if arch not in ARCHITECTURES:
         raise ConfigError(f"unknown SAE architecture {arch!r}; known: {sorted(ARCHITECTURES)}")
@@ -80,5 +172,7 @@ def build_sae(cfg: dict[str, Any], tensors: dict[str, torch.Tensor]) -> SAE:
 
 
 def load_sae(path: str | os.PathLike) -> SAE:
-    cfg, tensors = read_sae_dir(path)
+    """An exported SAE directory -> rsae SAE in eval mode; a malformed or inconsistent `cfg.json`,
+    a tensor of the wrong shape, or NaN/Inf weights raise `SAEFileError` (one line)."""
+    _, cfg, tensors = _read_checked(Path(path))
     return build_sae(cfg, tensors)
