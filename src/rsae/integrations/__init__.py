@@ -1,0 +1,2 @@
+"""Bridges to other SAE libraries; each module imports its library and is optional
+(`import rsae` never imports them)."""
