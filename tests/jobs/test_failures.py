@@ -192,7 +192,7 @@ def test_evaluate_refuses_an_sae_with_non_finite_weights(tmp_path):
                      script="evaluate.py", check=False)
     assert proc.returncode == 1
     line = error_line(proc)
-    assert "sae_weights.safetensors: tensor 'W_dec' has 1 non-finite values" in line, line
+    assert "sae_weights.safetensors: tensor 'W_dec' has 1 NaN/Inf values" in line, line
     assert strict_json(tmp_path / "run" / "metrics.json")["status"] == "failed"
     assert not (tmp_path / "run" / "eval.json").exists()
 

@@ -15,7 +15,7 @@ def test_multirun_records_failed_trials_and_keeps_the_others(tmp_path):
     assert proc.returncode == 0
     status = {d.name: json.loads((d / "metrics.json").read_text())["status"] for d in tmp_path.iterdir() if d.is_dir()}
     assert status == {"0": "ok", "1": "failed", "2": "ok", "3": "failed"}
-    assert "lr must be > 0" in json.loads((tmp_path / "1" / "metrics.json").read_text())["error"]
+    assert "module.lr must be a finite number > 0" in json.loads((tmp_path / "1" / "metrics.json").read_text())["error"]
     assert (tmp_path / "0" / "sae" / "cfg.json").is_file() and (tmp_path / "2" / "sae" / "cfg.json").is_file()
 
 
