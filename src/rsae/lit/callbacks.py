@@ -139,12 +139,13 @@ class StepProgressBar(TQDMProgressBar):
     """Lightning's tqdm bar, with the training bar counting optimizer steps up to `max_steps`."""
 
     def on_train_epoch_start(self, trainer: L.Trainer, *_) -> None:
-        super().on_train_epoch_start(trainer)
+        if self._leave:
+            self.train_progress_bar = self.init_train_tqdm()
         bar = self.train_progress_bar
-        bar.total = trainer.max_steps if trainer.max_steps and trainer.max_steps > 0 else None
-        bar.initial = bar.n = trainer.global_step  # a resumed run starts where it stopped
-        bar.set_description("Training")
         bar.unit = "step"
+        bar.set_description(self.train_description, refresh=False)
+        bar.reset(total=trainer.max_steps if trainer.max_steps and trainer.max_steps > 0 else None)
+        bar.initial = bar.n = trainer.global_step  # a resumed run starts where it stopped
         bar.refresh()
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx) -> None:
