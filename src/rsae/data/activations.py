@@ -96,8 +96,12 @@ class ActivationDataModule(L.LightningDataModule):
         elif not text_files:
             raise ValueError("no text source: give text_files (local files) or dataset (a hub dataset name)")
         if cache_dir is None:
+            try:
+                separator = resolve_document_separator(document_separator, text_files, dataset)
+            except FileNotFoundError:
+                separator = "text"  # the missing file is reported by prepare_data
             cache_dir = default_cache_dir(cache_root, name_or_path, gguf_file, hook, layer, n_tokens, context_size,
-                                          storage_dtype, resolve_document_separator(document_separator, text_files, dataset))
+                                          storage_dtype, separator)
         self.cache_dir = Path(os.path.expanduser(str(cache_dir)))
         self.hook, self.layer = hook, layer
         # Names the SAE export records (SAELens / TransformerLens conventions).
