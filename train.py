@@ -2,6 +2,9 @@
 (`python train.py experiment=rsae_upgrade teacher.path=<exported SAE dir>`)."""
 
 import hydra
+# Imported before Hydra sets up logging, so that conf/hydra/job_logging/rsae.yaml can remove
+# Lightning's own console handler (each Lightning line would be printed twice).
+import lightning  # noqa: F401
 from omegaconf import DictConfig
 
 import rsae.config  # noqa: F401  (registers the config resolvers)

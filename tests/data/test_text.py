@@ -10,6 +10,7 @@ from rsae.data.text import (
     iter_file_documents,
     keep_mask,
     paragraphs,
+    resolve_document_separator,
     split_sizes,
     text_files_sha256,
     tokenize_sequences,
@@ -115,5 +116,52 @@ def test_hub_dataset_documents_are_streamed(monkeypatch, tokenizer):
     monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
     docs = list(iter_hub_documents("org/corpus", "en", "train"))
     assert docs == ["alpha beta", "gamma"] and calls["streaming"] is True
-    tokens = tokenize_sequences(tokenizer, iter(docs * 20), context_size=8, n_tokens=32, eos_between=True)
+    tokens = tokenize_sequences(tokenizer, iter(docs * 20), context_size=8, n_tokens=32, document_separator="eos")
     assert (tokens[:, 1:] == tokenizer.eos_token_id).any()  # distinct documents are separated by EOS
+
+
+@pytest.mark.parametrize("separator", ["text", "eos", "bos"])
+def test_document_separator_puts_text_or_a_token_between_documents(tokenizer, separator):
+    docs = ["the king speaks", "a queen sleeps", "fire and water"]
+    tokens = tokenize_sequences(tokenizer, iter(docs * 10), context_size=12, n_tokens=48, document_separator=separator)
+    encoded = [tokenizer(d, add_special_tokens=False)["input_ids"] for d in docs]
+    if separator == "text":
+        encoded = [tokenizer(d + "\n\n", add_special_tokens=False)["input_ids"] for d in docs]
+        between = []
+    else:
+        between = [getattr(tokenizer, f"{separator}_token_id")]
+    stream = sum((ids + between for ids in encoded * 10), [])
+    assert tokens[:, 1:].flatten().tolist() == stream[: tokens[:, 1:].numel()]
+    eos_or_bos = torch.tensor([tokenizer.eos_token_id, tokenizer.bos_token_id])
+    # only the token separators put special tokens inside the sequences (BOS at position 0 is the prefix)
+    assert torch.isin(tokens[:, 1:], eos_or_bos).any() == (separator != "text")
+    # the separator tokens are special, so the keep-mask leaves them out of the activation rows
+    assert not keep_mask(tokens, tokenizer)[torch.isin(tokens, eos_or_bos)].any()
+
+
+def test_document_separator_needs_the_token_and_a_known_name(tokenizer):
+    class NoEos:
+        bos_token_id, eos_token_id = 1, None
+
+        def __call__(self, texts, add_special_tokens):
+            return {"input_ids": [[5, 6, 7]] * len(texts)}
+
+    with pytest.raises(ValueError, match="document_separator=eos, but the tokenizer has no EOS token"):
+        tokenize_sequences(NoEos(), iter(["a"] * 10), context_size=4, n_tokens=8, document_separator="eos")
+    with pytest.raises(ValueError, match="document_separator must be one of"):
+        tokenize_sequences(tokenizer, iter(["a"]), context_size=4, n_tokens=8, document_separator="newline")
+    with pytest.raises(ValueError, match="data.document_separator must be auto, text, eos, bos; got 'nl'"):
+        resolve_document_separator("nl", [])
+
+
+def test_auto_separator_follows_the_kind_of_source(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    (tmp_path / "book.txt").write_text("one\n\ntwo")
+    pq.write_table(pa.table({"text": ["a story", "another"]}), tmp_path / "rows.parquet")
+    assert resolve_document_separator("auto", [tmp_path / "book.txt"]) == "text"  # paragraphs of one text
+    assert resolve_document_separator("auto", [tmp_path / "rows.parquet"]) == "eos"  # rows are documents
+    assert resolve_document_separator("auto", None, dataset="org/stories") == "eos"
+    assert resolve_document_separator("auto", [tmp_path]) == "text"  # a mix reads as text
+    assert resolve_document_separator("bos", [tmp_path / "book.txt"]) == "bos"  # an explicit choice wins

@@ -96,3 +96,52 @@ def test_callback_is_a_no_op_without_token_data():
     t.fit(module, datamodule=dm)
     assert not any(k in t.callback_metrics for k in KEYS)
     assert cb._disabled is not None
+
+
+def test_held_out_sequences_follow_n_tokens_like_evaluate(lm_dir):
+    """ceil(n_tokens / context) first held-out sequences, the rule of eval.n_tokens; the count is logged."""
+    dm = TokenDataModule(lm_dir, 32)  # 5 held-out sequences of 24 tokens
+    module = SAEModule(TopKSAE(d_in=32, d_sae=64, k=4), warmup_steps=1)
+    cb = DownstreamEval(n_tokens=49, batch_size=2)  # 49 / 24 -> 3 sequences
+    t = trainer(cb)
+    t.fit(module, datamodule=dm)
+    results = t.validate(module, datamodule=dm, verbose=False)[0]
+    assert cb._tokens[0].shape == (3, 24) and results["val/n_sequences"] == 3
+    cb = DownstreamEval(n_tokens=10**6)
+    trainer(cb).fit(SAEModule(TopKSAE(d_in=32, d_sae=64, k=4), warmup_steps=1), datamodule=dm)
+    assert cb._tokens[0].shape == (5, 24)  # all of them when the cache holds fewer
+
+
+def test_the_data_modules_language_model_is_reused(lm_dir, monkeypatch):
+    """A data module that already holds the LM (the harvest's) hands it over: no second load."""
+    import rsae.data.lm as lm_module
+    from rsae.data.lm import load_lm
+
+    shared = load_lm(str(lm_dir))
+    dm = TokenDataModule(lm_dir, 32)
+    dm.language_model = lambda device="cpu": shared
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("the callback loaded the LM again")
+
+    monkeypatch.setattr(lm_module, "load_lm", no_load)
+    cb = DownstreamEval(n_sequences=2)
+    t = trainer(cb)
+    t.fit(module := SAEModule(TopKSAE(d_in=32, d_sae=64, k=4), warmup_steps=1), datamodule=dm)
+    t.validate(module, datamodule=dm, verbose=False)
+    assert cb._lm is shared[0]
+
+
+def test_spliced_pass_shows_a_progress_bar_with_the_trainers(lm_dir, capsys):
+    from rsae.lit.callbacks import step_progress_bar
+
+    dm = TokenDataModule(lm_dir, 32)
+    module = SAEModule(TopKSAE(d_in=32, d_sae=64, k=4), warmup_steps=1)
+    t = L.Trainer(max_steps=4, logger=False, enable_checkpointing=False, enable_model_summary=False,
+                  num_sanity_val_steps=0, accelerator="cpu", callbacks=[DownstreamEval(n_sequences=2), step_progress_bar(True)])
+    t.fit(module, datamodule=dm)
+    t.validate(module, datamodule=dm, verbose=False)
+    captured = capsys.readouterr()
+    shown = captured.out + captured.err
+    assert "spliced CE" in shown
+    assert "Training" in shown and "4/4" in shown and "Epoch" not in shown  # steps against max_steps

@@ -31,9 +31,9 @@ def test_train_writes_metrics_export_and_checkpoint(tmp_path, sae):
 @pytest.mark.parametrize("cuda_graph", ["false", "true"])  # true: manual optimisation (uncaptured on the CPU)
 def test_resume_matches_uninterrupted_run(tmp_path, cuda_graph):
     full, resumed = tmp_path / "full", tmp_path / "resumed"
-    keep_all = "callbacks.model_checkpoint.save_top_k=-1"
+    keep_all = ("callbacks.model_checkpoint.save_top_k=-1", "callbacks.model_checkpoint.every_n_train_steps=100")
     graph = f"module.cuda_graph={cuda_graph}"
-    run_train("sae=topk", "trainer.max_steps=200", keep_all, graph, f"hydra.run.dir={full}", *COMMON)
+    run_train("sae=topk", "trainer.max_steps=200", *keep_all, graph, f"hydra.run.dir={full}", *COMMON)
     mid = full / "checkpoints" / "step00000100.ckpt"
     run_train("sae=topk", "trainer.max_steps=200", graph, f"ckpt_path={mid}", f"hydra.run.dir={resumed}", *COMMON)
     a = load_file(str(full / "sae" / "sae_weights.safetensors"))

@@ -11,9 +11,13 @@ import sys
 
 import rsae.bench
 
+# Benchmark names that differ from their module's name.
+ALIASES = {"default": "default_job"}
+
 
 def available() -> list[str]:
-    return sorted(m.name for m in pkgutil.iter_modules(rsae.bench.__path__) if not m.name.startswith("_"))
+    modules = {m.name for m in pkgutil.iter_modules(rsae.bench.__path__) if not m.name.startswith("_")}
+    return sorted((modules - set(ALIASES.values())) | set(ALIASES))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -22,7 +26,8 @@ def main(argv: list[str] | None = None) -> int:
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in names:
         print(f"usage: python -m rsae.bench {{{','.join(names)}}} [options]", file=sys.stderr)
         return 0 if argv and argv[0] in ("-h", "--help") else 2
-    return importlib.import_module(f"rsae.bench.{argv[0]}").main(argv[1:]) or 0
+    module = ALIASES.get(argv[0], argv[0])
+    return importlib.import_module(f"rsae.bench.{module}").main(argv[1:]) or 0
 
 
 if __name__ == "__main__":

@@ -12,7 +12,8 @@ Contract relied on by training and evaluation:
 * `val_dataloader()`: the held-out split in fixed order (finite).
 * `state_dict()` / `load_state_dict()`: the stream position (batches the trainer consumed).
 * `eval_tokens()`: held-out token ids and keep-mask; `lm_kwargs`, `hook`, `layer`: how to load and
-  hook the LM for spliced evaluation.
+  hook the LM for spliced evaluation; `language_model()`: that LM, loaded once per process (a
+  harvest on the CPU keeps the model it loaded, so the spliced evaluation does not load it again).
 """
 
 from __future__ import annotations
@@ -27,22 +28,27 @@ from typing import Sequence
 import lightning as L
 import torch
 
-from rsae.data.cache import Manifest, load_eval_tokens
+from rsae.data.cache import MANIFEST, Manifest, load_eval_tokens
 from rsae.data.harvest import build_request, harvest
 from rsae.data.hooks import HOOK_NAMES
 from rsae.data.stream import StreamLoader, TrainStream, ValStream
+from rsae.data.text import resolve_document_separator
 
 REUSE_BUFFERS = 4  # training batches live in a ring of this many buffers (num_workers=0)
 _STREAM_KEYS = ("seed", "batch_size", "block_rows", "shuffle_buffer", "world_size", "num_workers")
 
 
 def default_cache_dir(root: str, name_or_path: str, gguf_file: str | None, hook: str, layer, n_tokens: int,
-                      context_size: int, storage_dtype: str) -> Path:
-    """`<root>/<model>/<hook>.<layer>-<n_tokens>x<context_size>-<storage_dtype>`, model named after
-    the last part of its path or hub id (a mismatching cache found there is still an error)."""
+                      context_size: int, storage_dtype: str, document_separator: str = "text") -> Path:
+    """`<root>/<model>/<hook>.<layer>-<n_tokens>x<context_size>-<storage_dtype>[-<eos|bos>]`, model
+    named after the last part of its path or hub id (a mismatching cache found there is still an
+    error); documents separated by a token get their own directory."""
     model = str(gguf_file or name_or_path).rstrip("/").split("/")[-1].removesuffix(".gguf")
     model = re.sub(r"[^A-Za-z0-9._-]+", "-", model) or "model"
-    return Path(os.path.expanduser(str(root))) / model / f"{hook}.{layer}-{n_tokens}x{context_size}-{storage_dtype}"
+    name = f"{hook}.{layer}-{n_tokens}x{context_size}-{storage_dtype}"
+    if document_separator != "text":
+        name += f"-{document_separator}"
+    return Path(os.path.expanduser(str(root))) / model / name
 
 
 class ActivationDataModule(L.LightningDataModule):
@@ -54,6 +60,8 @@ class ActivationDataModule(L.LightningDataModule):
         text_files: local `.txt`/`.md`/`.parquet` files or directories (`pkg://` allowed); or
             `dataset` (+ `dataset_config`, `dataset_split`, `text_column`): a hub dataset, streamed,
             which takes precedence over `text_files` when given.
+        document_separator: between documents, `text` (a blank line), `eos` or `bos` (that token),
+            or `auto` (`eos` for a hub dataset or parquet files, else `text`); see `rsae.data.text`.
         n_tokens: token positions to harvest (train + val), cut into `context_size` sequences.
         val_fraction: last fraction of the sequences held out for validation/evaluation.
         cache_dir: cache directory (reused across runs; a mismatching cache is an error); None:
@@ -80,15 +88,20 @@ class ActivationDataModule(L.LightningDataModule):
                  batch_size: int = 4096, shuffle_buffer: int = 65536, block_rows: int = 1024, seed: int = 0,
                  num_workers: int = 0, pin_memory: bool | None = None, harvest_batch_size: int = 8,
                  harvest_device: str = "auto", shard_mb: float = 64, verify_checksums: bool = True,
-                 d_in: int | None = None, progress: bool = True, shuffle_device: str = "cpu"):
+                 d_in: int | None = None, progress: bool = True, shuffle_device: str = "cpu",
+                 document_separator: str = "auto"):
         super().__init__()
         if dataset is not None:
             text_files = None
         elif not text_files:
             raise ValueError("no text source: give text_files (local files) or dataset (a hub dataset name)")
         if cache_dir is None:
+            try:
+                separator = resolve_document_separator(document_separator, text_files, dataset)
+            except FileNotFoundError:
+                separator = "text"  # the missing file is reported by prepare_data
             cache_dir = default_cache_dir(cache_root, name_or_path, gguf_file, hook, layer, n_tokens, context_size,
-                                          storage_dtype)
+                                          storage_dtype, separator)
         self.cache_dir = Path(os.path.expanduser(str(cache_dir)))
         self.hook, self.layer = hook, layer
         # Names the SAE export records (SAELens / TransformerLens conventions).
@@ -100,7 +113,7 @@ class ActivationDataModule(L.LightningDataModule):
                           "dtype": lm_dtype}
         self.source = {"text_files": None if text_files is None else [str(f) for f in text_files],
                        "dataset": dataset, "dataset_config": dataset_config, "dataset_split": dataset_split,
-                       "text_column": text_column}
+                       "text_column": text_column, "document_separator": document_separator}
         self.shape = {"n_tokens": int(n_tokens), "context_size": int(context_size), "val_fraction": float(val_fraction),
                       "storage_dtype": storage_dtype, "exclude_special_tokens": exclude_special_tokens,
                       "prepend_bos": prepend_bos}
@@ -126,6 +139,7 @@ class ActivationDataModule(L.LightningDataModule):
         self.manifest: Manifest | None = None
         self._request: dict | None = None
         self._restored_position = 0
+        self._lm: tuple | None = None
 
     # ---- cache ---------------------------------------------------------------------------------
     def _lm_request_args(self) -> dict:
@@ -143,8 +157,20 @@ class ActivationDataModule(L.LightningDataModule):
         """Harvest the cache if missing; otherwise validate it (mismatch or corruption is an error)."""
         if self.manifest is not None:  # already built or validated by this process
             return
-        self.manifest = harvest(self.cache_dir, d_in=self.d_in, **self._lm_request_args(), **self.harvest_args)
+        lm = None if (self.cache_dir / MANIFEST).is_file() else self.language_model(self.harvest_args["device"])
+        self.manifest = harvest(self.cache_dir, d_in=self.d_in, lm=lm, **self._lm_request_args(), **self.harvest_args)
         self.d_in = self.manifest.d_in
+        if lm is not None and next(lm[0].parameters()).device.type != "cpu":
+            self._lm = None  # GPU memory goes to training; the spliced evaluation reloads it
+
+    def language_model(self, device: str = "cpu") -> tuple:
+        """`(model, tokenizer)` of `lm_kwargs`, loaded on first use and kept for this process."""
+        if self._lm is None:
+            from rsae.data.lm import load_lm
+
+            kw = self.lm_kwargs
+            self._lm = load_lm(kw["name_or_path"], kw["gguf_file"], kw["dtype"], device, kw["revision"])
+        return self._lm
 
     def setup(self, stage: str | None = None) -> None:
         if self.manifest is None:  # ranks other than the one that ran prepare_data

@@ -24,6 +24,7 @@ from rsae.data.text import (
     iter_file_documents,
     iter_hub_documents,
     keep_mask,
+    resolve_document_separator,
     split_sizes,
     text_files_sha256,
     tokenize_sequences,
@@ -36,7 +37,7 @@ def build_request(*, name_or_path: str, gguf_file: str | None = None, revision: 
                   dataset_config: str | None = None, dataset_split: str = "train", text_column: str = "text",
                   context_size: int = 128, n_tokens: int = 100_000, val_fraction: float = 0.1,
                   storage_dtype: str = "bfloat16", prepend_bos: bool = True,
-                  exclude_special_tokens: bool = True) -> dict:
+                  exclude_special_tokens: bool = True, document_separator: str = "auto") -> dict:
     """Everything that determines the cache's contents, in the form stored in the manifest."""
     if (text_files is None) == (dataset is None):
         raise ValueError("give exactly one text source: text_files (local files) or dataset (hub name)")
@@ -44,6 +45,9 @@ def build_request(*, name_or_path: str, gguf_file: str | None = None, revision: 
         text = {"source": "hub", "name": dataset, "config": dataset_config, "split": dataset_split, "column": text_column}
     else:
         text = {"source": "files", "sha256": text_files_sha256(expand_text_files(list(text_files)))}
+    separator = resolve_document_separator(document_separator, text_files, dataset)
+    if separator != "text":  # caches made before the setting existed joined files' documents with text
+        text["document_separator"] = separator
     check_lm_source(name_or_path, gguf_file)
     return {
         "model": lm_identity(name_or_path, gguf_file, revision),
@@ -65,7 +69,8 @@ def harvest(cache_dir: str | Path, *, name_or_path: str, hook: str = "resid_post
             text_files: Sequence[str] | None = None, dataset: str | None = None, dataset_config: str | None = None,
             dataset_split: str = "train", text_column: str = "text", n_tokens: int = 100_000,
             context_size: int = 128, val_fraction: float = 0.1, storage_dtype: str = "bfloat16",
-            prepend_bos: bool = True, exclude_special_tokens: bool = True, batch_size: int = 8,
+            prepend_bos: bool = True, exclude_special_tokens: bool = True, document_separator: str = "auto",
+            batch_size: int = 8,
             shard_mb: float = 64, device: str = "auto", verify_checksums: bool = True, d_in: int | None = None,
             progress: bool = True, lm: tuple | None = None) -> C.Manifest:
     """Build (or validate and reuse) the activation cache at `cache_dir`; returns its Manifest.
@@ -75,7 +80,8 @@ def harvest(cache_dir: str | Path, *, name_or_path: str, hook: str = "resid_post
     """
     root = Path(cache_dir)
     text_source = dict(text_files=None if text_files is None else [str(f) for f in text_files], dataset=dataset,
-                       dataset_config=dataset_config, dataset_split=dataset_split, text_column=text_column)
+                       dataset_config=dataset_config, dataset_split=dataset_split, text_column=text_column,
+                       document_separator=resolve_document_separator(document_separator, text_files, dataset))
     request = build_request(name_or_path=name_or_path, gguf_file=gguf_file, revision=revision, lm_dtype=lm_dtype,
                             hook=hook, layer=layer, context_size=context_size, n_tokens=n_tokens,
                             val_fraction=val_fraction, storage_dtype=storage_dtype, prepend_bos=prepend_bos,
@@ -118,7 +124,8 @@ def _build(root: Path, request: dict, text_source: dict, *, name_or_path, hook, 
         documents = iter_hub_documents(dataset, dataset_config, dataset_split, text_column)
     else:
         documents = iter_file_documents(expand_text_files(list(text_files)))
-    tokens = tokenize_sequences(tokenizer, documents, context_size, n_tokens, prepend_bos, eos_between=dataset is not None)
+    tokens = tokenize_sequences(tokenizer, documents, context_size, n_tokens, prepend_bos,
+                                document_separator=text_source["document_separator"])
     keep = keep_mask(tokens, tokenizer, exclude_special_tokens)
     n_train, n_val = split_sizes(len(tokens), val_fraction)
     if len(tokens) < n_tokens // context_size:

