@@ -122,7 +122,7 @@ class _PageText(HTMLParser):
 
     SKIP_TAGS = {"head", "script", "style", "nav", "header", "footer", "button", "form", "noscript"}
     SKIP_CLASSES = {"nav", "navbar", "navheader", "navfooter", "related", "sphinxsidebar", "sidebar",
-                    "footer", "headerlink", "breadcrumb", "breadcrumbs"}
+                    "footer", "headerlink", "breadcrumb", "breadcrumbs", "toc"}
     SKIP_IDS = {"hd", "ft", "global-nav", "sidebar", "searchbox"}
     SKIP_ROLES = {"navigation", "search"}
     BLOCKS = {"p", "div", "section", "article", "main", "li", "dt", "dd", "tr", "table", "blockquote",
