@@ -151,22 +151,28 @@ class _PageText(HTMLParser):
 
     def handle_starttag(self, tag, attrs):
         if self.skip_depth:
-            self.skip_depth += tag == self.skip_tag
+            if tag == self.skip_tag:  # nested element of the same tag: wait for its end too
+                self.skip_depth += 1
             return
         if self._skipped(tag, attrs):
             self.skip_tag, self.skip_depth = tag, 1
             return
-        self.inside += tag == self.only
-        self.pre += tag == "pre"
+        if tag == self.only:
+            self.inside += 1
+        if tag == "pre":
+            self.pre += 1
         self._break(tag)
 
     def handle_endtag(self, tag):
         if self.skip_depth:
-            self.skip_depth -= tag == self.skip_tag
+            if tag == self.skip_tag:
+                self.skip_depth -= 1
             return
         self._break(tag)
-        self.pre = max(0, self.pre - (tag == "pre"))
-        self.inside = max(0, self.inside - (tag == self.only))
+        if tag == "pre" and self.pre:
+            self.pre -= 1
+        if tag == self.only and self.inside:
+            self.inside -= 1
 
     def handle_startendtag(self, tag, attrs):
         self.handle_starttag(tag, attrs)
