@@ -83,7 +83,7 @@ def test_real_activations_l0_lands_near_the_target(tmp_path):
     measured = {}
     for target in (16, 48):
         torch.manual_seed(0)
-        sae = JumpReLUSAE(dm.d_in, 1152, l0_target=target, l0_coefficient=1000.0, init_threshold=2.0,
+        sae = JumpReLUSAE(dm.d_in, 1152, l0_target=target, l0_coefficient=1e5, init_threshold=2.0,
                           threshold_lr_scale=50.0)
         groups = [{"params": [sae.log_threshold], "lr": 4e-4 * sae.threshold_lr_scale},
                   {"params": [p for n, p in sae.named_parameters() if n != "log_threshold"], "lr": 4e-4}]
