@@ -7,7 +7,8 @@ upgrade each to an RSAE (with the teacher-fine-tuned control), then tabulate and
 Every step is a `train.py` run in its own process and directory; a step whose outputs exist is
 skipped, so an interrupted reproduction resumes where it stopped. Overrides after `--` go to
 every run (data, LM, trainer); `--teacher-overrides` only to the teacher runs and
-`--upgrade-overrides` only to the upgrades (e.g. `upgrade.sharing=latent`).
+`--upgrade-overrides` only to the upgrades (e.g. `upgrade.sharing=latent`). `--teachers
+relu,jumprelu,topk,matryoshka` adds a Matryoshka BatchTopK teacher (upgraded as a BatchTopK one).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ TEACHERS = {
     "relu": ["sae=relu"],
     "jumprelu": ["sae=jumprelu"],
     "topk": ["sae=topk"],
+    "matryoshka": ["sae=matryoshka"],
 }
 
 

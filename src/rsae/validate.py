@@ -118,8 +118,10 @@ SAE = {
     "l1_coefficient": NON_NEGATIVE, "l0_coefficient": NON_NEGATIVE, "l1_warmup_steps": Int(0),
     "l0_warmup_steps": Int(0), "threshold_ema": Float(0, 1, lo_open=True), "bandwidth": POSITIVE,
     "init_threshold": POSITIVE, "tanh_scale": POSITIVE, "threshold_lr_scale": POSITIVE,
-    "penalty": Choice("step", "tanh"), "dead_after_tokens": COUNT, "unit_norm_decoder": BOOL,
+    "penalty": Choice("step", "tanh"), "l0_target": Float(0, "d_sae", lo_open=True, null=True), "dead_after_tokens": COUNT, "unit_norm_decoder": BOOL,
     "init_seed": Int(null=True),
+    # matryoshka
+    "group_sizes": Rule("list", 0, lo_open=True, null=True),
     # rational
     "degrees": Rule("list", 0, length=2, null=True), "denominator": Choice("A", "B"),
     "sharing": Choice("shared", "group", "latent"), "n_groups": Int(1, "d_sae"), "scale_mode": Choice("scalar", "latent"),

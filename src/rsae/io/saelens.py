@@ -116,11 +116,13 @@ def sae_config(raw: dict[str, Any], where: Path) -> tuple[dict[str, Any], dict[s
         "b_dec": ((d_in,), f"[d_in] from {name}"),
     }
     threshold = {"threshold": ((d_sae,), f"[d_sae] from {name}")}
-    if arch in ("topk", "batchtopk"):
+    if arch in ("topk", "batchtopk", "matryoshka"):
         cfg["k"] = int_field(raw, "k", where, 1, d_sae)
+    if arch == "matryoshka":
+        cfg["matryoshka_widths"] = matryoshka_widths_field(raw, where, d_sae)
     if arch == "topk" and bool_field(raw, "rescale_acts_by_decoder_norm", where, default=False):
         raise SAEFileError(f"{where}: rescale_acts_by_decoder_norm=true is not supported")
-    if arch in ("jumprelu", "batchtopk"):
+    if arch in ("jumprelu", "batchtopk", "matryoshka"):
         expected.update(threshold)
     if arch == "rational":
         p, q = degrees_field(raw, where)
@@ -147,6 +149,16 @@ def sae_config(raw: dict[str, Any], where: Path) -> tuple[dict[str, Any], dict[s
             "rational_c_out": ((scales,), f"scale_mode={scale_mode} in {name}"),
         })
     return cfg, expected
+
+
+def matryoshka_widths_field(raw: dict[str, Any], where: Path, d_sae: int) -> list[int]:
+    """`matryoshka_widths`: strictly increasing positive integers ending at d_sae (SAELens's form)."""
+    widths = raw.get("matryoshka_widths", [d_sae])
+    ok = (isinstance(widths, list) and widths and all(isinstance(w, int) and not isinstance(w, bool) for w in widths)
+          and widths[0] >= 1 and widths[-1] == d_sae and all(a < b for a, b in zip(widths, widths[1:])))
+    if not ok:
+        raise SAEFileError(f"{where}: matryoshka_widths must be strictly increasing integers ending at d_sae={d_sae}, got {widths!r}")
+    return widths
 
 
 def build_sae(cfg: dict[str, Any], tensors: dict[str, torch.Tensor]) -> SAE:

@@ -3,6 +3,7 @@
 from rsae.sae.base import SAE, ConfigError, SAEOutput
 from rsae.sae.batchtopk import BatchTopKSAE
 from rsae.sae.jumprelu import JumpReLUSAE
+from rsae.sae.matryoshka import MatryoshkaSAE
 from rsae.sae.relu import ReLUSAE
 from rsae.sae.topk import TopKSAE
 
@@ -13,6 +14,7 @@ ARCHITECTURES: dict[str, type[SAE]] = {
     "jumprelu": JumpReLUSAE,
     "topk": TopKSAE,
     "batchtopk": BatchTopKSAE,
+    "matryoshka": MatryoshkaSAE,
 }
 
 
@@ -20,5 +22,5 @@ def register(name: str, cls: type[SAE]) -> None:
     ARCHITECTURES[name] = cls
 
 
-__all__ = ["SAE", "SAEOutput", "ConfigError", "ReLUSAE", "JumpReLUSAE", "TopKSAE", "BatchTopKSAE", "ARCHITECTURES", "register"]
+__all__ = ["SAE", "SAEOutput", "ConfigError", "ReLUSAE", "JumpReLUSAE", "TopKSAE", "BatchTopKSAE", "MatryoshkaSAE", "ARCHITECTURES", "register"]
 from rsae.sae.rational import RationalSAE; register("rational", RationalSAE); __all__ += ["RationalSAE"]  # noqa: E402, E702

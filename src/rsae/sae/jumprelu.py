@@ -6,6 +6,10 @@ gradient of H(h - theta) w.r.t. theta is -K((h - theta)/eps)/eps. The sparsity p
 L0 count (step, same estimator) or a smooth tanh surrogate; either way thresholds respond to
 `l0_coefficient`, which is what makes L0 follow the coefficient.
 
+With `l0_target` the penalty pulls the batch-mean L0 toward the target instead of down:
+`l0_coefficient * (L0 / l0_target - 1)^2`, L0 through the same estimator, so the thresholds'
+gradient changes sign at the target (denser: they rise; sparser: they fall).
+
 Training step, unless `rsae.sae.fast.disabled()`: the encoder GEMM without an input gradient, the
 L0 count straight from h (no float32 copy of the [batch, d_sae] pre-activations) and the
 dead-latent counter updated without host waits.
@@ -96,6 +100,7 @@ class JumpReLUSAE(SAE):
         penalty: str = "step",
         tanh_scale: float = 4.0,
         threshold_lr_scale: float = 1.0,
+        l0_target: float | None = None,
         **kw,
     ) -> None:
         require(l0_coefficient >= 0, f"l0_coefficient must be >= 0, got {l0_coefficient}")
@@ -103,7 +108,13 @@ class JumpReLUSAE(SAE):
         require(bandwidth > 0, f"bandwidth must be > 0, got {bandwidth}")
         require(init_threshold > 0, f"init_threshold must be > 0, got {init_threshold}")
         require(penalty in ("step", "tanh"), f"penalty must be 'step' or 'tanh', got {penalty!r}")
+        require(l0_target is None or l0_target > 0, f"l0_target must be > 0 or null, got {l0_target}")
+        # The tanh surrogate is not a count: its value sits below the L0 it stands for, so a target
+        # on it would not be a target on L0.
+        require(l0_target is None or penalty == "step", f"l0_target needs penalty=step, got penalty={penalty!r}")
         super().__init__(d_in, d_sae, **kw)
+        require(l0_target is None or l0_target <= self.d_sae, f"l0_target must be <= d_sae ({self.d_sae}), got {l0_target}")
+        self.l0_target = None if l0_target is None else float(l0_target)
         self.l0_coefficient, self.l0_warmup_steps = l0_coefficient, l0_warmup_steps
         self.bandwidth, self.penalty, self.tanh_scale = bandwidth, penalty, tanh_scale
         self.log_threshold = nn.Parameter(torch.full((self.d_sae,), math.log(init_threshold)))
@@ -130,6 +141,8 @@ class JumpReLUSAE(SAE):
             l0 = _Step.apply(out.h.float(), self.threshold.float(), self.bandwidth).sum(-1).mean()
         else:  # smooth surrogate: tanh(c * |z| * ||W_dec||)
             l0 = torch.tanh(self.tanh_scale * out.z.float().abs() * self.decoder_norms().float()).sum(-1).mean()
+        if self.l0_target is not None:
+            return {"l0": coef * (l0 / self.l0_target - 1).pow(2)}
         return {"l0": coef * l0}
 
     def export_config(self) -> dict:
