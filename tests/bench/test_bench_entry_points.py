@@ -19,7 +19,7 @@ def test_listed_benchmarks_are_runnable_modules():
     names = cli.available()
     assert {"train", "step", "e2e", "quality", "ddp", "data", "sparse"} <= set(names)
     assert not any(n.startswith("_") for n in names)
-    assert all(callable(getattr(importlib.import_module(f"rsae.bench.{n}"), "main", None)) for n in names)
+    assert all(callable(getattr(importlib.import_module(f"rsae.bench.{cli.ALIASES.get(n, n)}"), "main", None)) for n in names)
 
 
 def test_step_runs_the_raw_steps_and_the_gate_only(tmp_path):
