@@ -52,6 +52,15 @@ def test_bad_value_names_key_range_and_value(overrides, message):
     assert error(config("data=synthetic", *overrides)).startswith(message)
 
 
+def test_whole_number_floats_count_as_integers():
+    # Hydra reads `1e6` as a float; a whole number is accepted and written back as an int
+    cfg = config("data=synthetic", "sae=topk", "sae.dead_after_tokens=1e9", "trainer.val_check_interval=null")
+    check_config(cfg)
+    assert cfg.sae.dead_after_tokens == 10**9 and isinstance(cfg.sae.dead_after_tokens, int)
+    assert error(config("data=synthetic", "sae.dead_after_tokens=1.5e0")).startswith(
+        "sae.dead_after_tokens must be an integer >= 1, got 1.5")
+
+
 def test_activation_settings_and_d_in_dependent_bounds():
     assert error(config("data.val_fraction=1")) == "data.val_fraction must be a finite number in (0, 1), got 1"
     assert error(config("data.storage_dtype=int8")) == "data.storage_dtype must be one of bfloat16, float32, got 'int8'"

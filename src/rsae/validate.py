@@ -86,7 +86,7 @@ PRECISIONS = ("32-true", "32", 32, "bf16-mixed", "16-mixed", "bf16-true", "16-tr
               "bf16", "16", 16, "transformer-engine", "transformer-engine-float16")
 
 TRAINER = {
-    "max_steps": COUNT, "val_check_interval": COUNT, "log_every_n_steps": COUNT, "devices": Rule("devices"),
+    "max_steps": COUNT, "val_check_interval": Int(1, null=True), "log_every_n_steps": COUNT, "devices": Rule("devices"),
     "num_nodes": COUNT, "precision": Choice(*PRECISIONS), "max_epochs": Int(-1, null=True),
     "limit_val_batches": NON_NEGATIVE, "num_sanity_val_steps": Int(-1), "accumulate_grad_batches": COUNT,
     "gradient_clip_val": Float(0, null=True), "enable_progress_bar": BOOL, "enable_model_summary": BOOL,
@@ -238,6 +238,10 @@ def _check(values: DictConfig, key: str, rule: Rule, refs: dict[str, Any]) -> No
     value = _get(values, key)
     if value is _MISSING:
         return
+    if rule.kind == "int" and isinstance(value, float) and value.is_integer():
+        # `1e6` on a command line is a float to Hydra; a whole number is what was meant
+        value = int(value)
+        OmegaConf.update(values, key, value, merge=False)
     if not _ok(value, rule, values, refs):
         raise ConfigError(f"{key} must be {rule.describe(_known(rule, values, refs))}, got {_show(value)}")
 
