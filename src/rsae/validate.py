@@ -176,6 +176,7 @@ def _check_sae(values: DictConfig, refs: dict[str, Any], device_memory: tuple[st
     rules = {**SAE, **SAE_BY_TARGET.get(str(sae.get("_target_", "")).rsplit(".", 1)[-1], {})}
     for key in ("d_in", "d_sae", "expansion_factor"):
         _check(values, f"sae.{key}", rules[key], refs)
+    sae = {k: _get(values, f"sae.{k}") for k in values.sae}  # as normalised by the checks (1e6 -> 1000000)
     if (sae.get("d_sae") is None) == (sae.get("expansion_factor") is None) and "expansion_factor" in sae:
         raise ConfigError(f"give exactly one of sae.d_sae and sae.expansion_factor (the other null), got "
                           f"d_sae={sae.get('d_sae')}, expansion_factor={sae.get('expansion_factor')}")
