@@ -20,3 +20,33 @@ def test_paper_reproduction_runs_teacher_upgrade_and_report(tmp_path):
     stamp = (tmp_path / "upgrades" / "relu" / "upgrade.json").stat().st_mtime_ns
     subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900, check=True)  # resumes: nothing to redo
     assert (tmp_path / "upgrades" / "relu" / "upgrade.json").stat().st_mtime_ns == stamp
+
+
+def _dry_run(*args: str) -> list[list[str]]:
+    proc = subprocess.run([sys.executable, "-m", "rsae.paper", "--dry-run", *args], cwd=ROOT, capture_output=True,
+                          text=True, timeout=120, check=True)
+    return [line.split()[2:] for line in proc.stdout.splitlines() if line.startswith("python train.py ")]
+
+
+def test_presets_give_valid_configs(tmp_path):
+    from hydra import compose, initialize_config_dir
+
+    import rsae.config  # noqa: F401  (registers the config resolvers)
+    from rsae.validate import check_config
+
+    gpu = _dry_run("--preset", "gpu-scale", "--text", str(tmp_path / "corpus.parquet"), "--out", str(tmp_path))
+    assert len(gpu) == 2 * 12  # four families at three sparsities, each a teacher and its upgrade
+    cpu = _dry_run("--preset", "cpu-small", "--out", str(tmp_path))
+    assert len(cpu) == 2 * 3 and "upgrade.downstream=false" in cpu[1]
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        for args in gpu + cpu:
+            args = [a for a in args if not a.startswith("hydra.")]
+            cfg = compose("train", overrides=args)  # every key the presets set exists
+            check_config(cfg)  # and every value is in range
+    assert any("sae.l0_target=32" in args for args in gpu) and any("sae.k=64" in args for args in gpu)
+
+
+def test_gpu_preset_needs_text():
+    proc = subprocess.run([sys.executable, "-m", "rsae.paper", "--preset", "gpu-scale", "--dry-run"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "needs --text" in proc.stderr

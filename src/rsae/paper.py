@@ -9,6 +9,17 @@ skipped, so an interrupted reproduction resumes where it stopped. Overrides afte
 every run (data, LM, trainer); `--teacher-overrides` only to the teacher runs and
 `--upgrade-overrides` only to the upgrades (e.g. `upgrade.sharing=latent`). `--teachers
 relu,jumprelu,topk,matryoshka` adds a Matryoshka BatchTopK teacher (upgraded as a BatchTopK one).
+
+Presets (`--preset`) fix the scale; arguments given after them add to them:
+
+* `cpu-small`: SmolLM2 layer 6, 200k tokens of the embedded plays, 1152 latents, 1000 steps, no
+  downstream pass in the upgrades: the CPU table of docs/rational.md.
+* `gpu-scale`: SmolLM2 layer 15 (of 30), 16384 latents, 20M tokens of `--text`, batch 4096,
+  5000 steps (one pass over the tokens), compiled steps with CUDA graphs, and each family at three
+  sparsities (TopK and BatchTopK k = 16, 32, 64; JumpReLU target L0 16, 32, 64; ReLU three L1
+  coefficients). Needs `--text` (a parquet / jsonl / txt corpus) and a GPU.
+
+`--dry-run` prints the commands without running them.
 """
 
 from __future__ import annotations
@@ -25,7 +36,29 @@ TEACHERS = {
     "relu": ["sae=relu"],
     "jumprelu": ["sae=jumprelu"],
     "topk": ["sae=topk"],
+    "batchtopk": ["sae=batchtopk"],
     "matryoshka": ["sae=matryoshka"],
+}
+# One teacher per sparsity level (name -> overrides) for the presets that sweep the L0 range.
+L0_LEVELS = {
+    **{f"topk_k{k}": ["sae=topk", f"sae.k={k}"] for k in (16, 32, 64)},
+    **{f"batchtopk_k{k}": ["sae=batchtopk", f"sae.k={k}"] for k in (16, 32, 64)},
+    **{f"jumprelu_l0_{n}": ["sae=jumprelu", f"sae.l0_target={n}"] for n in (16, 32, 64)},
+    **{f"relu_l1_{c}": ["sae=relu", f"sae.l1_coefficient={c}"] for c in (2, 5, 12)},
+}
+PRESETS: dict[str, dict] = {
+    "cpu-small": {
+        "steps": 1000, "teachers": "relu,jumprelu,topk",
+        "overrides": ["lm.layer=6", "data.n_tokens=200000", "data.batch_size=1024", "sae.expansion_factor=2"],
+        "upgrade_overrides": ["upgrade.downstream=false", "upgrade.calibration_tokens=16384"],
+    },
+    "gpu-scale": {
+        "steps": 5000, "teachers": ",".join(L0_LEVELS), "needs_text": True,
+        "overrides": ["trainer=gpu", "lm.layer=15", "data.n_tokens=20000000", "data.batch_size=4096",
+                      "data.shuffle_device=cuda", "module.compile=true", "module.cuda_graph=true"],
+        "teacher_overrides": ["sae.expansion_factor=null", "sae.d_sae=16384"],
+        "upgrade_overrides": [],
+    },
 }
 
 
@@ -51,23 +84,45 @@ def done(path: Path) -> bool:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m rsae.paper", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", type=Path, default=Path("runs/paper"))
-    p.add_argument("--steps", type=int, default=1500, help="teacher training steps (the fine-tunes use as many)")
-    p.add_argument("--teachers", default="relu,jumprelu,topk")
+    p.add_argument("--preset", choices=sorted(PRESETS), default=None, help="a scale (see above)")
+    p.add_argument("--text", default=None, help="text files for every run (data.text_files), e.g. a corpus parquet")
+    p.add_argument("--steps", type=int, default=None, help="teacher training steps (the fine-tunes use as many; default 1500)")
+    p.add_argument("--teachers", default=None, help=f"comma list of {sorted(TEACHERS) + sorted(L0_LEVELS)}")
     p.add_argument("--teacher-overrides", nargs="*", default=[], help="extra overrides for the teacher runs only")
     p.add_argument("--upgrade-overrides", nargs="*", default=[], help="extra overrides for the upgrade runs only")
+    p.add_argument("--dry-run", action="store_true", help="print the commands, run nothing")
     p.add_argument("overrides", nargs="*", help="overrides for every run (after --)")
     a = p.parse_args(argv)
+    preset = PRESETS.get(a.preset, {})
+    if preset.get("needs_text") and not a.text:
+        p.error(f"--preset {a.preset} needs --text <corpus> (the embedded plays hold too few tokens)")
+    steps = a.steps or preset.get("steps", 1500)
+    names = (a.teachers or preset.get("teachers", "relu,jumprelu,topk")).split(",")
+    unknown = [n for n in names if n not in TEACHERS and n not in L0_LEVELS]
+    if unknown:
+        p.error(f"unknown teacher {unknown[0]!r}; choose from {sorted(TEACHERS) + sorted(L0_LEVELS)}")
+    text = [f"data.text_files=[{Path(a.text).resolve()}]"] if a.text else []
+    every = [*preset.get("overrides", []), *text, *a.overrides]
+    teacher_extra = [*preset.get("teacher_overrides", []), *a.teacher_overrides]
+    upgrade_extra = [*preset.get("upgrade_overrides", []), *a.upgrade_overrides]
     out = a.out.resolve()
     start = time.time()
     ok = True
-    for name in a.teachers.split(","):
+    for name in names:
         tdir, udir = out / "teachers" / name, out / "upgrades" / name
+        teacher = [*TEACHERS.get(name, L0_LEVELS.get(name)), f"trainer.max_steps={steps}", *teacher_extra, *every,
+                   "logger=csv", f"hydra.run.dir={tdir}"]
+        upgrade = ["experiment=rsae_upgrade", f"teacher.path={tdir / 'sae'}", *upgrade_extra, *every, "logger=csv",
+                   f"hydra.run.dir={udir}"]
+        if a.dry_run:
+            print("python train.py " + " ".join(teacher) + "\npython train.py " + " ".join(upgrade))
+            continue
         if not done(tdir / "metrics.json"):
-            ok &= run([*TEACHERS[name], f"trainer.max_steps={a.steps}", *a.teacher_overrides, *a.overrides,
-                       "logger=csv", f"hydra.run.dir={tdir}"], tdir / "run.log")
+            ok &= run(teacher, tdir / "run.log")
         if done(tdir / "metrics.json") and not done(udir / "metrics.json"):
-            ok &= run(["experiment=rsae_upgrade", f"teacher.path={tdir / 'sae'}", *a.upgrade_overrides, *a.overrides,
-                       "logger=csv", f"hydra.run.dir={udir}"], udir / "run.log")
+            ok &= run(upgrade, udir / "run.log")
+    if a.dry_run:
+        return 0
     from rsae.report.__main__ import main as report
 
     report([str(out / "upgrades"), "--out", str(out / "report")])

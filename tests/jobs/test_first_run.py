@@ -4,7 +4,7 @@ the project."""
 
 import json
 
-from conftest import run_train
+from conftest import ROOT, run_train
 
 SYNTHETIC = ("data=synthetic", "logger=csv", "data.batch_size=256")
 
@@ -15,11 +15,18 @@ def _val_rows(run_dir) -> int:
     return sum(1 for line in lines[1:] if line.split(",")[column])
 
 
+def _readme_sweep_command() -> list[str]:
+    """The README's sweep example, as its arguments (read from the README, so the two cannot drift)."""
+    lines = [line for line in (ROOT / "README.md").read_text().splitlines() if line.startswith("python train.py -m ")]
+    assert len(lines) == 1, lines
+    return lines[0].split()[2:]
+
+
 def test_readme_sweep_example_gives_sensible_models(tmp_path):
-    # README: python train.py -m sae=relu,topk,rational data=synthetic trainer.max_steps=300 logger=csv hydra.sweep.dir=multirun/cmp
-    run_train("-m", "sae=relu,topk,rational", "data=synthetic", "trainer.max_steps=300", "logger=csv",
-              f"hydra.sweep.dir={tmp_path}", timeout=900)
-    for trial, sae in enumerate(("relu", "topk", "rational")):
+    args = [a for a in _readme_sweep_command() if not a.startswith("hydra.sweep.dir=")]
+    saes = next(a for a in args if a.startswith("sae=")).split("=", 1)[1].split(",")
+    run_train(*args, f"hydra.sweep.dir={tmp_path}", timeout=900)
+    for trial, sae in enumerate(saes):
         metrics = json.loads((tmp_path / str(trial) / "metrics.json").read_text())
         assert metrics["status"] == "ok", (sae, metrics)
         assert metrics["val/fvu"] < 0.5, (sae, metrics["val/fvu"])
