@@ -107,7 +107,7 @@ def test_signal_saves_checkpoint_and_resume_matches_uninterrupted_run(tmp_path, 
 @pytest.mark.parametrize(
     "overrides,message",
     [
-        (("trainer.val_check_interval=0",), "error: trainer.val_check_interval must be an integer >= 1, got 0"),
+        (("trainer.val_check_interval=0",), "error: trainer.val_check_interval must be an integer >= 1 or null, got 0"),
         (("sae.k=abc",), "error: sae.k must be an integer in [1, d_sae=256], got 'abc'"),
         (("trainer.max_steps=ten",), "error: trainer.max_steps must be an integer >= 1, got 'ten'"),
         (("module.betas=[0.9,1.5]",), "error: module.betas must be a list of 2 numbers each in [0, 1), got [0.9, 1.5]"),
