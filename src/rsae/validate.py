@@ -114,6 +114,9 @@ DATA = {
     "storage_dtype": Choice("bfloat16", "float32"),
     "shuffle_device": Choice("cpu", "cuda"), "verify_checksums": BOOL, "exclude_special_tokens": BOOL,
     "prepend_bos": BOOL, "pin_memory": Rule("bool", null=True),
+    # live
+    "val_tokens": COUNT, "lm_batch_size": COUNT, "lm_device": Choice("auto", "cpu", "cuda"),
+    "buffer_device": Choice("auto", "cpu", "cuda"),
 }
 SAE = {
     "d_in": Int(1, null=True), "d_sae": Int(1, null=True), "expansion_factor": Int(1, null=True),
