@@ -208,11 +208,12 @@ class LiveDataModule(L.LightningDataModule):
         """Activations at the kept positions of `tokens` `[n, context_size]`, in the storage dtype,
         on the buffer device."""
         model, tokenizer = self.language_model()
+        device = next(model.parameters()).device  # (the spliced evaluation may have moved it)
         keep = keep_mask(tokens, tokenizer, self.exclude_special_tokens)
         out = []
         with torch.no_grad():
             for lo in range(0, len(tokens), self.lm_batch_size):
-                acts = run_to_hook(model, self.hook, self.layer, input_ids=tokens[lo:lo + self.lm_batch_size].to(self.lm_device))
+                acts = run_to_hook(model, self.hook, self.layer, input_ids=tokens[lo:lo + self.lm_batch_size].to(device))
                 rows = acts[keep[lo:lo + self.lm_batch_size].to(acts.device)].to(self.store)
                 check_finite(rows, f"the live activations ({self.hook} at layer {self.layer})")
                 out.append(rows.to(self.buffer_device))
@@ -227,9 +228,6 @@ class LiveDataModule(L.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         if self._text is not None:
             return
-        trainer = getattr(self, "trainer", None)
-        if trainer is not None and trainer.world_size > 1:
-            raise ValueError("data=live runs in one process; for several GPUs harvest a cache (data=activations)")
         _, tokenizer = self.language_model()
         separator = resolve_document_separator(self.document_separator, self.source["text_files"], self.source["dataset"])
         self._text = TokenSequences(tokenizer, self._documents(), self.context_size, self.prepend_bos, separator)
@@ -264,6 +262,9 @@ class LiveDataModule(L.LightningDataModule):
         trainer's position."""
         if self._stream is None:
             raise RuntimeError("call setup() before asking for data")
+        trainer = getattr(self, "trainer", None)
+        if trainer is not None and trainer.world_size > 1:
+            raise ValueError("data=live runs in one process; for several GPUs harvest a cache (data=activations)")
         return DataLoader(self._stream, batch_size=None, num_workers=0)
 
     def val_dataloader(self) -> DataLoader:
