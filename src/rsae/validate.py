@@ -45,6 +45,8 @@ class Rule:
             text = "one of " + ", ".join(dict.fromkeys("null" if c is None else str(c) for c in self.choices))
         elif self.kind == "bool":
             text = "true or false"
+        elif self.kind == "layers":
+            text = f"an integer >= {self.lo} or a list of them"
         elif self.kind == "devices":
             text = "an integer >= 1, -1 (all), 'auto' or a list of device indices"
         elif self.kind == "scales":
@@ -108,9 +110,13 @@ DATA = {
     # activations
     "n_tokens": COUNT, "context_size": Int(2), "val_fraction": Float(0, 1, lo_open=True, hi_open=True),
     "shuffle_buffer": COUNT, "block_rows": COUNT, "num_workers": Int(0), "shard_mb": POSITIVE,
-    "harvest_batch_size": COUNT, "layer": Int(0), "storage_dtype": Choice("bfloat16", "float32"),
+    "harvest_batch_size": COUNT, "layer": Rule("layers", 0), "harvest_layers": Rule("layers", 0, null=True),
+    "storage_dtype": Choice("bfloat16", "float32"),
     "shuffle_device": Choice("cpu", "cuda"), "verify_checksums": BOOL, "exclude_special_tokens": BOOL,
     "prepend_bos": BOOL, "pin_memory": Rule("bool", null=True),
+    # live
+    "val_tokens": COUNT, "lm_batch_size": COUNT, "lm_device": Choice("auto", "cpu", "cuda"),
+    "buffer_device": Choice("auto", "cpu", "cuda"),
 }
 SAE = {
     "d_in": Int(1, null=True), "d_sae": Int(1, null=True), "expansion_factor": Int(1, null=True),
@@ -167,8 +173,23 @@ def check_config(cfg: DictConfig, d_in: int | None = None, device_memory: tuple[
         if OmegaConf.is_dict(cfg.get(section)):
             for key, rule in table.items():
                 _check(values, f"{section}.{key}", rule, refs)
+    _check_hook_points(cfg)
     if OmegaConf.is_dict(cfg.get("sae")) and cfg.get("job", "train") == "train":
         _check_sae(cfg, refs, device_memory)
+
+
+def _check_hook_points(cfg: DictConfig) -> None:
+    """Several hook points (lists in lm.hook / lm.layer) only harvest: a run trains one SAE."""
+    hook, layer = _get(cfg, "data.hook"), _get(cfg, "data.layer")
+    if hook is _MISSING or cfg.get("cache_only"):
+        return
+    several = [v for v in (hook, layer) if isinstance(v, list) and len(v) > 1]
+    if several:
+        listed = ",".join(str(v) for v in several[0])
+        key = "lm.layer" if several[0] is layer else "lm.hook"
+        raise ConfigError(f"{key}=[{listed}] names several hook points but a run trains one SAE: harvest them in one "
+                          f"pass with cache_only=true, then train one per trial with -m {key}={listed} (or both at "
+                          f"once: -m {key}={listed} data.harvest_{key[3:]}s=[{listed}])")
 
 
 def _check_sae(values: DictConfig, refs: dict[str, Any], device_memory: tuple[str, int] | None) -> None:
@@ -261,6 +282,9 @@ def _ok(value: Any, rule: Rule, values: DictConfig, refs: dict[str, Any]) -> boo
         if isinstance(value, list):
             return bool(value) and all(_is_int(v) and v >= 0 for v in value)
         return _is_int(value) and (value >= 1 or value == -1)
+    if kind == "layers":
+        items = value if isinstance(value, list) and value else [value]
+        return all(_is_int(v) and v >= rule.lo for v in items)
     if kind == "scales":
         return isinstance(value, dict) and all(_is_number(v) and v > 0 for v in value.values())
     if kind == "list":

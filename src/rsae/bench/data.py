@@ -12,6 +12,10 @@
    sequential read of the same shard files (`readinto` a reused buffer); best of three each.
    Cold: the files' pages are dropped from the page cache first (disk speed); warm: all in the
    page cache (memory speed). Ratio = streaming / raw (target >= 70%).
+3. With `--parts multi_hook` / `live`: several hook points in one pass against one harvest each,
+   and training tokens/s of data=live against the cached stream (`rsae.bench._data_extra`).
+
+    python -m rsae.bench data --parts multi_hook live --layer 4 --multi-layers 4 8 12 --n-tokens 20000
 """
 
 from __future__ import annotations
@@ -54,6 +58,14 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--skip-harvest", action="store_true", help="only the streaming part, on --cache-dir")
     p.add_argument("--cache-dir", default=None,
                    help="where to harvest (must not hold a cache yet); default: a temporary directory, removed afterwards")
+    p.add_argument("--parts", nargs="+", default=["harvest", "stream"], choices=("harvest", "stream", "multi_hook", "live"),
+                   help="what to measure: multi_hook = --multi-layers in one pass against one harvest each; live = "
+                        "train.py tokens/s of data=live against data=activations (see rsae.bench._data_extra)")
+    p.add_argument("--multi-layers", type=int, nargs="+", default=[4, 8, 12])
+    p.add_argument("--repeats", type=int, default=2, help="multi_hook: best of this many rounds")
+    p.add_argument("--live-steps", type=int, default=81, help="live: train.py steps per run")
+    p.add_argument("--live-skip", type=int, default=17, help="live: steps before the clock starts")
+    p.add_argument("--live-buffer", type=int, default=16384, help="live: data.shuffle_buffer of the data=live run")
     p.add_argument("--json", default=None, help="also write the results to this JSON file")
     return p.parse_args(argv)
 
@@ -262,15 +274,26 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv or [])
     with tempfile.TemporaryDirectory(prefix="rsae-bench-") as tmp:
         cache_dir = Path(args.cache_dir) if args.cache_dir else Path(tmp) / "cache"
-        if (cache_dir / "manifest.json").exists() and not args.skip_harvest:
+        if (cache_dir / "manifest.json").exists() and not args.skip_harvest and "harvest" in args.parts:
             raise SystemExit(f"error: {cache_dir} already holds a cache; the harvest timing needs a fresh directory")
         results = {
             "date": time.strftime("%Y-%m-%d"),
             "machine": f"{platform.machine()} CPU, {torch.get_num_threads()} torch threads, "
                        f"{'CUDA ' + torch.cuda.get_device_name() if torch.cuda.is_available() else 'no GPU'}",
-            "harvest": None if args.skip_harvest else bench_harvest(args, cache_dir),
-            "stream": bench_stream(args, cache_dir, Path(tmp)),
         }
+        parts = [p for p in args.parts if not (p == "harvest" and args.skip_harvest)]
+        if "harvest" in parts:
+            results["harvest"] = bench_harvest(args, cache_dir)
+        if "stream" in parts:
+            results["stream"] = bench_stream(args, cache_dir, Path(tmp))
+        if "multi_hook" in parts:
+            from rsae.bench._data_extra import bench_multi_hook
+
+            results["multi_hook"] = bench_multi_hook(args, Path(tmp) / "multi")
+        if "live" in parts:
+            from rsae.bench._data_extra import bench_live
+
+            results["live"] = bench_live(args, cache_dir, Path(tmp))
     text = json.dumps(results, indent=2)
     print(text)
     if args.json:

@@ -29,8 +29,8 @@ import lightning as L
 import torch
 
 from rsae.data.cache import MANIFEST, Manifest, load_eval_tokens
-from rsae.data.harvest import build_request, harvest
-from rsae.data.hooks import HOOK_NAMES
+from rsae.data.harvest import build_request, harvest_many
+from rsae.data.hooks import HOOK_NAMES, hook_points
 from rsae.data.stream import StreamLoader, TrainStream, ValStream
 from rsae.data.text import resolve_document_separator
 
@@ -57,6 +57,11 @@ class ActivationDataModule(L.LightningDataModule):
     Args:
         name_or_path, gguf_file, revision, lm_dtype: the LM (see `rsae.data.lm.load_lm`).
         hook, layer: hook point (`resid_post`, `resid_pre`, `mlp_out`, `attn_out`, or a module path).
+            Either may be a list: every hook at every layer, harvested in one forward pass into
+            one cache each (`prepare_data` only: a run trains one SAE, on one hook point).
+        harvest_hooks, harvest_layers: more hook points (every hook at every layer) harvested in
+            the same forward pass when this module's cache is missing (None: this module's hooks /
+            layers), so that the first trial of `-m lm.layer=4,8,12` fills all three caches.
         text_files: local `.txt`/`.md`/`.parquet` files or directories (`pkg://` allowed); or
             `dataset` (+ `dataset_config`, `dataset_split`, `text_column`): a hub dataset, streamed,
             which takes precedence over `text_files` when given.
@@ -89,25 +94,33 @@ class ActivationDataModule(L.LightningDataModule):
                  num_workers: int = 0, pin_memory: bool | None = None, harvest_batch_size: int = 8,
                  harvest_device: str = "auto", shard_mb: float = 64, verify_checksums: bool = True,
                  d_in: int | None = None, progress: bool = True, shuffle_device: str = "cpu",
-                 document_separator: str = "auto"):
+                 document_separator: str = "auto", harvest_hooks: Sequence[str] | None = None,
+                 harvest_layers: Sequence[int] | None = None):
         super().__init__()
         if dataset is not None:
             text_files = None
         elif not text_files:
             raise ValueError("no text source: give text_files (local files) or dataset (a hub dataset name)")
-        if cache_dir is None:
-            try:
-                separator = resolve_document_separator(document_separator, text_files, dataset)
-            except FileNotFoundError:
-                separator = "text"  # the missing file is reported by prepare_data
-            cache_dir = default_cache_dir(cache_root, name_or_path, gguf_file, hook, layer, n_tokens, context_size,
-                                          storage_dtype, separator)
-        self.cache_dir = Path(os.path.expanduser(str(cache_dir)))
-        self.hook, self.layer = hook, layer
+        self.points = hook_points(hook, layer)  # this run's hook points (one, unless only harvesting)
+        together = hook_points(harvest_hooks if harvest_hooks is not None else hook,
+                               harvest_layers if harvest_layers is not None else layer)
+        self.harvest_points = list(dict.fromkeys(self.points + together))
+        if cache_dir is not None and len(self.harvest_points) > 1:
+            raise ValueError(f"data.cache_dir names one cache, but {len(self.harvest_points)} hook points are harvested; "
+                             "leave it null (each gets its own directory under data.cache_root)")
+        try:
+            separator = resolve_document_separator(document_separator, text_files, dataset)
+        except FileNotFoundError:
+            separator = "text"  # the missing file is reported by prepare_data
+        self.cache_dirs = {p: Path(os.path.expanduser(str(cache_dir))) if cache_dir is not None else
+                           default_cache_dir(cache_root, name_or_path, gguf_file, p[0], p[1], n_tokens, context_size,
+                                             storage_dtype, separator) for p in self.harvest_points}
+        self.cache_dir = self.cache_dirs[self.points[0]]
+        self.hook, self.layer = (hook, layer) if len(self.points) > 1 else self.points[0]
         # Names the SAE export records (SAELens / TransformerLens conventions).
         self.model_name = str(name_or_path)
-        self.hook_name = f"blocks.{layer}.hook_{hook}" if hook in HOOK_NAMES else hook
-        self.hook_layer = layer
+        self.hook_name = f"blocks.{self.layer}.hook_{self.hook}" if self.hook in HOOK_NAMES else self.hook
+        self.hook_layer = self.layer
         self.context_size = int(context_size)
         self.lm_kwargs = {"name_or_path": str(name_or_path), "gguf_file": gguf_file, "revision": revision,
                           "dtype": lm_dtype}
@@ -145,20 +158,25 @@ class ActivationDataModule(L.LightningDataModule):
     def _lm_request_args(self) -> dict:
         lm = self.lm_kwargs
         return dict(name_or_path=lm["name_or_path"], gguf_file=lm["gguf_file"], revision=lm["revision"],
-                    lm_dtype=lm["dtype"], hook=self.hook, layer=self.layer, **self.source, **self.shape)
+                    lm_dtype=lm["dtype"], **self.source, **self.shape)
 
     def request(self) -> dict:
         """The manifest's `request` this module needs (hashes the model and text files once)."""
         if self._request is None:
-            self._request = build_request(**self._lm_request_args())
+            self._request = build_request(hook=self.points[0][0], layer=self.points[0][1], **self._lm_request_args())
         return self._request
 
     def prepare_data(self) -> None:
-        """Harvest the cache if missing; otherwise validate it (mismatch or corruption is an error)."""
+        """Harvest the cache if missing, in one pass with the other hook points of `harvest_points`
+        whose caches are missing; otherwise validate it (mismatch or corruption is an error)."""
         if self.manifest is not None:  # already built or validated by this process
             return
-        lm = None if (self.cache_dir / MANIFEST).is_file() else self.language_model(self.harvest_args["device"])
-        self.manifest = harvest(self.cache_dir, d_in=self.d_in, lm=lm, **self._lm_request_args(), **self.harvest_args)
+        own = all((self.cache_dirs[p] / MANIFEST).is_file() for p in self.points)
+        points = self.points if own else self.harvest_points
+        lm = None if own else self.language_model(self.harvest_args["device"])
+        manifests = harvest_many([(self.cache_dirs[p], *p) for p in points], d_in=self.d_in, lm=lm,
+                                 **self._lm_request_args(), **self.harvest_args)
+        self.manifest = manifests[0]
         self.d_in = self.manifest.d_in
         if lm is not None and next(lm[0].parameters()).device.type != "cpu":
             self._lm = None  # GPU memory goes to training; the spliced evaluation reloads it
@@ -173,6 +191,9 @@ class ActivationDataModule(L.LightningDataModule):
         return self._lm
 
     def setup(self, stage: str | None = None) -> None:
+        if len(self.points) > 1:
+            raise ValueError(f"{len(self.points)} hook points ({', '.join(f'{h}@{l}' for h, l in self.points)}): a run "
+                             "trains one SAE; harvest them with cache_only=true, train with -m (one trial each)")
         if self.manifest is None:  # ranks other than the one that ran prepare_data
             manifest = Manifest.load(self.cache_dir)
             manifest.check_request(self.request(), self.d_in)

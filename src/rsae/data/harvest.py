@@ -9,7 +9,9 @@ An existing complete cache is validated against the request and returned; an int
 
 from __future__ import annotations
 
+import contextlib
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
@@ -17,7 +19,7 @@ import torch
 from tqdm.auto import tqdm
 
 from rsae.data import cache as C
-from rsae.data.hooks import resolve_hook, run_to_hook
+from rsae.data.hooks import resolve_hook, run_to_hooks
 from rsae.data.lm import check_lm_source, lm_identity, load_lm, tokenizer_sha256, torch_dtype
 from rsae.data.text import (
     expand_text_files,
@@ -64,58 +66,100 @@ def build_request(*, name_or_path: str, gguf_file: str | None = None, revision: 
     }
 
 
-def harvest(cache_dir: str | Path, *, name_or_path: str, hook: str = "resid_post", layer: int | None = 0,
-            gguf_file: str | None = None, revision: str | None = None, lm_dtype: str = "float32",
-            text_files: Sequence[str] | None = None, dataset: str | None = None, dataset_config: str | None = None,
-            dataset_split: str = "train", text_column: str = "text", n_tokens: int = 100_000,
-            context_size: int = 128, val_fraction: float = 0.1, storage_dtype: str = "bfloat16",
-            prepend_bos: bool = True, exclude_special_tokens: bool = True, document_separator: str = "auto",
-            batch_size: int = 8,
-            shard_mb: float = 64, device: str = "auto", verify_checksums: bool = True, d_in: int | None = None,
-            progress: bool = True, lm: tuple | None = None) -> C.Manifest:
+def harvest(cache_dir: str | Path, *, hook: str = "resid_post", layer: int | None = 0, **kwargs) -> C.Manifest:
     """Build (or validate and reuse) the activation cache at `cache_dir`; returns its Manifest.
 
-    `batch_size` is in sequences per forward pass; `shard_mb` is the target shard size; `lm` is an
-    optional already-loaded `(model, tokenizer)` matching `name_or_path`.
+    Keyword arguments as for `harvest_many`, which this is for one hook point.
     """
-    root = Path(cache_dir)
+    return harvest_many([(cache_dir, hook, layer)], **kwargs)[0]
+
+
+def harvest_many(targets: Sequence[tuple[str | Path, str, int | None]], *, name_or_path: str,
+                 gguf_file: str | None = None, revision: str | None = None, lm_dtype: str = "float32",
+                 text_files: Sequence[str] | None = None, dataset: str | None = None,
+                 dataset_config: str | None = None, dataset_split: str = "train", text_column: str = "text",
+                 n_tokens: int = 100_000, context_size: int = 128, val_fraction: float = 0.1,
+                 storage_dtype: str = "bfloat16", prepend_bos: bool = True, exclude_special_tokens: bool = True,
+                 document_separator: str = "auto", batch_size: int = 8, shard_mb: float = 64, device: str = "auto",
+                 verify_checksums: bool = True, d_in: int | None = None, progress: bool = True,
+                 lm: tuple | None = None) -> list[C.Manifest]:
+    """Caches for several `(cache_dir, hook, layer)` targets of one model and text, the missing
+    ones filled in one forward pass per batch (stopped after the deepest hook point); returns
+    their Manifests in order. Each cache is the one `harvest` writes for its hook point alone:
+    the same shards, byte for byte, and the same manifest but for its times.
+
+    `batch_size` is in sequences per forward pass; `shard_mb` is the target shard size; `lm` is an
+    optional already-loaded `(model, tokenizer)` matching `name_or_path`; `d_in`, when given, is
+    the width every hook point must have.
+    """
+    roots = [Path(t[0]) for t in targets]
+    if len({r.resolve() for r in roots}) != len(roots):
+        raise ValueError(f"two hook points share a cache directory: {[str(r) for r in roots]}")
     text_source = dict(text_files=None if text_files is None else [str(f) for f in text_files], dataset=dataset,
                        dataset_config=dataset_config, dataset_split=dataset_split, text_column=text_column,
                        document_separator=resolve_document_separator(document_separator, text_files, dataset))
-    request = build_request(name_or_path=name_or_path, gguf_file=gguf_file, revision=revision, lm_dtype=lm_dtype,
-                            hook=hook, layer=layer, context_size=context_size, n_tokens=n_tokens,
-                            val_fraction=val_fraction, storage_dtype=storage_dtype, prepend_bos=prepend_bos,
-                            exclude_special_tokens=exclude_special_tokens, **text_source)
-    if not (root / C.MANIFEST).is_file():
-        with C.cache_lock(root):
-            if not (root / C.MANIFEST).is_file():  # nobody finished it while we waited
-                return _build(root, request, text_source, name_or_path=name_or_path, hook=hook, layer=layer,
-                              gguf_file=gguf_file, revision=revision, lm_dtype=lm_dtype, n_tokens=n_tokens,
-                              context_size=context_size, val_fraction=val_fraction, storage_dtype=storage_dtype,
-                              prepend_bos=prepend_bos, exclude_special_tokens=exclude_special_tokens,
-                              batch_size=batch_size, shard_mb=shard_mb, device=device, d_in=d_in,
-                              progress=progress, lm=lm)
-    manifest = C.Manifest.load(root)
-    manifest.check_request(request, d_in)
-    manifest.verify(checksums=verify_checksums)
-    return manifest
+    base = build_request(name_or_path=name_or_path, gguf_file=gguf_file, revision=revision, lm_dtype=lm_dtype,
+                         context_size=context_size, n_tokens=n_tokens, val_fraction=val_fraction,
+                         storage_dtype=storage_dtype, prepend_bos=prepend_bos,
+                         exclude_special_tokens=exclude_special_tokens, **text_source)  # hashes model and text once
+    requests = [{**base, "hook": hook, "layer": None if layer is None else int(layer)} for _, hook, layer in targets]
+    built: dict[int, C.Manifest] = {}
+    missing = [i for i, root in enumerate(roots) if not (root / C.MANIFEST).is_file()]
+    if missing:
+        with contextlib.ExitStack() as locks:
+            for i in sorted(missing, key=lambda i: str(roots[i].resolve())):  # one order: no deadlock
+                locks.enter_context(C.cache_lock(roots[i]))
+            missing = [i for i in missing if not (roots[i] / C.MANIFEST).is_file()]  # finished while we waited?
+            if missing:
+                todo = [_Target(roots[i], requests[i], targets[i][1], targets[i][2]) for i in missing]
+                manifests = _build(todo, text_source, name_or_path=name_or_path, gguf_file=gguf_file,
+                                   revision=revision, lm_dtype=lm_dtype, n_tokens=n_tokens, context_size=context_size,
+                                   val_fraction=val_fraction, storage_dtype=storage_dtype, prepend_bos=prepend_bos,
+                                   exclude_special_tokens=exclude_special_tokens, batch_size=batch_size,
+                                   shard_mb=shard_mb, device=device, d_in=d_in, progress=progress, lm=lm)
+                built = dict(zip(missing, manifests))
+    out = []
+    for i, root in enumerate(roots):
+        if i not in built:
+            manifest = C.Manifest.load(root)
+            manifest.check_request(requests[i], d_in)
+            manifest.verify(checksums=verify_checksums)
+            built[i] = manifest
+        out.append(built[i])
+    return out
 
 
-def _build(root: Path, request: dict, text_source: dict, *, name_or_path, hook, layer, gguf_file, revision, lm_dtype,
-           n_tokens, context_size, val_fraction, storage_dtype, prepend_bos, exclude_special_tokens, batch_size,
-           shard_mb, device, d_in, progress, lm) -> C.Manifest:
-    """Harvest into `root` (resuming an interrupted harvest of the same request)."""
+@dataclass
+class _Target:
+    """One cache being harvested: where, for which request and hook point, and its progress."""
+
+    root: Path
+    request: dict
+    hook: str
+    layer: int | None
+    state: dict = field(default_factory=dict)
+    width: int = 0
+    eval_tokens: dict = field(default_factory=dict)
+    pending: list = field(default_factory=list)  # per-batch rows of the shard being filled
+
+
+def _build(targets: list[_Target], text_source: dict, *, name_or_path, gguf_file, revision, lm_dtype, n_tokens,
+           context_size, val_fraction, storage_dtype, prepend_bos, exclude_special_tokens, batch_size, shard_mb,
+           device, d_in, progress, lm) -> list[C.Manifest]:
+    """Harvest into every target's directory (resuming interrupted harvests of the same requests)."""
     dataset, dataset_config = text_source["dataset"], text_source["dataset_config"]
     dataset_split, text_column, text_files = (text_source["dataset_split"], text_source["text_column"],
                                               text_source["text_files"])
-    done = _resume_state(root, request)
-    # A process killed mid-write leaves `<file>.tmp`; we hold the lock, so none is being written.
-    for stale in [*root.glob("*.tmp"), *root.glob("train/*.tmp"), *root.glob("val/*.tmp")]:
-        stale.unlink(missing_ok=True)
+    dones = [_resume_state(t.root, t.request) for t in targets]
+    for t in targets:  # a process killed mid-write leaves `<file>.tmp`; we hold the lock, so none is being written
+        for stale in [*t.root.glob("*.tmp"), *t.root.glob("train/*.tmp"), *t.root.glob("val/*.tmp")]:
+            stale.unlink(missing_ok=True)
     started = time.perf_counter()
     model, tokenizer = lm if lm is not None else load_lm(name_or_path, gguf_file, lm_dtype, device, revision)
     device_ = next(model.parameters()).device
-    resolve_hook(model, hook, layer)  # fail on a bad hook before tokenising
+    points = [(t.hook, t.layer) for t in targets]
+    for hook, layer in points:
+        resolve_hook(model, hook, layer)  # fail on a bad hook before tokenising
     max_positions = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", None)
     if max_positions is not None and context_size > max_positions:
         raise ValueError(f"context_size {context_size} exceeds the model's {max_positions} positions")
@@ -132,70 +176,94 @@ def _build(root: Path, request: dict, text_source: dict, *, name_or_path, hook, 
         print(f"[rsae] note: the text gives only {len(tokens) * context_size} tokens (n_tokens={n_tokens})")
 
     with torch.inference_mode():
-        probe = run_to_hook(model, hook, layer, input_ids=tokens[:1].to(device_))
-    if probe.ndim != 3:
-        raise ValueError(f"hook {hook!r} gives a {probe.ndim}-d activation {tuple(probe.shape)}; expected [batch, seq, d]")
-    width = probe.shape[-1]
-    if d_in is not None and int(d_in) != width:
-        raise C.CacheMismatchError(f"hook {hook!r} at layer {layer} has d_in={width}, but d_in={d_in} was requested")
+        probes = run_to_hooks(model, points, input_ids=tokens[:1].to(device_))
     itemsize = torch.empty((), dtype=C.storage_dtype(storage_dtype)).element_size()
-    seqs_per_shard = done.get("seqs_per_shard") or max(1, int(shard_mb * 2**20 / (width * itemsize * context_size)))
-
-    state = {
-        "request": request,
-        "seqs_per_shard": seqs_per_shard,
-        "splits": done.get("splits", {"train": [], "val": []}),
-    }
-    C.make_dirs(root / "train", root / "val")
-    C.write_sealed_json(root / C.PROGRESS, state)
-    eval_tokens = C.write_tensors(root / C.EVAL_TOKENS, {"input_ids": tokens[n_train:], "keep": keep[n_train:]})
+    for t, done, probe in zip(targets, dones, probes):
+        if probe.ndim != 3:
+            raise ValueError(f"hook {t.hook!r} gives a {probe.ndim}-d activation {tuple(probe.shape)}; expected [batch, seq, d]")
+        t.width = probe.shape[-1]
+        if d_in is not None and int(d_in) != t.width:
+            raise C.CacheMismatchError(f"hook {t.hook!r} at layer {t.layer} has d_in={t.width}, but d_in={d_in} was requested")
+        t.state = {"request": t.request,
+                   "seqs_per_shard": done.get("seqs_per_shard") or max(1, int(shard_mb * 2**20 / (t.width * itemsize * context_size))),
+                   "splits": done.get("splits", {"train": [], "val": []})}
+        C.make_dirs(t.root / "train", t.root / "val")
+        C.write_sealed_json(t.root / C.PROGRESS, t.state)
+        t.eval_tokens = C.write_tensors(t.root / C.EVAL_TOKENS, {"input_ids": tokens[n_train:], "keep": keep[n_train:]})
 
     ranges = {"train": (0, n_train), "val": (n_train, n_train + n_val)}
     todo = sum(hi - lo for lo, hi in ranges.values()) * context_size
-    already = sum(_shard_seqs(s) for shards in state["splits"].values() for s in shards) * context_size
-    bar = tqdm(total=todo, initial=already, unit="tok", unit_scale=True, disable=not progress,
-               desc=f"harvest {hook}@{layer}", dynamic_ncols=True)
+    already = min(sum(_shard_seqs(s) for shards in t.state["splits"].values() for s in shards) for t in targets)
+    where = ", ".join(f"{h}@{l}" for h, l in points)
+    bar = tqdm(total=todo, initial=already * context_size, unit="tok", unit_scale=True, disable=not progress,
+               desc=f"harvest {where}", dynamic_ncols=True)
     store = C.storage_dtype(storage_dtype)
     for split, (lo, hi) in ranges.items():
-        shards = state["splits"][split]
-        for first in range(lo + sum(_shard_seqs(s) for s in shards), hi, seqs_per_shard):
-            last = min(first + seqs_per_shard, hi)
-            rows = _harvest_rows(model, hook, layer, tokens, keep, first, last, batch_size, store, bar)
-            name = f"{split}/{len(shards):05d}.safetensors"
-            entry = C.write_shard(root / name, rows)
-            entry = {"file": name, **entry, "sequences": [first, last],
-                     "norm_sum": float(rows["acts"].float().norm(dim=1).double().sum())}
-            shards.append(entry)
-            C.write_sealed_json(root / C.PROGRESS, state)
+        # Batches start at every target's shard boundaries (so a batch never spans two shards of
+        # any target, and a target alone gets exactly its single harvest's batches).
+        nexts = [lo + sum(_shard_seqs(s) for s in t.state["splits"][split]) for t in targets]
+        cuts = sorted({hi, *(b for t in targets for b in range(lo, hi, t.state["seqs_per_shard"]))})
+        for first, last in zip(cuts[:-1], cuts[1:]):
+            for a in range(first, last, batch_size):
+                b = min(a + batch_size, last)
+                active = [i for i, n in enumerate(nexts) if n <= a]
+                if not active:
+                    continue
+                rows = _harvest_rows(model, [points[i] for i in active], tokens, keep, a, b, store)
+                bar.update((b - a) * context_size)
+                for i, part in zip(active, rows):
+                    t = targets[i]
+                    t.pending.append(part)
+                    if b == min(nexts[i] + t.state["seqs_per_shard"], hi):  # this target's shard is complete
+                        _write_shard(t, split, nexts[i], b)
+                        nexts[i] = b
     bar.close()
+    seconds = round(time.perf_counter() - started, 2)
+    return [_finish(t, model, tokenizer, tokens, n_train, n_val, text_source, name_or_path, gguf_file, revision,
+                    batch_size, shard_mb, device_, seconds) for t in targets]
 
-    train_rows = sum(s["rows"] for s in state["splits"]["train"])
+
+def _write_shard(t: _Target, split: str, first: int, last: int) -> None:
+    rows = {key: torch.cat([part[key] for part in t.pending]) for key in t.pending[0]}
+    t.pending = []
+    shards = t.state["splits"][split]
+    name = f"{split}/{len(shards):05d}.safetensors"
+    entry = C.write_shard(t.root / name, rows)
+    shards.append({"file": name, **entry, "sequences": [first, last],
+                   "norm_sum": float(rows["acts"].float().norm(dim=1).double().sum())})
+    C.write_sealed_json(t.root / C.PROGRESS, t.state)
+
+
+def _finish(t: _Target, model, tokenizer, tokens, n_train, n_val, text_source, name_or_path, gguf_file, revision,
+            batch_size, shard_mb, device_, seconds) -> C.Manifest:
+    """Write the target's manifest (last: the cache is complete) and drop its progress record."""
+    splits = t.state["splits"]
+    train_rows = sum(s["rows"] for s in splits["train"])
     if train_rows == 0:
         raise ValueError("no training rows: every position was masked out or the text is too short")
     manifest = {
         "schema_version": C.SCHEMA_VERSION,
         "created": C.now_iso(),
-        "request": request,
-        "d_in": int(width),
+        "request": t.request,
+        "d_in": int(t.width),
         "lm": {"name_or_path": str(name_or_path), "gguf_file": gguf_file, "revision": revision,
                "architecture": type(model).__name__, "commit": getattr(model.config, "_commit_hash", None),
-               "module": resolve_hook(model, hook, layer).path},
+               "module": resolve_hook(model, t.hook, t.layer).path},
         "tokenizer": {"sha256": tokenizer_sha256(tokenizer), "bos_token_id": tokenizer.bos_token_id,
                       "vocab_size": len(tokenizer)},
         "text_files": text_source["text_files"] and [str(f) for f in expand_text_files(text_source["text_files"])],
         "tokens": {"sequences": len(tokens), "train_sequences": n_train, "val_sequences": n_val,
-                   "positions": len(tokens) * context_size},
-        "splits": {split: {"rows": sum(s["rows"] for s in shards), "shards": shards}
-                   for split, shards in state["splits"].items()},
-        "eval_tokens": {"file": C.EVAL_TOKENS, **eval_tokens},
-        "stats": {"mean_norm": sum(s["norm_sum"] for s in state["splits"]["train"]) / train_rows},
-        "args": {"batch_size": batch_size, "shard_mb": shard_mb, "device": str(device_), "seqs_per_shard": seqs_per_shard,
-                 **text_source},
-        "harvest_seconds": round(time.perf_counter() - started, 2),
+                   "positions": len(tokens) * tokens.shape[1]},
+        "splits": {split: {"rows": sum(s["rows"] for s in shards), "shards": shards} for split, shards in splits.items()},
+        "eval_tokens": {"file": C.EVAL_TOKENS, **t.eval_tokens},
+        "stats": {"mean_norm": sum(s["norm_sum"] for s in splits["train"]) / train_rows},
+        "args": {"batch_size": batch_size, "shard_mb": shard_mb, "device": str(device_),
+                 "seqs_per_shard": t.state["seqs_per_shard"], **text_source},
+        "harvest_seconds": seconds,
     }
-    manifest = C.write_manifest(root, manifest)
-    (root / C.PROGRESS).unlink(missing_ok=True)
-    return C.Manifest(root, manifest)
+    manifest = C.write_manifest(t.root, manifest)
+    (t.root / C.PROGRESS).unlink(missing_ok=True)
+    return C.Manifest(t.root, manifest)
 
 
 def _shard_seqs(entry: dict) -> int:
@@ -222,23 +290,21 @@ def _resume_state(root: Path, request: dict) -> dict:
     return state
 
 
-def _harvest_rows(model, hook, layer, tokens, keep, first, last, batch_size, store, bar) -> dict:
-    """Activations at kept positions of sequences [first, last) in the storage dtype, with their
-    token ids and places. Selection, conversion and the NaN check happen on the model's device."""
-    acts, ids, seqs, positions = [], [], [], []
+def _harvest_rows(model, points, tokens, keep, lo, hi, store) -> list[dict]:
+    """For each hook point: activations at kept positions of sequences [lo, hi) in the storage
+    dtype, with their token ids and places. Selection, conversion and the NaN check happen on the
+    model's device."""
     context = tokens.shape[1]
     device = next(model.parameters()).device
+    batch, mask = tokens[lo:hi], keep[lo:hi]
     with torch.inference_mode():
-        for lo in range(first, last, batch_size):
-            hi = min(lo + batch_size, last)
-            batch = tokens[lo:hi]
-            out = run_to_hook(model, hook, layer, input_ids=batch.to(device))
-            mask = keep[lo:hi]
+        outs = run_to_hooks(model, points, input_ids=batch.to(device))
+        ids = batch[mask].to(torch.int32)
+        seqs = torch.arange(lo, hi, dtype=torch.int32)[:, None].expand(-1, context)[mask]
+        positions = torch.arange(context, dtype=torch.int32)[None, :].expand(hi - lo, -1)[mask]
+        rows = []
+        for (hook, layer), out in zip(points, outs):
             selected = out[mask.to(out.device)].to(store)
             C.check_finite(selected, f"sequences {lo}-{hi - 1} ({hook} at layer {layer})")
-            acts.append(selected.cpu())
-            ids.append(batch[mask].to(torch.int32))
-            seqs.append(torch.arange(lo, hi, dtype=torch.int32)[:, None].expand(-1, context)[mask])
-            positions.append(torch.arange(context, dtype=torch.int32)[None, :].expand(hi - lo, -1)[mask])
-            bar.update((hi - lo) * context)
-    return {"acts": torch.cat(acts), "tokens": torch.cat(ids), "seq": torch.cat(seqs), "pos": torch.cat(positions)}
+            rows.append({"acts": selected.cpu(), "tokens": ids, "seq": seqs, "pos": positions})
+    return rows

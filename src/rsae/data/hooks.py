@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Sequence
 
 import torch
 from torch import nn
@@ -38,6 +38,22 @@ class HookPoint:
     module: nn.Module
     path: str
     pre: bool = False
+
+
+def hook_points(hook, layer) -> list[tuple[str, int | None]]:
+    """`(hook, layer)` pairs named by a hook and a layer, each a single value or a list: every
+    hook with every layer, hooks outer (`[resid_post, mlp_out]` x `[4, 8]` gives four). A module
+    path ignores its layer; give it with one."""
+    def as_list(value) -> list:
+        if isinstance(value, (str, int)) or value is None:
+            return [value]
+        return list(value)
+
+    hooks, layers = as_list(hook), as_list(layer)
+    if not hooks or not layers:
+        raise ValueError(f"no hook point: hook={hook!r}, layer={layer!r}")
+    points = [(str(h), None if l is None else int(l)) for h in hooks for l in layers]
+    return list(dict.fromkeys(points))
 
 
 def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
@@ -168,6 +184,48 @@ def run_to_hook(model: nn.Module, hook: str, layer: int | None, **inputs) -> tor
     with capture(model, hook, layer) as cap:
         model(**inputs, use_cache=False)
     return cap.value
+
+
+@contextlib.contextmanager
+def capture_many(model: nn.Module, points: Sequence[tuple[str, int | None]], stop: bool = True) -> Iterator[list[Capture]]:
+    """`capture` for several `(hook, layer)` points in one forward pass: one Capture each, in the
+    order given. With `stop=True` the pass is abandoned once the last of them (the deepest) has
+    fired. Each point keeps its first activation, cloned unless the pass stops right after it
+    (the rest of the pass runs after it)."""
+    resolved = [resolve_hook(model, hook, layer) for hook, layer in points]
+    holders = [Capture() for _ in points]
+    waiting = set(range(len(points)))
+
+    def recorder(i: int) -> Callable[[torch.Tensor], None]:
+        def record(activation: torch.Tensor) -> None:
+            if i not in waiting:
+                return
+            waiting.discard(i)
+            last = stop and not waiting  # nothing runs after it
+            holders[i].value = activation.detach() if last else activation.detach().clone()
+            if stop and not waiting:
+                raise _StopForward
+
+        return record
+
+    handles = [_attach(point, recorder(i)) for i, point in enumerate(resolved)]
+    try:
+        yield holders
+    except _StopForward:
+        pass
+    finally:
+        for handle in handles:
+            handle.remove()
+    if waiting:
+        names = ", ".join(f"{points[i][0]!r} at layer {points[i][1]} ({resolved[i].path})" for i in sorted(waiting))
+        raise RuntimeError(f"hook {names} never fired during the forward pass")
+
+
+def run_to_hooks(model: nn.Module, points: Sequence[tuple[str, int | None]], **inputs) -> list[torch.Tensor]:
+    """Forward `inputs` until the deepest of `points` and return each point's activation."""
+    with capture_many(model, points) as caps:
+        model(**inputs, use_cache=False)
+    return [cap.value for cap in caps]
 
 
 @contextlib.contextmanager

@@ -49,6 +49,8 @@ def fit(cfg: DictConfig) -> dict[str, Any]:
     ckpt = read_checkpoint(ckpt_path) if ckpt_path is not None else None
     L.seed_everything(cfg.seed, workers=True)
     dm = instantiate(cfg.data)
+    if ckpt is not None and callable(getattr(dm, "restore_before_setup", None)):
+        dm.restore_before_setup(ckpt.get(type(dm).__qualname__))  # data=live: its mean norm, not estimated again
     if cfg.get("cache_only"):
         dm.prepare_data()
         log.info("cache ready; exiting (cache_only=true)")
