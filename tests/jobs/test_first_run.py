@@ -47,7 +47,7 @@ def test_periodic_validation_when_asked(tmp_path):
 def test_help_describes_the_project():
     text = run_train("--help").stdout
     assert "train a sparse autoencoder" in text and "python train.py experiment=rsae_upgrade" in text
-    assert "sae: batchtopk, jumprelu, rational, relu, topk" in text  # the groups and their options
+    assert "sae: batchtopk, jumprelu, matryoshka, rational, relu, topk" in text  # the groups and their options
     assert "Powered by Hydra" not in text
     text = run_train("--help", script="evaluate.py").stdout
     assert "evaluate an exported SAE" in text and "eval.n_tokens" in text
