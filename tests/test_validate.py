@@ -26,7 +26,7 @@ def error(cfg, **kw) -> str:
 
 
 def test_defaults_pass():
-    for group in ("sae=topk", "sae=relu", "sae=jumprelu", "sae=batchtopk", "sae=rational"):
+    for group in ("sae=topk", "sae=relu", "sae=jumprelu", "sae=batchtopk", "sae=matryoshka", "sae=rational"):
         check_config(config(group, "data=synthetic"))
         check_config(config(group))  # data=activations: d_in unknown until the cache is read
 

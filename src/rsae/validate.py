@@ -134,7 +134,8 @@ SAE = {
     "c_in_init": POSITIVE, "c_out_init": Float(0, lo_open=True, null=True), "t_max": POSITIVE,
     "gate": Choice("none", "relu", "jumprelu", "topk"), "sparsity": Choice("codes", "mask"),
 }
-SAE_BY_TARGET = {"RationalSAE": {"k": Int(1, "d_sae", null=True)}}  # k only for gate=topk
+SAE_BY_TARGET = {"RationalSAE": {"k": Int(1, "d_sae", null=True)},  # k only for gate=topk
+                 "JumpReLUSAE": {"init_threshold": Float(0, lo_open=True, null=True)}}  # null: from l0_target
 UPGRADE = {
     "gate": Choice("teacher", "none", "relu", "jumprelu", "topk"), "degrees": Rule("list", 0, length=2, null=True),
     "denominator": Choice("A", "B"), "sharing": Choice("shared", "group", "latent"), "n_groups": COUNT,

@@ -4,9 +4,10 @@ import pytest
 import torch
 
 from rsae.io.saelens import build_sae, load_sae, save_sae
-from rsae.sae import BatchTopKSAE, ConfigError, JumpReLUSAE, ReLUSAE, TopKSAE
+from rsae.sae import BatchTopKSAE, ConfigError, JumpReLUSAE, MatryoshkaSAE, ReLUSAE, TopKSAE
 
-CASES = [(ReLUSAE, {}, "standard"), (JumpReLUSAE, {}, "jumprelu"), (TopKSAE, {"k": 5}, "topk"), (BatchTopKSAE, {"k": 5}, "jumprelu")]
+CASES = [(ReLUSAE, {}, "standard"), (JumpReLUSAE, {}, "jumprelu"), (TopKSAE, {"k": 5}, "topk"), (BatchTopKSAE, {"k": 5}, "jumprelu"),
+         (MatryoshkaSAE, {"k": 5, "group_sizes": [8, 24, 32]}, "jumprelu")]
 
 
 def _trained_like(cls, kw, scale):

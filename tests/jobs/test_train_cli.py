@@ -11,7 +11,7 @@ from conftest import run_train
 COMMON = ("data=synthetic", "logger=csv", "data.batch_size=256", "trainer.val_check_interval=100")
 
 
-@pytest.mark.parametrize("sae", ["relu", "jumprelu", "topk", "batchtopk"])
+@pytest.mark.parametrize("sae", ["relu", "jumprelu", "topk", "batchtopk", "matryoshka"])
 def test_train_writes_metrics_export_and_checkpoint(tmp_path, sae):
     run_train(f"sae={sae}", "trainer.max_steps=300", f"hydra.run.dir={tmp_path}", *COMMON)
     metrics = json.loads((tmp_path / "metrics.json").read_text())

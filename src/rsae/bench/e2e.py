@@ -42,7 +42,7 @@ def run_e2e(arch, d, m, batch, args, device, data_args: list[str], work: Path, w
         f"hydra.run.dir={run_dir}", f"seed={args.seed}", f"module.cuda_graph={str(cuda_graph).lower()}",
         *args.e2e_overrides.split(),
     ]
-    if arch in ("topk", "batchtopk"):
+    if arch in ("topk", "batchtopk", "matryoshka"):
         overrides.append(f"sae.k={args.k}")
     if cpu:
         overrides.append("trainer.precision=32-true")

@@ -51,7 +51,7 @@ def bench_rsae(arch, d, m, batch, variant, args, device, batches, scale, dead: i
         res["profile"] = prof
     if device.type == "cuda":
         res["peak_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
-    if arch in ("topk", "batchtopk"):
+    if arch in ("topk", "batchtopk", "matryoshka"):
         from rsae.sae import fast
 
         res["topk_selection"] = {str(k[:3]): v for k, v in fast._choice.items() if k[1] == m}

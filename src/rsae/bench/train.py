@@ -1,7 +1,7 @@
 """Training-step benchmark: rsae's step (plain, fast, compiled) beside SAELens, end to end through
 train.py on a cached activation stream, and a quality check of the fast path.
 
-    python -m rsae.bench train --arch relu,jumprelu,topk,batchtopk,rational \\
+    python -m rsae.bench train --arch relu,jumprelu,topk,batchtopk,matryoshka,rational \\
         --shapes 768x24576,2304x65536 --batch 4096 --e2e relu,jumprelu,topk --quality relu,topk,rational
     python -m rsae.bench train --device cpu --shapes 16x64 --batch 32 --steps 2   # smoke run
 
@@ -138,7 +138,7 @@ def main(argv: list[str] | None = None, parts=PARTS, prog: str = "python -m rsae
     pairs = [(a, v) for a in archs for v in variants]
     # First pass: what the targets compare (plain baselines of ReLU / rational / TopK, the compiled
     # steps, SAELens); the eager fast variants and the other plain baselines come last.
-    first = [(a, v) for a, v in pairs if v != "fast" and not (v == "plain" and a in ("jumprelu", "batchtopk"))]
+    first = [(a, v) for a, v in pairs if v != "fast" and not (v == "plain" and a in ("jumprelu", "batchtopk", "matryoshka"))]
     later = [p for p in pairs if p not in first]
 
     def raw_steps(d, m, todo, saelens: bool):
@@ -150,7 +150,7 @@ def main(argv: list[str] | None = None, parts=PARTS, prog: str = "python -m rsae
                         continue  # CUDA graphs cut launch overhead, which matters at the small shape
                     if a != arch:
                         continue
-                    for dead in [0] + ([int(n) for n in csv(args.dead)] if arch in ("topk", "batchtopk") else []):
+                    for dead in [0] + ([int(n) for n in csv(args.dead)] if arch in ("topk", "batchtopk", "matryoshka") else []):
                         record(bench_rsae, arch, d, m, b, variant, args, device, data, scale, dead,
                                kind="rsae", arch=f"{arch} ({dead} dead)" if dead else arch, variant=variant,
                                d=d, m=m, batch=b)
