@@ -30,6 +30,11 @@ def resolve_d_sae(d_in: int, d_sae: int | None, expansion_factor: int | None) ->
     return d_sae
 
 
+# The registry: exported `architecture` (SAELens names, plus our own) -> class. A class registers
+# itself by declaring `architecture` (and any `aliases`); `rsae.io.saelens.build_sae` looks here.
+ARCHITECTURES: dict[str, type["SAE"]] = {}
+
+
 class SAEOutput:
     """One training forward pass: reconstruction, codes, pre-activations and the loss terms.
 
@@ -68,6 +73,16 @@ class SAE(nn.Module):
     """Base class. Subclasses set `architecture` and override `activation` / `aux_losses`."""
 
     architecture: str = "base"
+    aliases: tuple[str, ...] = ()  # other names an export may use for this class
+    # The sparsity mechanism of a fixed-gate SAE (relu | jumprelu | topk | batchtopk, the files of
+    # `rsae.sae.mechanisms`): what an upgrade's rational mask reproduces. None: not an upgrade teacher.
+    mechanism: str | None = None
+
+    def __init_subclass__(cls, **kwargs) -> None:
+        super().__init_subclass__(**kwargs)
+        if "architecture" in cls.__dict__:  # registers itself (a subclass without its own name does not)
+            for name in (cls.architecture, *cls.__dict__.get("aliases", ())):
+                ARCHITECTURES[name] = cls
 
     def __init__(
         self,
@@ -194,6 +209,18 @@ class SAE(nn.Module):
         if self.uses_auxk():
             self._dead_bound().record(self.tokens_since_fired, n_tokens, self.dead_after_tokens)
 
+    def aux_columns(self) -> int:
+        """How many columns this step's AuxK covers: 0 (no latent dead), a `fast.aux_capacities` size
+        that holds every dead latent, or d_sae. A fast step decided it without waiting for the GPU
+        (TopK's, `_step_aux_capacity`; a captured one, `before_captured_step`); the plain step (the
+        reference) counts the dead latents and always covers every column."""
+        capacity = getattr(self, "_step_aux_capacity", None)
+        if capacity is None and self.step_in_cuda_graph:
+            capacity = getattr(self, "_aux_capacity", self.d_sae)
+        if capacity is None:
+            capacity = self.d_sae if bool(self.dead_mask().any()) else 0
+        return capacity
+
     def _dead_bound(self) -> fast.DeadLatentBound:
         if getattr(self, "_bound", None) is None:
             self._bound = fast.DeadLatentBound()
@@ -220,6 +247,24 @@ class SAE(nn.Module):
     def normalize_decoder(self) -> None:
         if self.unit_norm_decoder:
             self.W_dec /= self.W_dec.norm(dim=1, keepdim=True).clamp_min(1e-12)
+
+    # --- what the jobs ask of an architecture -------------------------------------------------
+    def sparsity_lever(self) -> str | None:
+        """The attribute (a loss coefficient) a controller such as HoldL0 adapts to move L0; None
+        when L0 is fixed by construction (TopK's k)."""
+        return None
+
+    def configure_control(self, coefficients: dict[str, float]) -> None:
+        """Make this SAE the compute-matched control of an upgrade (the teacher fine-tuned with its
+        own gate and loss): its sparsity lever takes the value named for it in `coefficients`."""
+        lever = self.sparsity_lever()
+        if lever is not None:
+            setattr(self, lever, float(coefficients[lever]))
+
+    def upgrade_threshold(self) -> Tensor | None:
+        """Per-latent thresholds [d_sae] (float32) the mechanism applies at inference, if any: an
+        upgrade reproduces it with the rational SAE's jumprelu mask at these thresholds."""
+        return None
 
     def lr_scales(self) -> dict[str, float]:
         """Learning-rate multipliers this architecture asks for, by parameter-name prefix (the
@@ -257,7 +302,7 @@ class SAE(nn.Module):
     @classmethod
     def kwargs_from_export(cls, cfg: dict) -> dict:
         """Constructor arguments (besides d_in/d_sae) recorded in an exported `cfg.json`."""
-        return {"k": int(cfg["k"])} if "k" in cfg else {}
+        return {}
 
     def load_exported(self, tensors: dict[str, Tensor], cfg: dict) -> None:
         """Inverse of `export_tensors` at scale 1 (exported weights already act on raw inputs)."""

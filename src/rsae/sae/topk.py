@@ -1,8 +1,5 @@
-"""TopK SAE: keep the k largest pre-activations per token (then ReLU), with the AuxK loss.
-
-AuxK (Gao et al. 2024): latents that have not fired for `dead_after_tokens` tokens try to
-reconstruct the main model's residual with their own top-`k_aux`, weighted by `aux_coefficient`
-and normalised by the input variance, which revives dead latents.
+"""TopK SAE: the skeleton plus the TopK mechanism (`rsae.sae.mechanisms.topk`): keep the k largest
+pre-activations per token (then ReLU), with the AuxK loss that revives dead latents.
 
 Training step (`training_output`), unless `rsae.sae.fast.disabled()`:
 * On CUDA, from d_sae / k >= SPARSE_STEP_RATIO: the sparse step of `rsae.sae.sparse_step`. After
@@ -30,6 +27,7 @@ from torch import Tensor
 
 from rsae.sae import fast, sparse_step
 from rsae.sae.base import SAE, SAEOutput, require, resolve_d_sae
+from rsae.sae.mechanisms.topk import auxk_loss, default_k_aux, topk_relu
 
 # Decode sparsely when k * ratio <= d_sae, the ratio by device type. CUDA, measured on an H200
 # (bf16, k = 32, batch 4096): the sparse decoder (embedding_bag forward and backward) cost 0.86 ms
@@ -44,13 +42,9 @@ SPARSE_DECODE_RATIO = {"cuda": 1280, "other": 128}
 SPARSE_STEP_RATIO = int(os.environ.get("RSAE_SPARSE_STEP_RATIO", 150))
 
 
-def topk_relu(h: Tensor, k: int) -> Tensor:
-    values, indices = torch.topk(h, k, dim=-1, sorted=False)
-    return torch.zeros_like(h).scatter_(-1, indices, values.relu())
-
-
 class TopKSAE(SAE):
     architecture = "topk"
+    mechanism = "topk"
 
     def __init__(
         self,
@@ -70,7 +64,7 @@ class TopKSAE(SAE):
         super().__init__(d_in, d_sae, **kw)
         self.k = k
         self.aux_coefficient = aux_coefficient
-        self.k_aux = k_aux if k_aux is not None else min(d_sae, max(1, d_in // 2))
+        self.k_aux = k_aux if k_aux is not None else default_k_aux(d_in, d_sae)
         self._dead_count = fast.AsyncCount()
 
     def activation(self, h: Tensor) -> Tensor:
@@ -170,73 +164,13 @@ class TopKSAE(SAE):
 
     # --- AuxK ---------------------------------------------------------------------------------------
     def aux_losses(self, x: Tensor, out: SAEOutput, step: int) -> dict[str, Tensor]:
-        # Also called as TopKSAE.aux_losses(rational_sae, ...): use only attributes both have.
         if not self.training or self.aux_coefficient == 0:
             return {}
-        return {"aux": _auxk_loss(self, x, out.x_hat, out.h)}
+        return {"aux": auxk_loss(self, x, out.x_hat, out.h, self.k_aux, self.aux_coefficient)}
 
     def export_config(self) -> dict:
         return {"architecture": "topk", "k": self.k}
 
-
-@torch.compiler.disable  # its sizes follow the dead count: traced, each new count recompiled the step
-def _auxk_loss(sae: SAE, x: Tensor, x_hat: Tensor, h: Tensor) -> Tensor:
-    """AuxK: the top-k_aux dead latents of each row reconstruct the main model's residual. Runs
-    outside any compiled graph (a captured CUDA graph still records it) and returns a tensor, so a
-    compiled step's graphs never depend on how many latents are dead."""
-    dead = sae.dead_mask()
-    capacity = _auxk_columns(sae)
-    if capacity == 0:
-        return h.new_zeros((), dtype=torch.float32)
-    if capacity < sae.d_sae:  # at most `capacity` latents are dead: only their columns
-        e_hat = _dead_columns_reconstruction(sae, x, dead, capacity)
-    else:  # top-k_aux among dead latents only: live ones are pushed to -inf before selection,
-        # and where fewer than k_aux are dead the ReLU zeroes the -inf picks (= top-n_dead)
-        z_aux = topk_relu(h.masked_fill(~dead, float("-inf")), sae.k_aux)
-        e_hat = (z_aux @ sae.W_dec).float()
-    residual = (x - x_hat).detach().float()
-    variance = (x.float() - x.float().mean(0)).pow(2).sum().clamp_min(1e-12)
-    # Weight min(n_dead / k_aux, 1) with the configured k_aux (Gao et al.): fewer dead latents
-    # than k_aux weigh less. A tensor, so the fast path stays free of host syncs.
-    weight = (dead.sum(dtype=torch.float32) / sae.k_aux).clamp(max=1.0)
-    return sae.aux_coefficient * weight * (e_hat - residual).pow(2).sum() / variance
-
-
-def _auxk_columns(sae: SAE) -> int:
-    """How many columns this step's AuxK covers: 0 (no latent dead), a `fast.aux_capacities` size
-    that holds every dead latent, or d_sae. The fast step decided it without waiting for the GPU;
-    the plain step (the reference) counts the dead latents and always covers every column."""
-    capacity = getattr(sae, "_step_aux_capacity", None)  # TopKSAE's fast step
-    if capacity is None and sae.step_in_cuda_graph:  # (the rational SAE's topk gate comes here)
-        capacity = getattr(sae, "_aux_capacity", sae.d_sae)
-    if capacity is None:
-        capacity = sae.d_sae if bool(sae.dead_mask().any()) else 0
-    return capacity
-
-
-def _dead_columns_reconstruction(sae: SAE, x: Tensor, dead: Tensor, capacity: int) -> Tensor:
-    """AuxK's reconstruction from the top-k_aux dead latents of each row when at most `capacity`
-    latents are dead: their pre-activations come from their own columns of W_enc (a [batch,
-    capacity] GEMM, not [batch, d_sae]), padded to `capacity` with -inf, and the decoder reads only
-    their rows. The same values as over all columns, to rounding."""
-    cols, valid = _dead_columns(dead, capacity)
-    w_enc = sae.W_enc.t()[cols]  # [capacity, d_in] rows of W_enc's memory when it is stored transposed
-    h = torch.nn.functional.linear(x - sae.b_dec, w_enc, sae.b_enc[cols])
-    return (_aux_codes(h, valid, sae.k_aux) @ sae.W_dec[cols]).float()
-
-
-def _dead_columns(dead: Tensor, capacity: int) -> tuple[Tensor, Tensor]:
-    """(`capacity` latents: the dead ones in order, then padding; which of them are dead). The i-th
-    dead latent is where the running count of dead latents first reaches i + 1: a search (no sort,
-    no scatter)."""
-    running = dead.cumsum(0)
-    wanted = torch.arange(1, capacity + 1, device=dead.device)
-    cols = torch.searchsorted(running, wanted).clamp_max(dead.shape[0] - 1)
-    return cols, wanted <= running[-1]
-
-
-def _aux_codes(h: Tensor, valid: Tensor, k_aux: int) -> Tensor:
-    """AuxK's codes over the columns of h: the top k_aux of each row among the valid (dead)
-    columns after the ReLU; all of them where there are no more than k_aux columns."""
-    h = h.masked_fill(~valid, float("-inf"))
-    return topk_relu(h, k_aux) if h.shape[-1] > k_aux else h.relu()
+    @classmethod
+    def kwargs_from_export(cls, cfg: dict) -> dict:
+        return {"k": int(cfg["k"])} if "k" in cfg else {}
