@@ -3,8 +3,9 @@ keep the k*B largest activations over the whole batch during training; at infere
 global threshold (an EMA of the smallest activation kept in each training batch), so the exported
 SAE is a JumpReLU with that threshold on every latent. AuxK as TopK's.
 
-The training step is TopKSAE's (encoder without input gradient, sparse decoding of the kept
-entries, grouped by token); the threshold update runs on the device without host waits.
+The training step is TopK's fast step with the batch selection (`rsae.sae.fast_step.BatchTopKFastStep`:
+encoder without input gradient, sparse decoding of the kept entries, grouped by token); the
+threshold update runs on the device without host waits.
 """
 
 from __future__ import annotations
@@ -13,11 +14,12 @@ import torch
 from torch import Tensor
 
 from rsae.sae.base import require
-from rsae.sae.mechanisms.batchtopk import batch_topk, batch_topk_entries, threshold_codes, update_threshold
+from rsae.sae.fast_step import BatchTopKFastStep
+from rsae.sae.mechanisms.batchtopk import batch_topk, threshold_codes, update_threshold
 from rsae.sae.topk import TopKSAE
 
 
-class BatchTopKSAE(TopKSAE):
+class BatchTopKSAE(BatchTopKFastStep, TopKSAE):
     architecture = "batchtopk"
     mechanism = "batchtopk"
 
@@ -34,21 +36,6 @@ class BatchTopKSAE(TopKSAE):
         z, kept = batch_topk(h, self.k)
         self._update_threshold(kept)
         return z
-
-    def _fast_path(self) -> bool:
-        # In eval mode the codes come from the global threshold (`activation`), not a batch top-k.
-        return super()._fast_path() and self.training
-
-    def _kernels_apply(self, x: Tensor) -> bool:  # its rows keep varying numbers of entries
-        return False
-
-    def _select(self, h: Tensor) -> tuple[Tensor, Tensor, Tensor | None, Tensor]:
-        """The k*B largest ReLU'd entries of the batch, sorted by position so that each token's
-        entries are contiguous: (values, latent indices, each token's first entry, dense codes)."""
-        values, latents, offsets, z = batch_topk_entries(h, self.k)
-        if self.training:
-            self._update_threshold(values.detach())
-        return values, latents, offsets, z
 
     def _update_threshold(self, kept: Tensor) -> None:
         """EMA of the smallest positive kept activation (batches without one leave it unchanged)."""
