@@ -210,6 +210,14 @@ class SAE(StepHooks, nn.Module):
         return out
 
     @classmethod
+    def export_fields(cls, read) -> tuple[dict, dict[str, tuple[tuple[int, ...], str]]]:
+        """This architecture's own `cfg.json` fields, checked as they are read (`read`: an
+        `rsae.io.checks.FieldReader`, whose errors name the file and the field), and the tensors
+        besides W_enc, b_enc, W_dec, b_dec they imply: name -> (shape, why). `kwargs_from_export`
+        receives these fields."""
+        return {}, {}
+
+    @classmethod
     def kwargs_from_export(cls, cfg: dict) -> dict:
         """Constructor arguments (besides d_in/d_sae) recorded in an exported `cfg.json`."""
         return {}

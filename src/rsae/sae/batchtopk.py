@@ -48,6 +48,10 @@ class BatchTopKSAE(BatchTopKFastStep, TopKSAE):
         # SAELens loads it as a JumpReLU; `rsae_architecture` lets rsae restore the BatchTopK.
         return {"architecture": "jumprelu", "rsae_architecture": "batchtopk", "k": self.k}
 
+    @classmethod
+    def export_fields(cls, read) -> tuple[dict, dict]:
+        return {"k": read.int("k", 1, read.d_sae)}, {"threshold": read.per_latent()}
+
     def export_tensors(self, scale: float = 1.0) -> dict[str, Tensor]:
         thr = self.inference_threshold.detach().float().expand(self.d_sae).contiguous()
         return {**super().export_tensors(scale), "threshold": thr}

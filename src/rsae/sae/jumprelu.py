@@ -97,6 +97,10 @@ class JumpReLUSAE(SAE):
     def export_config(self) -> dict:
         return {"architecture": "jumprelu"}
 
+    @classmethod
+    def export_fields(cls, read) -> tuple[dict, dict]:
+        return {}, {"threshold": read.per_latent()}
+
     def export_tensors(self, scale: float = 1.0) -> dict[str, Tensor]:
         # Thresholds live in pre-activation space, which the scale fold leaves unchanged.
         return {**super().export_tensors(scale), "threshold": self.threshold.detach().float().contiguous()}

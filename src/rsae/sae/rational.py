@@ -36,8 +36,8 @@ import torch
 from torch import Tensor
 
 from rsae.rational.coefficients import available_tables
-from rsae.rational.function import T_MAX
-from rsae.rational.gate import RationalGate
+from rsae.rational.function import DENOMINATORS, T_MAX
+from rsae.rational.gate import SCALE_MODES, SHARING, RationalGate
 from rsae.sae import fast
 from rsae.sae.base import SAE, ConfigError, SAEOutput, require, resolve_d_sae
 from rsae.sae.mechanisms import GATES, MASKS, Mask
@@ -245,6 +245,29 @@ class RationalSAE(FromTeacher, SAE):
             **self.mask.export_tensors(self),
         }
         return out
+
+    @classmethod
+    def export_fields(cls, read) -> tuple[dict, dict]:
+        p, q = read.degrees()
+        gate = read.choice("gate", GATES, default="relu")
+        sharing = read.choice("sharing", SHARING, default="shared")
+        n_groups = read.int("n_groups", 1, read.d_sae, default=1)
+        scale_mode = read.choice("scale_mode", SCALE_MODES, default="latent")
+        fields = {"degrees": [p, q], "gate": gate, "sharing": sharing, "n_groups": n_groups, "scale_mode": scale_mode,
+                  "denominator": read.choice("denominator", DENOMINATORS, default="B"),
+                  "t_max": read.number("t_max", default=T_MAX),
+                  "sparsity": read.choice("sparsity", ("codes", "mask"), default="codes")}
+        mask_fields, tensors = MASKS[gate].export_fields(read)
+        sets = {"shared": 1, "group": n_groups, "latent": read.d_sae}[sharing]
+        scales = read.d_sae if scale_mode == "latent" else 1
+        why = f"sharing={sharing}" + (f", n_groups={n_groups}" if sharing == "group" else "")
+        tensors.update({
+            "rational_a": ((sets, p + 1), f"[sets, p + 1] for {why}, degrees=[{p}, {q}] in {read.name}"),
+            "rational_b": ((sets, q), f"[sets, q] for {why}, degrees=[{p}, {q}] in {read.name}"),
+            "rational_c_in": ((scales,), f"scale_mode={scale_mode} in {read.name}"),
+            "rational_c_out": ((scales,), f"scale_mode={scale_mode} in {read.name}"),
+        })
+        return {**fields, **mask_fields}, tensors
 
     @classmethod
     def kwargs_from_export(cls, cfg: dict) -> dict:

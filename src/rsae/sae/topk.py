@@ -83,5 +83,12 @@ class TopKSAE(TopKFastStep, SAE):
         return {"architecture": "topk", "k": self.k}
 
     @classmethod
+    def export_fields(cls, read) -> tuple[dict, dict]:
+        k = read.int("k", 1, read.d_sae)
+        if read.bool("rescale_acts_by_decoder_norm", default=False):
+            read.refuse("rescale_acts_by_decoder_norm=true is not supported")
+        return {"k": k}, {}
+
+    @classmethod
     def kwargs_from_export(cls, cfg: dict) -> dict:
         return {"k": int(cfg["k"])} if "k" in cfg else {}

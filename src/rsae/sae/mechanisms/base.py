@@ -65,6 +65,10 @@ class Mask:
     def load_exported(self, owner, tensors: dict[str, Tensor]) -> None:
         pass
 
+    def export_fields(self, read) -> tuple[dict, dict]:
+        """The mask's `cfg.json` fields and tensors (see `SAE.export_fields`)."""
+        return {}, {}
+
     def kwargs_from_export(self, cfg: dict) -> dict:
         return {}
 

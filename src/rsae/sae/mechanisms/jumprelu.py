@@ -140,6 +140,9 @@ class JumpReLUMask(Mask):
         with torch.no_grad():
             owner.log_threshold.copy_(exact_log(tensors["threshold"].float().clamp_min(1e-12)))
 
+    def export_fields(self, read) -> tuple[dict, dict]:
+        return {"bandwidth": read.number("bandwidth", default=0.05)}, {"threshold": read.per_latent()}
+
     def kwargs_from_export(self, cfg: dict) -> dict:
         return {"bandwidth": float(cfg.get("bandwidth", 0.05))}
 

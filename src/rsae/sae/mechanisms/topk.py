@@ -123,5 +123,8 @@ class TopKMask(Mask):
     def export_config(self, owner) -> dict:
         return {"k": owner.k}
 
+    def export_fields(self, read) -> tuple[dict, dict]:
+        return {"k": read.int("k", 1, read.d_sae)}, {}
+
     def kwargs_from_export(self, cfg: dict) -> dict:
         return {"k": int(cfg["k"])}
