@@ -16,8 +16,9 @@ class Mask:
     """No mask: z = phi(h), the pure rational gate (exact L0 is d_sae)."""
 
     name = "none"
-    positive_only = False  # the rational kernel can apply this mask itself (z = phi(h) * [h > 0])
-    kernel_alone = True  # the rational kernel computes the codes with no mask of its own on top
+    positive_only = False  # the mask is [h > 0], which the rational kernel applies in its own pass
+    kernel_alone = True  # the rational kernel forms the codes by itself (no mask, or positive_only),
+    # and so can also form the column sums of |z| (`RationalSAE.training_codes`)
 
     def check(self, d_sae: int, k: int | None) -> None:
         """Refuse settings this mask cannot work with (one-line ConfigError)."""
