@@ -11,6 +11,7 @@ import torch
 
 from rsae.sae import fast
 from rsae.sae import topk as topk_module
+from rsae.sae.mechanisms import topk as auxk_module
 from rsae.sae.batchtopk import BatchTopKSAE
 from rsae.sae.jumprelu import JumpReLUSAE
 from rsae.sae.rational import RationalSAE
@@ -208,8 +209,8 @@ def test_auxk_over_the_dead_columns_matches_the_plain_path(device, arch, n_dead,
     """With at most `capacity` (< d_sae / 2) latents dead, the fast step computes AuxK from the dead
     latents' own columns (top-k_aux of them, or all where k_aux >= capacity); more, over all."""
     taken = []  # the capacity of each step that took the dead latents' own columns (both step forms)
-    columns = topk_module._dead_columns
-    monkeypatch.setattr(topk_module, "_dead_columns", lambda dead, capacity: taken.append(capacity) or columns(dead, capacity))
+    columns = auxk_module.dead_columns
+    monkeypatch.setattr(auxk_module, "dead_columns", lambda dead, capacity: taken.append(capacity) or columns(dead, capacity))
     torch.manual_seed(1)
     sae = (TopKSAE if arch == "topk" else BatchTopKSAE)(16, 1024, k=2, k_aux=k_aux, dead_after_tokens=50).to(device)
     sae.tokens_since_fired[torch.randperm(1024)[:n_dead]] = 1000

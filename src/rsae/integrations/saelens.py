@@ -9,8 +9,8 @@ SAELens (6.x), so `sae_lens.SAE.load_from_disk(<rsae export>)` returns a SAELens
 SAELens has no plugin discovery (no entry points): the import above is what registers the class.
 The codes are computed by rsae's own code, not a copy of its maths: the gate is an
 `rsae.rational.RationalGate` (the pure-torch reference; the fused kernel on CUDA) and the mask is
-`rsae.sae.rational.RationalSAE`'s, called on this module, which carries the attributes it reads
-(gate, rational_gate, threshold, bandwidth, k). The export already works on raw activations
+the rational SAE's own (`rsae.sae.mechanisms.MASKS[gate]`), with this module as its owner: it
+carries the attributes the mask reads (rational_gate, threshold, bandwidth, k). The export already works on raw activations
 (`rsae.io.saelens.save_sae` folds the activation scale into W_enc / W_dec / b_dec), so nothing
 is rescaled here. Inference only: training stays in rsae.
 """
@@ -31,7 +31,7 @@ except ImportError as exc:  # the optional extra is missing
 
 from rsae.rational.function import T_MAX
 from rsae.rational.gate import RationalGate, exact_log
-from rsae.sae.rational import GATES, RationalSAE
+from rsae.sae.mechanisms import GATES, MASKS
 
 ARCHITECTURE = "rational"
 
@@ -81,9 +81,6 @@ class RationalSAELens(SAE[RationalSAELensConfig]):
     rational_gate: RationalGate
     threshold: nn.Parameter  # gate=jumprelu only
 
-    # rsae's mask, read through the attributes this class shares with RationalSAE.
-    gate_mask = RationalSAE.gate_mask
-
     def __init__(self, cfg: RationalSAELensConfig, use_error_term: bool = False):
         self.gate, self.bandwidth = cfg.gate, float(cfg.bandwidth)
         self.k = int(cfg.k) if cfg.k is not None else None
@@ -102,8 +99,11 @@ class RationalSAELens(SAE[RationalSAELensConfig]):
         # latent -> set index (a non-saved buffer) must stay real, and it is small.
         self.rational_gate = gate if self.device.type == "meta" else gate.to(device=self.device, dtype=self.dtype)
 
+    def gate_mask(self, h: Tensor) -> Tensor | None:
+        return MASKS[self.gate](h, self)
+
     def activation(self, h: Tensor) -> Tensor:
-        return RationalSAE.activation(self, h)  # type: ignore[arg-type]
+        return MASKS[self.gate].codes(self.rational_gate, h, self)
 
     def encode(self, x: Tensor) -> Tensor:
         sae_in = self.process_sae_in(x)

@@ -106,6 +106,46 @@ def degrees_field(cfg: dict, where: Path, max_degree: int = 32) -> tuple[int, in
     return int(value[0]), int(value[1])
 
 
+class FieldReader:
+    """Typed, range-checked reads of one `cfg.json` whose errors name the file and the field
+    (`SAEFileError`). `rsae.io.saelens.sae_config` hands one to the architecture's
+    `SAE.export_fields`, which reads its own fields with it and names the tensors they imply."""
+
+    def __init__(self, raw: dict, where: Path, d_sae: int) -> None:
+        self.raw, self.where, self.name, self.d_sae = raw, where, where.name, d_sae
+
+    def int(self, key: str, lo: int, hi: int | None = None, default: Any = _REQUIRED) -> Any:
+        return int_field(self.raw, key, self.where, lo, hi, default)
+
+    def bool(self, key: str, default: Any = _REQUIRED) -> Any:
+        return bool_field(self.raw, key, self.where, default)
+
+    def number(self, key: str, default: Any = _REQUIRED) -> Any:
+        return number_field(self.raw, key, self.where, default)
+
+    def choice(self, key: str, choices: Iterable, default: Any = _REQUIRED) -> Any:
+        return choice_field(self.raw, key, self.where, choices, default)
+
+    def degrees(self) -> tuple[int, int]:
+        return degrees_field(self.raw, self.where)
+
+    def widths(self, key: str) -> list[int]:
+        """Strictly increasing positive integers ending at d_sae (default: [d_sae])."""
+        widths = self.raw.get(key, [self.d_sae])
+        ok = (isinstance(widths, list) and widths and all(isinstance(w, int) and not isinstance(w, bool) for w in widths)
+              and widths[0] >= 1 and widths[-1] == self.d_sae and all(a < b for a, b in zip(widths, widths[1:])))
+        if not ok:
+            self.refuse(f"{key} must be strictly increasing integers ending at d_sae={self.d_sae}, got {widths!r}")
+        return widths
+
+    def per_latent(self) -> tuple[tuple[int, ...], str]:
+        """The expected shape of a per-latent tensor ([d_sae]) and why."""
+        return (self.d_sae,), f"[d_sae] from {self.name}"
+
+    def refuse(self, message: str) -> None:
+        raise SAEFileError(f"{self.where}: {message}")
+
+
 # --- tensors ----------------------------------------------------------------------------------
 def safetensors_shapes(path: Path) -> dict[str, tuple[str, tuple[int, ...]]]:
     """name -> (dtype, shape) from a safetensors header, without loading any tensor."""

@@ -19,22 +19,19 @@ from safetensors.torch import save_file
 
 from rsae import jsonfile
 from rsae.io.checks import (
+    FieldReader,
     SAEFileError,
     bool_field,
     check_finite,
     check_tensors,
     choice_field,
-    degrees_field,
     int_field,
     load_safetensors,
     number_field,
     read_json_object,
     safetensors_shapes,
 )
-from rsae.rational.function import DENOMINATORS, T_MAX
-from rsae.rational.gate import SCALE_MODES, SHARING
 from rsae.sae import ARCHITECTURES, SAE, ConfigError
-from rsae.sae.rational import GATES
 
 CFG_FILE = "cfg.json"
 WEIGHTS_FILE = "sae_weights.safetensors"
@@ -115,50 +112,10 @@ def sae_config(raw: dict[str, Any], where: Path) -> tuple[dict[str, Any], dict[s
         "W_dec": ((d_sae, d_in), f"[d_sae, d_in] from {name}"),
         "b_dec": ((d_in,), f"[d_in] from {name}"),
     }
-    threshold = {"threshold": ((d_sae,), f"[d_sae] from {name}")}
-    if arch in ("topk", "batchtopk", "matryoshka"):
-        cfg["k"] = int_field(raw, "k", where, 1, d_sae)
-    if arch == "matryoshka":
-        cfg["matryoshka_widths"] = matryoshka_widths_field(raw, where, d_sae)
-    if arch == "topk" and bool_field(raw, "rescale_acts_by_decoder_norm", where, default=False):
-        raise SAEFileError(f"{where}: rescale_acts_by_decoder_norm=true is not supported")
-    if arch in ("jumprelu", "batchtopk", "matryoshka"):
-        expected.update(threshold)
-    if arch == "rational":
-        p, q = degrees_field(raw, where)
-        gate = choice_field(raw, "gate", where, GATES, default="relu")
-        sharing = choice_field(raw, "sharing", where, SHARING, default="shared")
-        n_groups = int_field(raw, "n_groups", where, 1, d_sae, default=1)
-        scale_mode = choice_field(raw, "scale_mode", where, SCALE_MODES, default="latent")
-        cfg.update(degrees=[p, q], gate=gate, sharing=sharing, n_groups=n_groups, scale_mode=scale_mode,
-                   denominator=choice_field(raw, "denominator", where, DENOMINATORS, default="B"),
-                   t_max=number_field(raw, "t_max", where, default=T_MAX),
-                   sparsity=choice_field(raw, "sparsity", where, ("codes", "mask"), default="codes"))
-        if gate == "topk":
-            cfg["k"] = int_field(raw, "k", where, 1, d_sae)
-        if gate == "jumprelu":
-            cfg["bandwidth"] = number_field(raw, "bandwidth", where, default=0.05)
-            expected.update(threshold)
-        sets = {"shared": 1, "group": n_groups, "latent": d_sae}[sharing]
-        scales = d_sae if scale_mode == "latent" else 1
-        sets_why = f"sharing={sharing}" + (f", n_groups={n_groups}" if sharing == "group" else "")
-        expected.update({
-            "rational_a": ((sets, p + 1), f"[sets, p + 1] for {sets_why}, degrees=[{p}, {q}] in {name}"),
-            "rational_b": ((sets, q), f"[sets, q] for {sets_why}, degrees=[{p}, {q}] in {name}"),
-            "rational_c_in": ((scales,), f"scale_mode={scale_mode} in {name}"),
-            "rational_c_out": ((scales,), f"scale_mode={scale_mode} in {name}"),
-        })
+    fields, tensors = ARCHITECTURES[arch].export_fields(FieldReader(raw, where, d_sae))  # the class's own
+    cfg.update(fields)
+    expected.update(tensors)
     return cfg, expected
-
-
-def matryoshka_widths_field(raw: dict[str, Any], where: Path, d_sae: int) -> list[int]:
-    """`matryoshka_widths`: strictly increasing positive integers ending at d_sae (SAELens's form)."""
-    widths = raw.get("matryoshka_widths", [d_sae])
-    ok = (isinstance(widths, list) and widths and all(isinstance(w, int) and not isinstance(w, bool) for w in widths)
-          and widths[0] >= 1 and widths[-1] == d_sae and all(a < b for a, b in zip(widths, widths[1:])))
-    if not ok:
-        raise SAEFileError(f"{where}: matryoshka_widths must be strictly increasing integers ending at d_sae={d_sae}, got {widths!r}")
-    return widths
 
 
 def build_sae(cfg: dict[str, Any], tensors: dict[str, torch.Tensor]) -> SAE:

@@ -34,7 +34,7 @@ from rsae.eval.suite import EvalOptions, evaluate_sae
 from rsae.io.saelens import CFG_FILE, load_sae, save_sae
 from rsae.io.teachers import load_teacher
 from rsae.lit.l0_control import HoldL0
-from rsae.sae import SAE, JumpReLUSAE, ReLUSAE
+from rsae.sae import SAE
 from rsae.sae.base import require
 from rsae.sae.rational import RationalSAE, teacher_mechanism
 from rsae.jobs.common import (CheckpointOnInterrupt, finish_loggers, output_dir, read_checkpoint, require_finite,
@@ -57,19 +57,6 @@ def collect_rows(dm, n_rows: int) -> torch.Tensor:
     return torch.cat(rows).float()
 
 
-def sparsity_lever(sae: SAE) -> str | None:
-    """The coefficient HoldL0 adapts for this SAE (None: L0 is fixed by construction)."""
-    if isinstance(sae, RationalSAE):
-        if sae.gate == "jumprelu" and sae.sparsity == "mask":
-            return "l0_coefficient"  # thresholds decide L0
-        return None if sae.gate == "topk" else "l1_coefficient"
-    if isinstance(sae, JumpReLUSAE):
-        return "l0_coefficient"
-    if isinstance(sae, ReLUSAE):
-        return "l1_coefficient"
-    return None  # TopK / BatchTopK
-
-
 def finetune(cfg: DictConfig, sae: SAE, dm, scale: float, phase: str, run_dir: Path, target_l0: float,
              lr_scales: dict[str, float] | None = None) -> SAE:
     up = cfg.upgrade
@@ -79,7 +66,7 @@ def finetune(cfg: DictConfig, sae: SAE, dm, scale: float, phase: str, run_dir: P
     module = instantiate(cfg.module, sae=sae, lr=up.lr, warmup_steps=up.warmup_steps, log_every_n_steps=1, **extra)
     module.set_activation_scale(scale)
     callbacks = []
-    lever = sparsity_lever(sae)
+    lever = sae.sparsity_lever()  # the coefficient HoldL0 adapts (None: L0 is fixed by construction)
     if up.hold_l0 and lever is not None:
         callbacks.append(HoldL0(target_l0, attribute=lever, rate=up.hold_l0_rate))
     interrupted = run_dir / phase / "interrupted.ckpt"
@@ -225,7 +212,7 @@ def upgrade(cfg: DictConfig) -> dict[str, Any]:
     # Control: the teacher fine-tuned with its own gate for the same steps and tokens.
     if up.control and ("teacher_ft" not in results or not (run_dir / "teacher_ft" / CFG_FILE).is_file()):
         control = teacher_raw.rescaled(1.0 / scale).train()
-        _set_control_coefficients(control, up)
+        control.configure_control({"l1_coefficient": up.l1_coefficient, "l0_coefficient": up.control_l0_coefficient})
         control = finetune(cfg, control, dm, scale, "teacher_ft", run_dir, target_l0)
         save_sae(control, run_dir / "teacher_ft", scale=scale, metadata={"phase": "teacher_ft", **settings})
         (run_dir / "teacher_ft" / "interrupted.ckpt").unlink(missing_ok=True)
@@ -236,13 +223,6 @@ def upgrade(cfg: DictConfig) -> dict[str, Any]:
     _log_summary(cfg, summary)
     write_json(run_dir / "metrics.json", {"status": "ok", **summary})
     return summary
-
-
-def _set_control_coefficients(sae: SAE, up: DictConfig) -> None:
-    if isinstance(sae, JumpReLUSAE):
-        sae.l0_coefficient = float(up.control_l0_coefficient)
-    elif isinstance(sae, ReLUSAE):
-        sae.l1_coefficient = float(up.l1_coefficient)
 
 
 def _load_lm(dm):

@@ -1,26 +1,25 @@
-"""Plain-torch SAE architectures over a shared base, and a registry by exported name."""
+"""Plain-torch SAE architectures over a shared base, and a registry by exported name.
 
-from rsae.sae.base import SAE, ConfigError, SAEOutput
-from rsae.sae.batchtopk import BatchTopKSAE
-from rsae.sae.jumprelu import JumpReLUSAE
-from rsae.sae.matryoshka import MatryoshkaSAE
+Each architecture registers itself by declaring `architecture` (`rsae.sae.base.ARCHITECTURES`);
+importing its module here is what loads it.
+"""
+
+from rsae.sae.base import ARCHITECTURES, SAE, ConfigError, SAEOutput
+
+# isort: off  (the order in which they register is the registry's order, as error messages list it)
 from rsae.sae.relu import ReLUSAE
+from rsae.sae.jumprelu import JumpReLUSAE
 from rsae.sae.topk import TopKSAE
-
-# Exported `architecture` (SAELens names, plus our own) -> class.
-ARCHITECTURES: dict[str, type[SAE]] = {
-    "standard": ReLUSAE,
-    "relu": ReLUSAE,
-    "jumprelu": JumpReLUSAE,
-    "topk": TopKSAE,
-    "batchtopk": BatchTopKSAE,
-    "matryoshka": MatryoshkaSAE,
-}
+from rsae.sae.batchtopk import BatchTopKSAE
+from rsae.sae.matryoshka import MatryoshkaSAE
+from rsae.sae.rational import RationalSAE
+# isort: on
 
 
 def register(name: str, cls: type[SAE]) -> None:
+    """One more name for a class (e.g. a class defined elsewhere under another exported name)."""
     ARCHITECTURES[name] = cls
 
 
-__all__ = ["SAE", "SAEOutput", "ConfigError", "ReLUSAE", "JumpReLUSAE", "TopKSAE", "BatchTopKSAE", "MatryoshkaSAE", "ARCHITECTURES", "register"]
-from rsae.sae.rational import RationalSAE; register("rational", RationalSAE); __all__ += ["RationalSAE"]  # noqa: E402, E702
+__all__ = ["SAE", "SAEOutput", "ConfigError", "ReLUSAE", "JumpReLUSAE", "TopKSAE", "BatchTopKSAE", "MatryoshkaSAE",
+           "RationalSAE", "ARCHITECTURES", "register"]

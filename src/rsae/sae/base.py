@@ -6,7 +6,8 @@ the training module multiplies raw activations by `act_scale` (E||x|| = sqrt(d_i
 export folds that factor back into the weights so the saved SAE works on raw activations.
 
 Training, unless `rsae.sae.fast.disabled()`: the encoder GEMM runs without the input-gradient GEMM
-that b_dec would otherwise cost, and the dead-latent counter updates without a host sync.
+that b_dec would otherwise cost, and the dead-latent counter updates without a host sync. What a
+compiled, captured or DDP step needs of an SAE is `rsae.sae.fast_step.StepHooks`, which it inherits.
 """
 
 from __future__ import annotations
@@ -16,9 +17,10 @@ import copy
 import torch
 from torch import Tensor, nn
 
-
 from rsae.errors import ConfigError, require  # noqa: F401  (re-exported for the architectures)
 from rsae.sae import fast
+from rsae.sae.fast_step import StepHooks
+from rsae.sae.output import SAEOutput  # noqa: F401  (re-exported for the architectures)
 
 
 def resolve_d_sae(d_in: int, d_sae: int | None, expansion_factor: int | None) -> int:
@@ -30,44 +32,25 @@ def resolve_d_sae(d_in: int, d_sae: int | None, expansion_factor: int | None) ->
     return d_sae
 
 
-class SAEOutput:
-    """One training forward pass: reconstruction, codes, pre-activations and the loss terms.
-
-    z_abs_sums: the sums of |z| over the batch [d_sae] (float32) when the gate computed them in its
-    own pass (`training_codes`): the L1 term and the firing count read them instead of z.
-    sparse_codes: (values [B, k], latent indices [B, k]) when the step formed only the k non-zeros
-    of each row (TopK's sparse step); z is then built from them on first use."""
-
-    def __init__(self, x_hat: Tensor, z: Tensor | None = None, h: Tensor | None = None,
-                 losses: dict[str, Tensor] | None = None, z_abs_sums: Tensor | None = None,
-                 sparse_codes: tuple[Tensor, Tensor] | None = None) -> None:
-        if z is None and sparse_codes is None:
-            raise ValueError("SAEOutput needs the codes: z or sparse_codes")
-        self.x_hat, self.h, self.z_abs_sums, self.sparse_codes = x_hat, h, z_abs_sums, sparse_codes
-        self._z = z
-        self.losses = {} if losses is None else losses  # weighted terms summed into `loss`
-
-    @property
-    def z(self) -> Tensor:  # codes [B, d_sae]
-        if self._z is None:
-            values, indices = self.sparse_codes
-            self._z = values.new_zeros((values.shape[0], self.h.shape[-1])).scatter(-1, indices, values)
-        return self._z
-
-    def l0(self) -> Tensor:
-        """Mean number of non-zero codes per row (float32), without forming z if it was not formed."""
-        codes = self._z if self._z is not None else self.sparse_codes[0]
-        return (codes.detach() != 0).sum(-1, dtype=torch.float32).mean()
-
-    @property
-    def loss(self) -> Tensor:
-        return sum(self.losses.values())  # type: ignore[return-value]
+# The registry: exported `architecture` (SAELens names, plus our own) -> class. A class registers
+# itself by declaring `architecture` (and any `aliases`); `rsae.io.saelens.build_sae` looks here.
+ARCHITECTURES: dict[str, type["SAE"]] = {}
 
 
-class SAE(nn.Module):
+class SAE(StepHooks, nn.Module):
     """Base class. Subclasses set `architecture` and override `activation` / `aux_losses`."""
 
     architecture: str = "base"
+    aliases: tuple[str, ...] = ()  # other names an export may use for this class
+    # The sparsity mechanism of a fixed-gate SAE (relu | jumprelu | topk | batchtopk, the files of
+    # `rsae.sae.mechanisms`): what an upgrade's rational mask reproduces. None: not an upgrade teacher.
+    mechanism: str | None = None
+
+    def __init_subclass__(cls, **kwargs) -> None:
+        super().__init_subclass__(**kwargs)
+        if "architecture" in cls.__dict__:  # registers itself (a subclass without its own name does not)
+            for name in (cls.architecture, *cls.__dict__.get("aliases", ())):
+                ARCHITECTURES[name] = cls
 
     def __init__(
         self,
@@ -142,19 +125,6 @@ class SAE(nn.Module):
     def aux_losses(self, x: Tensor, out: SAEOutput, step: int) -> dict[str, Tensor]:
         return {}
 
-    # Set by the training module for a compiled step under DDP (module.ddp_split_step).
-    graph_break_before_decode: bool = False
-    # Set by the training module when the step is captured as a CUDA graph (module.cuda_graph):
-    # the step must take the same path every time, without the host reading device values.
-    step_in_cuda_graph: bool = False
-
-    def _decoder_boundary(self) -> None:
-        """A compiled step breaks its graph here when asked: its backward then runs as two
-        graphs, decoder first, so DDP can all-reduce the decoder's gradient while the encoder's
-        backward still runs, instead of both after one graph. (No-op when not compiling.)"""
-        if self.graph_break_before_decode:
-            torch._dynamo.graph_break()
-
     @torch.no_grad()
     def _track_firing(self, z: Tensor, z_abs_sums: Tensor | None = None) -> None:
         # A sum of |z| is 0 exactly when every z is (NaN included: NaN != 0), so it answers "fired"
@@ -165,39 +135,6 @@ class SAE(nn.Module):
             return
         self.tokens_since_fired += z.shape[0]
         self.tokens_since_fired[fired] = 0
-
-    @torch.no_grad()
-    def merge_firing_across_ranks(self, rows_per_rank: int) -> None:
-        """Data-parallel training: each rank has just counted its own rows. Afterwards every rank
-        holds what one process that saw all ranks' rows would: 0 where a latent fired on any rank,
-        else the count plus every rank's rows. (All ranks enter with the same counts.)"""
-        world = torch.distributed.get_world_size()
-        counts = self.tokens_since_fired
-        torch.distributed.all_reduce(counts, op=torch.distributed.ReduceOp.MIN)  # 0 if it fired anywhere
-        counts.add_((counts > 0).long() * ((world - 1) * rows_per_rank))
-
-    # --- captured steps (module.cuda_graph) ---------------------------------------------------
-    def uses_auxk(self) -> bool:
-        """Whether the training loss has an AuxK term, which only matters when a latent is dead."""
-        return False
-
-    def before_captured_step(self) -> None:
-        """Host-side decisions a captured step is recorded with (part of its key): with AuxK,
-        how many latents can be dead now, rounded up to a `fast.aux_capacities` size
-        (`fast.DeadLatentBound`, no waiting). When none can, the step leaves AuxK out, as the eager
-        step does; otherwise it runs AuxK over that many columns (weight 0 if in fact none is
-        dead)."""
-        if self.uses_auxk():
-            self._aux_capacity = self._dead_bound().capacity(self.dead_after_tokens, self.d_sae)
-
-    def after_captured_step(self, n_tokens: int) -> None:
-        if self.uses_auxk():
-            self._dead_bound().record(self.tokens_since_fired, n_tokens, self.dead_after_tokens)
-
-    def _dead_bound(self) -> fast.DeadLatentBound:
-        if getattr(self, "_bound", None) is None:
-            self._bound = fast.DeadLatentBound()
-        return self._bound
 
     def dead_mask(self) -> Tensor:
         return self.tokens_since_fired >= self.dead_after_tokens
@@ -220,6 +157,24 @@ class SAE(nn.Module):
     def normalize_decoder(self) -> None:
         if self.unit_norm_decoder:
             self.W_dec /= self.W_dec.norm(dim=1, keepdim=True).clamp_min(1e-12)
+
+    # --- what the jobs ask of an architecture -------------------------------------------------
+    def sparsity_lever(self) -> str | None:
+        """The attribute (a loss coefficient) a controller such as HoldL0 adapts to move L0; None
+        when L0 is fixed by construction (TopK's k)."""
+        return None
+
+    def configure_control(self, coefficients: dict[str, float]) -> None:
+        """Make this SAE the compute-matched control of an upgrade (the teacher fine-tuned with its
+        own gate and loss): its sparsity lever takes the value named for it in `coefficients`."""
+        lever = self.sparsity_lever()
+        if lever is not None:
+            setattr(self, lever, float(coefficients[lever]))
+
+    def upgrade_threshold(self) -> Tensor | None:
+        """Per-latent thresholds [d_sae] (float32) the mechanism applies at inference, if any: an
+        upgrade reproduces it with the rational SAE's jumprelu mask at these thresholds."""
+        return None
 
     def lr_scales(self) -> dict[str, float]:
         """Learning-rate multipliers this architecture asks for, by parameter-name prefix (the
@@ -255,9 +210,17 @@ class SAE(nn.Module):
         return out
 
     @classmethod
+    def export_fields(cls, read) -> tuple[dict, dict[str, tuple[tuple[int, ...], str]]]:
+        """This architecture's own `cfg.json` fields, checked as they are read (`read`: an
+        `rsae.io.checks.FieldReader`, whose errors name the file and the field), and the tensors
+        besides W_enc, b_enc, W_dec, b_dec they imply: name -> (shape, why). `kwargs_from_export`
+        receives these fields."""
+        return {}, {}
+
+    @classmethod
     def kwargs_from_export(cls, cfg: dict) -> dict:
         """Constructor arguments (besides d_in/d_sae) recorded in an exported `cfg.json`."""
-        return {"k": int(cfg["k"])} if "k" in cfg else {}
+        return {}
 
     def load_exported(self, tensors: dict[str, Tensor], cfg: dict) -> None:
         """Inverse of `export_tensors` at scale 1 (exported weights already act on raw inputs)."""

@@ -26,70 +26,13 @@ from torch import Tensor, nn
 
 from rsae.sae import fast
 from rsae.sae.base import SAE, SAEOutput, require
-from rsae.sae.relu import linear_warmup
-
-
-def _rectangle(u: Tensor) -> Tensor:
-    return ((u > -0.5) & (u < 0.5)).to(u.dtype)
-
-
-class _Step(torch.autograd.Function):
-    """H(h - theta) with the rectangle-kernel pseudo-derivative for theta (none for h)."""
-
-    @staticmethod
-    def forward(ctx, h: Tensor, threshold: Tensor, bandwidth: float) -> Tensor:
-        ctx.save_for_backward(h, threshold)
-        ctx.bandwidth = bandwidth
-        return (h > threshold).to(h.dtype)
-
-    @staticmethod
-    def backward(ctx, grad: Tensor):
-        h, threshold = ctx.saved_tensors
-        eps = ctx.bandwidth
-        g_theta = -(grad * _rectangle((h - threshold) / eps) / eps).sum(0)
-        return None, g_theta.to(threshold.dtype), None
-
-
-class _L0(torch.autograd.Function):
-    """Mean over tokens of sum_j H(h_j - theta_j), counted in float32, with _Step's pseudo-derivative
-    for theta. The same function and gradient as `_Step.apply(h.float(), theta.float(), eps)
-    .sum(-1).mean()`, without materialising h in float32 (the comparison promotes on the fly)."""
-
-    @staticmethod
-    def forward(ctx, h: Tensor, threshold: Tensor, bandwidth: float) -> Tensor:
-        ctx.save_for_backward(h, threshold)
-        ctx.bandwidth = bandwidth
-        return (h > threshold).sum(-1, dtype=torch.float32).mean()
-
-    @staticmethod
-    def backward(ctx, grad: Tensor):
-        h, threshold = ctx.saved_tensors
-        eps = ctx.bandwidth
-        n_tokens = h.numel() // max(1, h.shape[-1])
-        kernel = _rectangle((h - threshold) / eps).sum(0, dtype=torch.float32)
-        return None, (-(grad / n_tokens) * kernel / eps).to(threshold.dtype), None
-
-
-class _JumpReLU(torch.autograd.Function):
-    """h * H(h - theta): gradient H(h - theta) for h, -theta/eps * K for theta."""
-
-    @staticmethod
-    def forward(ctx, h: Tensor, threshold: Tensor, bandwidth: float) -> Tensor:
-        ctx.save_for_backward(h, threshold)
-        ctx.bandwidth = bandwidth
-        return h * (h > threshold).to(h.dtype)
-
-    @staticmethod
-    def backward(ctx, grad: Tensor):
-        h, threshold = ctx.saved_tensors
-        eps = ctx.bandwidth
-        g_h = grad * (h > threshold).to(grad.dtype)
-        g_theta = -(grad * threshold / eps * _rectangle((h - threshold) / eps)).sum(0)
-        return g_h, g_theta.to(threshold.dtype), None
+from rsae.sae.mechanisms.jumprelu import L0, Step, jumprelu
+from rsae.sae.mechanisms.relu import linear_warmup
 
 
 class JumpReLUSAE(SAE):
     architecture = "jumprelu"
+    mechanism = "jumprelu"
     # l0_target (measured on SmolLM2 activations, targets 16 and 48, 400 steps): the quadratic's
     # weight (1 left L0 7% above a target of 48 at the end, the integral not yet caught up; 10 and
     # 100 held it within 1%, 100 at a worse FVU), and the multiplier's step per unit of relative
@@ -154,14 +97,14 @@ class JumpReLUSAE(SAE):
         return self.log_threshold.exp()
 
     def activation(self, h: Tensor) -> Tensor:
-        return _JumpReLU.apply(h, self.threshold.to(h.dtype), self.bandwidth)
+        return jumprelu(h, self.threshold, self.bandwidth)
 
     def aux_losses(self, x: Tensor, out: SAEOutput, step: int) -> dict[str, Tensor]:
         coef = self.l0_coefficient * linear_warmup(step, self.l0_warmup_steps)
         if self.penalty == "step" and fast.enabled():
-            l0 = _L0.apply(out.h, self.threshold.float(), self.bandwidth)
+            l0 = L0.apply(out.h, self.threshold.float(), self.bandwidth)
         elif self.penalty == "step":
-            l0 = _Step.apply(out.h.float(), self.threshold.float(), self.bandwidth).sum(-1).mean()
+            l0 = Step.apply(out.h.float(), self.threshold.float(), self.bandwidth).sum(-1).mean()
         else:  # smooth surrogate: tanh(c * |z| * ||W_dec||)
             l0 = torch.tanh(self.tanh_scale * out.z.float().abs() * self.decoder_norms().float()).sum(-1).mean()
         if self.l0_target is not None:
@@ -191,8 +134,18 @@ class JumpReLUSAE(SAE):
                 self.l0_multiplier.add_(self.TARGET_RATE * c.detach().clamp(-self.TARGET_CLAMP, self.TARGET_CLAMP))
         return self.l0_coefficient * mse * (lam * c + self.TARGET_STIFFNESS * c.pow(2))
 
+    def sparsity_lever(self) -> str:
+        return "l0_coefficient"
+
+    def upgrade_threshold(self) -> Tensor:
+        return self.threshold.detach().float()
+
     def export_config(self) -> dict:
         return {"architecture": "jumprelu"}
+
+    @classmethod
+    def export_fields(cls, read) -> tuple[dict, dict]:
+        return {}, {"threshold": read.per_latent()}
 
     def export_tensors(self, scale: float = 1.0) -> dict[str, Tensor]:
         # Thresholds live in pre-activation space, which the scale fold leaves unchanged.

@@ -66,6 +66,11 @@ class MatryoshkaSAE(BatchTopKSAE):
                 "matryoshka_widths": list(self.matryoshka_widths)}
 
     @classmethod
+    def export_fields(cls, read) -> tuple[dict, dict]:
+        fields, tensors = super().export_fields(read)
+        return {**fields, "matryoshka_widths": read.widths("matryoshka_widths")}, tensors
+
+    @classmethod
     def kwargs_from_export(cls, cfg: dict) -> dict:
         widths = [int(w) for w in cfg.get("matryoshka_widths") or []]
         sizes = [b - a for a, b in zip([0, *widths[:-1]], widths)] or None

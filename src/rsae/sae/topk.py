@@ -1,24 +1,10 @@
-"""TopK SAE: keep the k largest pre-activations per token (then ReLU), with the AuxK loss.
+"""TopK SAE: the skeleton plus the TopK mechanism (`rsae.sae.mechanisms.topk`): keep the k largest
+pre-activations per token (then ReLU), with the AuxK loss that revives dead latents.
 
-AuxK (Gao et al. 2024): latents that have not fired for `dead_after_tokens` tokens try to
-reconstruct the main model's residual with their own top-`k_aux`, weighted by `aux_coefficient`
-and normalised by the input variance, which revives dead latents.
-
-Training step (`training_output`), unless `rsae.sae.fast.disabled()`:
-* On CUDA, from d_sae / k >= SPARSE_STEP_RATIO: the sparse step of `rsae.sae.sparse_step`. After
-  the encoder GEMM only the k selected latents per row are touched: Triton kernels decode, form
-  the codes' gradient and both weight gradients; the dense codes are formed only if asked for
-  (`SAEOutput.z`). A step whose AuxK covers every column (many dead latents, or their number not
-  yet known) needs the gradient of the dense pre-activations: its encoder stays dense, its
-  decoder is the same sparse one.
-* Otherwise: the encoder GEMM without an input gradient, top-k selection by the fastest exact
-  method, and the decoder as dense GEMMs, or sparse (`embedding_bag`) from d_sae / k >=
-  SPARSE_DECODE_RATIO.
-AuxK runs only when some latent is dead, and then only over the columns of the dead latents when
-they are few (`fast.aux_capacities`): their own pre-activations and decoder rows, a [batch, <
-d_sae / 2] problem instead of a selection over [batch, d_sae]. The host never waits for the GPU
-inside a step: the number of dead latents is read from a copy made at the end of the previous
-step (`AsyncCount`), or, in a captured step, bounded from older copies (`DeadLatentBound`).
+Its one fast override, `training_output` (the sparse step of Triton kernels from d_sae / k >=
+SPARSE_STEP_RATIO on CUDA, sparse decoding from SPARSE_DECODE_RATIO, AuxK over the dead latents'
+own columns, no host waits), is `rsae.sae.fast_step.TopKFastStep`; the thresholds below decide
+when its sparse paths apply.
 """
 
 from __future__ import annotations
@@ -30,6 +16,8 @@ from torch import Tensor
 
 from rsae.sae import fast, sparse_step
 from rsae.sae.base import SAE, SAEOutput, require, resolve_d_sae
+from rsae.sae.fast_step import TopKFastStep
+from rsae.sae.mechanisms.topk import auxk_loss, default_k_aux, topk_relu
 
 # Decode sparsely when k * ratio <= d_sae, the ratio by device type. CUDA, measured on an H200
 # (bf16, k = 32, batch 4096): the sparse decoder (embedding_bag forward and backward) cost 0.86 ms
@@ -44,13 +32,9 @@ SPARSE_DECODE_RATIO = {"cuda": 1280, "other": 128}
 SPARSE_STEP_RATIO = int(os.environ.get("RSAE_SPARSE_STEP_RATIO", 150))
 
 
-def topk_relu(h: Tensor, k: int) -> Tensor:
-    values, indices = torch.topk(h, k, dim=-1, sorted=False)
-    return torch.zeros_like(h).scatter_(-1, indices, values.relu())
-
-
-class TopKSAE(SAE):
+class TopKSAE(TopKFastStep, SAE):
     architecture = "topk"
+    mechanism = "topk"
 
     def __init__(
         self,
@@ -70,71 +54,14 @@ class TopKSAE(SAE):
         super().__init__(d_in, d_sae, **kw)
         self.k = k
         self.aux_coefficient = aux_coefficient
-        self.k_aux = k_aux if k_aux is not None else min(d_sae, max(1, d_in // 2))
+        self.k_aux = k_aux if k_aux is not None else default_k_aux(d_in, d_sae)
         self._dead_count = fast.AsyncCount()
 
     def activation(self, h: Tensor) -> Tensor:
         return topk_relu(h, self.k)
 
-    # --- the training step ------------------------------------------------------------------------
-    def training_output(self, x: Tensor, step: int = 0) -> SAEOutput:
-        if not self._fast_path():
-            return super().training_output(x, step)
-        self._check_input(x)
-        aux_every_column = self._plan_aux()
-        kernels = self._kernels_apply(x)
-        if kernels and not aux_every_column:  # only the k selected latents per row, forward and backward
-            # (AuxK, if on, over the few dead latents' own columns: `aux_losses`)
-            values, indices, h, entries = sparse_step.topk_encode(x, self.W_enc, self.b_enc, self.b_dec, self.k)
-            self._decoder_boundary()
-            x_hat = sparse_step.sparse_decode(values, indices, entries, self.W_dec, self.b_dec)
-            out = SAEOutput(x_hat=x_hat, h=h, sparse_codes=(values, indices))
-        elif kernels:  # AuxK over every column needs the gradient of the dense h: a dense encoder
-            h = self.pre_acts(x)
-            values, indices = self._top_values(h)
-            self._decoder_boundary()
-            x_hat = sparse_step.sparse_decode(values, indices, None, self.W_dec, self.b_dec)
-            out = SAEOutput(x_hat=x_hat, h=h, sparse_codes=(values, indices))
-        else:
-            h = self.pre_acts(x)
-            values, indices, offsets, z = self._select(h)
-            self._decoder_boundary()
-            if self._decode_sparsely(values.numel() // max(1, x.shape[0])):
-                x_hat = fast.sparse_decode(values, indices, self.W_dec, self.b_dec, offsets)
-            else:
-                x_hat = self.decode(z)
-            out = SAEOutput(x_hat=x_hat, z=z, h=h)
-        out.losses["mse"] = (x_hat.float() - x.float()).pow(2).sum(-1).mean()
-        aux = self.aux_losses(x, out, step)  # (a statement: TopK's AuxK breaks a compiled graph here,
-        out.losses.update(aux)  # and a break with the losses' dict on the stack would guard on that dict)
-        self._step_aux_capacity = None
-        if self.training:
-            fired = torch.zeros(self.d_sae, dtype=torch.int32, device=x.device)
-            fired.index_add_(0, indices.reshape(-1), (values.detach() != 0).reshape(-1).to(torch.int32))
-            fast.mark_fired(self.tokens_since_fired, fired > 0, x.shape[0])
-            self._record_dead()
-        return out
-
-    def _fast_path(self) -> bool:
-        return fast.enabled()
-
     def uses_auxk(self) -> bool:
         return self.aux_coefficient > 0
-
-    def merge_firing_across_ranks(self, rows_per_rank: int) -> None:
-        super().merge_firing_across_ranks(rows_per_rank)
-        if self._fast_path():  # the counts changed: record the dead flag the next step reads for them
-            self._record_dead()  # (a flag for the old counts would not match, and the host would wait)
-
-    def _select(self, h: Tensor) -> tuple[Tensor, Tensor, Tensor | None, Tensor]:
-        """(values [B, k] after the ReLU, latent indices [B, k], None, dense codes z)."""
-        values, indices = self._top_values(h)
-        return values, indices, None, torch.zeros_like(h).scatter(-1, indices, values)
-
-    def _top_values(self, h: Tensor) -> tuple[Tensor, Tensor]:
-        """(the k largest entries of each row after the ReLU, differentiable in h; their latents)."""
-        indices = fast.topk_select(h.detach(), self.k)[1]
-        return h.gather(-1, indices).relu(), indices
 
     def _kernels_apply(self, x: Tensor) -> bool:
         """The kernels of `rsae.sae.sparse_step` run here, k is small next to d_sae, and deterministic
@@ -146,97 +73,22 @@ class TopKSAE(SAE):
         device = self.W_dec.device.type
         return per_row * SPARSE_DECODE_RATIO.get(device, SPARSE_DECODE_RATIO["other"]) <= self.d_sae
 
-    @torch.compiler.disable
-    def _plan_aux(self) -> bool:
-        """Decides on the host how many columns this step's AuxK covers (`_step_aux_capacity`: 0
-        leaves AuxK out, d_sae covers every column) and returns whether that is every column, the
-        one choice the rest of the step branches on. Outside any compiled graph, and so is AuxK
-        itself (`aux_losses`): a compiled step sees a bool, never the count, so AuxK switching on
-        or growing costs no recompilation (it cost 4-8 s mid-run when the count was traced)."""
-        capacity = self._dead_capacity() if self.training and self.aux_coefficient > 0 else 0
-        self._step_aux_capacity = capacity
-        return capacity >= self.d_sae
-
-    def _dead_capacity(self) -> int:
-        if self.step_in_cuda_graph:  # decided before the step, without waiting (`before_captured_step`)
-            return getattr(self, "_aux_capacity", self.d_sae)
-        count = self._dead_count.read(fast.tensor_version(self.tokens_since_fired))
-        return fast.aux_capacity(int(self.dead_mask().sum()) if count is None else count, self.d_sae)
-
-    @torch.compiler.disable
-    def _record_dead(self) -> None:
-        if self.tokens_since_fired.is_cuda and not self.step_in_cuda_graph:
-            self._dead_count.record(self.dead_mask().sum(), fast.tensor_version(self.tokens_since_fired))
-
     # --- AuxK ---------------------------------------------------------------------------------------
     def aux_losses(self, x: Tensor, out: SAEOutput, step: int) -> dict[str, Tensor]:
-        # Also called as TopKSAE.aux_losses(rational_sae, ...): use only attributes both have.
         if not self.training or self.aux_coefficient == 0:
             return {}
-        return {"aux": _auxk_loss(self, x, out.x_hat, out.h)}
+        return {"aux": auxk_loss(self, x, out.x_hat, out.h, self.k_aux, self.aux_coefficient)}
 
     def export_config(self) -> dict:
         return {"architecture": "topk", "k": self.k}
 
+    @classmethod
+    def export_fields(cls, read) -> tuple[dict, dict]:
+        k = read.int("k", 1, read.d_sae)
+        if read.bool("rescale_acts_by_decoder_norm", default=False):
+            read.refuse("rescale_acts_by_decoder_norm=true is not supported")
+        return {"k": k}, {}
 
-@torch.compiler.disable  # its sizes follow the dead count: traced, each new count recompiled the step
-def _auxk_loss(sae: SAE, x: Tensor, x_hat: Tensor, h: Tensor) -> Tensor:
-    """AuxK: the top-k_aux dead latents of each row reconstruct the main model's residual. Runs
-    outside any compiled graph (a captured CUDA graph still records it) and returns a tensor, so a
-    compiled step's graphs never depend on how many latents are dead."""
-    dead = sae.dead_mask()
-    capacity = _auxk_columns(sae)
-    if capacity == 0:
-        return h.new_zeros((), dtype=torch.float32)
-    if capacity < sae.d_sae:  # at most `capacity` latents are dead: only their columns
-        e_hat = _dead_columns_reconstruction(sae, x, dead, capacity)
-    else:  # top-k_aux among dead latents only: live ones are pushed to -inf before selection,
-        # and where fewer than k_aux are dead the ReLU zeroes the -inf picks (= top-n_dead)
-        z_aux = topk_relu(h.masked_fill(~dead, float("-inf")), sae.k_aux)
-        e_hat = (z_aux @ sae.W_dec).float()
-    residual = (x - x_hat).detach().float()
-    variance = (x.float() - x.float().mean(0)).pow(2).sum().clamp_min(1e-12)
-    # Weight min(n_dead / k_aux, 1) with the configured k_aux (Gao et al.): fewer dead latents
-    # than k_aux weigh less. A tensor, so the fast path stays free of host syncs.
-    weight = (dead.sum(dtype=torch.float32) / sae.k_aux).clamp(max=1.0)
-    return sae.aux_coefficient * weight * (e_hat - residual).pow(2).sum() / variance
-
-
-def _auxk_columns(sae: SAE) -> int:
-    """How many columns this step's AuxK covers: 0 (no latent dead), a `fast.aux_capacities` size
-    that holds every dead latent, or d_sae. The fast step decided it without waiting for the GPU;
-    the plain step (the reference) counts the dead latents and always covers every column."""
-    capacity = getattr(sae, "_step_aux_capacity", None)  # TopKSAE's fast step
-    if capacity is None and sae.step_in_cuda_graph:  # (the rational SAE's topk gate comes here)
-        capacity = getattr(sae, "_aux_capacity", sae.d_sae)
-    if capacity is None:
-        capacity = sae.d_sae if bool(sae.dead_mask().any()) else 0
-    return capacity
-
-
-def _dead_columns_reconstruction(sae: SAE, x: Tensor, dead: Tensor, capacity: int) -> Tensor:
-    """AuxK's reconstruction from the top-k_aux dead latents of each row when at most `capacity`
-    latents are dead: their pre-activations come from their own columns of W_enc (a [batch,
-    capacity] GEMM, not [batch, d_sae]), padded to `capacity` with -inf, and the decoder reads only
-    their rows. The same values as over all columns, to rounding."""
-    cols, valid = _dead_columns(dead, capacity)
-    w_enc = sae.W_enc.t()[cols]  # [capacity, d_in] rows of W_enc's memory when it is stored transposed
-    h = torch.nn.functional.linear(x - sae.b_dec, w_enc, sae.b_enc[cols])
-    return (_aux_codes(h, valid, sae.k_aux) @ sae.W_dec[cols]).float()
-
-
-def _dead_columns(dead: Tensor, capacity: int) -> tuple[Tensor, Tensor]:
-    """(`capacity` latents: the dead ones in order, then padding; which of them are dead). The i-th
-    dead latent is where the running count of dead latents first reaches i + 1: a search (no sort,
-    no scatter)."""
-    running = dead.cumsum(0)
-    wanted = torch.arange(1, capacity + 1, device=dead.device)
-    cols = torch.searchsorted(running, wanted).clamp_max(dead.shape[0] - 1)
-    return cols, wanted <= running[-1]
-
-
-def _aux_codes(h: Tensor, valid: Tensor, k_aux: int) -> Tensor:
-    """AuxK's codes over the columns of h: the top k_aux of each row among the valid (dead)
-    columns after the ReLU; all of them where there are no more than k_aux columns."""
-    h = h.masked_fill(~valid, float("-inf"))
-    return topk_relu(h, k_aux) if h.shape[-1] > k_aux else h.relu()
+    @classmethod
+    def kwargs_from_export(cls, cfg: dict) -> dict:
+        return {"k": int(cfg["k"])} if "k" in cfg else {}
