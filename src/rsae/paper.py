@@ -14,10 +14,10 @@ Presets (`--preset`) fix the scale; arguments given after them add to them:
 
 * `cpu-small`: SmolLM2 layer 6, 200k tokens of the embedded plays, 1152 latents, 1000 steps, no
   downstream pass in the upgrades: the CPU table of docs/rational.md.
-* `gpu-scale`: SmolLM2 layer 15 (of 30), 16384 latents, 20M tokens of `--text`, batch 4096,
-  5000 steps (one pass over the tokens), compiled steps with CUDA graphs, and each family at three
-  sparsities (TopK and BatchTopK k = 16, 32, 64; JumpReLU target L0 16, 32, 64; ReLU three L1
-  coefficients). Needs `--text` (a parquet / jsonl / txt corpus) and a GPU.
+* `gpu-scale`: SmolLM2 layer 15 (of 30), 16384 latents, 20M tokens of `--text`, batch 4096, 5000
+  steps (about 1.15 passes over the 18M training tokens), compiled steps with CUDA graphs, and each
+  family at three sparsities (TopK and BatchTopK k = 16, 32, 64; JumpReLU target L0 16, 32, 64;
+  ReLU three L1 coefficients). Needs `--text` (a parquet / jsonl / txt corpus) and a GPU.
 
 `--dry-run` prints the commands without running them.
 """
@@ -101,7 +101,8 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [n for n in names if n not in TEACHERS and n not in L0_LEVELS]
     if unknown:
         p.error(f"unknown teacher {unknown[0]!r}; choose from {sorted(TEACHERS) + sorted(L0_LEVELS)}")
-    text = [f"data.text_files=[{Path(a.text).resolve()}]"] if a.text else []
+    quoted = str(Path(a.text).resolve()).replace("\\", "\\\\").replace("'", "\\'") if a.text else ""
+    text = [f"data.text_files=['{quoted}']"] if a.text else []  # quoted: a path may hold , = [ or spaces
     every = [*preset.get("overrides", []), *text, *a.overrides]
     teacher_extra = [*preset.get("teacher_overrides", []), *a.teacher_overrides]
     upgrade_extra = [*preset.get("upgrade_overrides", []), *a.upgrade_overrides]

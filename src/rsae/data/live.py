@@ -46,7 +46,7 @@ from rsae.data.textstream import TokenSequences
 
 log = logging.getLogger(__name__)
 _STATE_KEYS = ("seed", "batch_size", "shuffle_buffer", "context_size", "val_tokens")
-_LOG_WINDOWS = 8  # windows remembered for state_dict (the trainer is at most a batch behind the stream)
+_LOG_BATCHES = 4  # rows remembered for state_dict, in batches (the trainer is at most a batch or two behind)
 
 
 class LiveStream(IterableDataset):
@@ -88,7 +88,10 @@ class LiveStream(IterableDataset):
             rows = self.ready.pop(window, None)
             rows = self.window_rows(torch.stack(tokens)) if rows is None else rows
             n = len(rows)
-            self.log = self.log[-_LOG_WINDOWS + 1:] + [{
+            # keep the windows that cover the last _LOG_BATCHES batches (a batch may span many windows)
+            while len(self.log) > 1 and rows_before - self.log[1]["rows_before"] >= _LOG_BATCHES * self.batch_size:
+                self.log.pop(0)
+            self.log = self.log + [{
                 "window": window, "pass": first_pass, "position": list(first_position), "rows_before": rows_before,
                 "rows": n, "next": {"window": window + 1, "pass": nxt[1], "position": list(nxt[2]),
                                     "rows_before": rows_before + n, "row_offset": 0}}]
@@ -173,6 +176,9 @@ class LiveDataModule(L.LightningDataModule):
         self.lm_device = resolve_device(lm_device)
         if buffer_device not in ("auto", "cpu", "cuda"):
             raise ValueError(f"data.buffer_device must be auto, cpu or cuda, got {buffer_device!r}")
+        for key, value in (("lm_device", lm_device), ("buffer_device", buffer_device)):
+            if str(value).startswith("cuda") and not torch.cuda.is_available():
+                raise ValueError(f"data.{key}={value} but CUDA is not available here; use cpu or auto")
         self.buffer_device = self.lm_device if buffer_device == "auto" else resolve_device(buffer_device)
         self.d_in: int | None = None if d_in is None else int(d_in)
         self.norm_scale: float | None = None

@@ -9,7 +9,6 @@ header) against it before loading any tensor, then refuses NaN/Inf weights (`rsa
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Any

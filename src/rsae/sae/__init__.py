@@ -16,10 +16,5 @@ from rsae.sae.rational import RationalSAE
 # isort: on
 
 
-def register(name: str, cls: type[SAE]) -> None:
-    """One more name for a class (e.g. a class defined elsewhere under another exported name)."""
-    ARCHITECTURES[name] = cls
-
-
 __all__ = ["SAE", "SAEOutput", "ConfigError", "ReLUSAE", "JumpReLUSAE", "TopKSAE", "BatchTopKSAE", "MatryoshkaSAE",
-           "RationalSAE", "ARCHITECTURES", "register"]
+           "RationalSAE", "ARCHITECTURES"]

@@ -100,7 +100,6 @@ class JumpReLUSAE(SAE):
         return jumprelu(h, self.threshold, self.bandwidth)
 
     def aux_losses(self, x: Tensor, out: SAEOutput, step: int) -> dict[str, Tensor]:
-        coef = self.l0_coefficient * linear_warmup(step, self.l0_warmup_steps)
         if self.penalty == "step" and fast.enabled():
             l0 = L0.apply(out.h, self.threshold.float(), self.bandwidth)
         elif self.penalty == "step":
@@ -109,7 +108,7 @@ class JumpReLUSAE(SAE):
             l0 = torch.tanh(self.tanh_scale * out.z.float().abs() * self.decoder_norms().float()).sum(-1).mean()
         if self.l0_target is not None:
             return {"l0": self._target_penalty(l0, out.losses["mse"].detach())}
-        return {"l0": coef * l0}
+        return {"l0": self.l0_coefficient * linear_warmup(step, self.l0_warmup_steps) * l0}
 
     def _target_penalty(self, l0: Tensor, mse: Tensor) -> Tensor:
         """l0_coefficient * mse * (lam * c + TARGET_STIFFNESS * c^2), c = L0 / l0_target - 1, then
@@ -126,7 +125,8 @@ class JumpReLUSAE(SAE):
           dimensionless: the MSE's pull on L0 is about -alpha * MSE / L0 (alpha the slope of
           log MSE against log L0), independent of d_in and the activation scale.
         * No warm-up (l0_warmup_steps is not used): the thresholds start at the target.
-        Under DDP each rank integrates its own batch's c; their mean integrates the global c."""
+        Under DDP, where the wrapper broadcasts buffers from rank 0 before each forward, rank 0's
+        batch drives lam (not yet run on several GPUs)."""
         c = l0 / self.l0_target - 1
         lam = self.l0_multiplier.clone()  # the loss keeps this step's value; the update is in place
         if self.training:
