@@ -13,6 +13,9 @@ import rsae.bench
 
 # Benchmark names that differ from their module's name.
 ALIASES = {"default": "default_job"}
+# Parts of `train` that also run alone: `python -m rsae.bench step` is `train` with only that part
+# (the part's module holds the measurement, `train` the shared options, loop and report).
+PARTS = ("step", "e2e", "quality")
 
 
 def available() -> list[str]:
@@ -26,6 +29,11 @@ def main(argv: list[str] | None = None) -> int:
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in names:
         print(f"usage: python -m rsae.bench {{{','.join(names)}}} [options]", file=sys.stderr)
         return 0 if argv and argv[0] in ("-h", "--help") else 2
+    if argv[0] in PARTS:
+        from rsae.bench import train
+
+        doc = importlib.import_module(f"rsae.bench.{argv[0]}").__doc__
+        return train.main(argv[1:], parts=(argv[0],), prog=f"python -m rsae.bench {argv[0]}", description=doc) or 0
     module = ALIASES.get(argv[0], argv[0])
     return importlib.import_module(f"rsae.bench.{module}").main(argv[1:]) or 0
 

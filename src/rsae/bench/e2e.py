@@ -68,9 +68,3 @@ def run_e2e(arch, d, m, batch, args, device, data_args: list[str], work: Path, w
         m_ = json.loads(metrics.read_text())
         res["final"] = {k: m_[k] for k in ("val/mse", "val/fvu", "val/l0") if k in m_}
     return res
-
-
-def main(argv: list[str] | None = None) -> int:
-    from rsae.bench import train
-
-    return train.main(argv, parts=("e2e",), prog="python -m rsae.bench e2e", description=__doc__)

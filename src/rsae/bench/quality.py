@@ -60,9 +60,3 @@ def quality(arch, d, m, batch, args, device) -> dict:
         verdict &= res[f"{key}_diff"] <= tol
     res["match"] = bool(verdict)
     return res
-
-
-def main(argv: list[str] | None = None) -> int:
-    from rsae.bench import train
-
-    return train.main(argv, parts=("quality",), prog="python -m rsae.bench quality", description=__doc__)

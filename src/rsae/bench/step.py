@@ -129,9 +129,3 @@ def bench_gate(m: int, batch: int, args, device) -> dict:
     # Bytes moved by a perfect fused forward + backward: read h, write y; read h, dy, write dh.
     out["min_bytes"] = 5 * h.numel() * h.element_size()
     return out
-
-
-def main(argv: list[str] | None = None) -> int:
-    from rsae.bench import train
-
-    return train.main(argv, parts=("step",), prog="python -m rsae.bench step", description=__doc__)
