@@ -93,3 +93,8 @@ def test_json_is_strict(tmp_path):
 
     back = json.loads((tmp_path / "m.json").read_text(), parse_constant=reject)
     assert back == {"a": None, "b": [1.0, None], "c": {"d": None}, "t": None, "u": 2.5, "ok": 1, "s": "x", "n": None}
+
+
+def test_harvest_hooks_are_names():
+    check_config(config("data.harvest_hooks=[resid_post,attn_out]"))
+    assert error(config("data.harvest_hooks=[3]")) == "data.harvest_hooks must be a hook name or a non-empty list of them or null, got [3]"

@@ -31,7 +31,7 @@ _MISSING = object()
 
 @dataclass(frozen=True)
 class Rule:
-    kind: str  # int | float | bool | choice | list (of `item`) | scales (name -> float) | devices
+    kind: str  # int | float | bool | choice | list (of `item`) | scales (name -> float) | devices | layers | names
     lo: float | str | None = None  # lower bound; a string names another value ("d_sae", "data.min_magnitude")
     hi: float | str | None = None
     lo_open: bool = False  # True: the bound itself is not allowed
@@ -47,6 +47,8 @@ class Rule:
             text = "true or false"
         elif self.kind == "layers":
             text = f"an integer >= {self.lo} or a list of them"
+        elif self.kind == "names":
+            text = "a hook name or a non-empty list of them"
         elif self.kind == "devices":
             text = "an integer >= 1, -1 (all), 'auto' or a list of device indices"
         elif self.kind == "scales":
@@ -111,6 +113,7 @@ DATA = {
     "n_tokens": COUNT, "context_size": Int(2), "val_fraction": Float(0, 1, lo_open=True, hi_open=True),
     "shuffle_buffer": COUNT, "block_rows": COUNT, "num_workers": Int(0), "shard_mb": POSITIVE,
     "harvest_batch_size": COUNT, "layer": Rule("layers", 0), "harvest_layers": Rule("layers", 0, null=True),
+    "harvest_hooks": Rule("names", null=True),
     "storage_dtype": Choice("bfloat16", "float32"),
     "shuffle_device": Choice("cpu", "cuda"), "verify_checksums": BOOL, "exclude_special_tokens": BOOL,
     "prepend_bos": BOOL, "pin_memory": Rule("bool", null=True),
@@ -286,6 +289,9 @@ def _ok(value: Any, rule: Rule, values: DictConfig, refs: dict[str, Any]) -> boo
     if kind == "layers":
         items = value if isinstance(value, list) and value else [value]
         return all(_is_int(v) and v >= rule.lo for v in items)
+    if kind == "names":
+        items = value if isinstance(value, list) and value else [value]
+        return all(isinstance(v, str) and v.strip() != "" for v in items)
     if kind == "scales":
         return isinstance(value, dict) and all(_is_number(v) and v > 0 for v in value.values())
     if kind == "list":
