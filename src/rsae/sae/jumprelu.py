@@ -45,7 +45,7 @@ class JumpReLUSAE(SAE):
         self,
         d_in: int,
         d_sae: int | None = None,
-        l0_coefficient: float = 1e-3,
+        l0_coefficient: float | None = None,
         l0_warmup_steps: int = 0,
         bandwidth: float = 0.05,
         init_threshold: float | None = None,
@@ -55,6 +55,8 @@ class JumpReLUSAE(SAE):
         l0_target: float | None = None,
         **kw,
     ) -> None:
+        if l0_coefficient is None:  # the target's penalty is scaled by the MSE (dimensionless): 1.0 there
+            l0_coefficient = 1e-3 if l0_target is None else 1.0
         require(l0_coefficient >= 0, f"l0_coefficient must be >= 0, got {l0_coefficient}")
         require(threshold_lr_scale > 0, f"threshold_lr_scale must be > 0, got {threshold_lr_scale}")
         require(bandwidth > 0, f"bandwidth must be > 0, got {bandwidth}")
