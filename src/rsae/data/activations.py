@@ -51,6 +51,17 @@ def default_cache_dir(root: str, name_or_path: str, gguf_file: str | None, hook:
     return Path(os.path.expanduser(str(root))) / model / name
 
 
+def consumed_batches(trainer, default: int) -> int:
+    """Training batches the trainer has processed (restored from a checkpoint on resume), or
+    `default` without a trainer; what a data module's checkpoint position is."""
+    if trainer is not None:
+        try:
+            return int(trainer.fit_loop.epoch_loop.batch_progress.total.processed)
+        except AttributeError:
+            pass
+    return default
+
+
 class ActivationDataModule(L.LightningDataModule):
     """Activations of `name_or_path` at `hook`/`layer` on `text_files` (or hub `dataset`).
 
@@ -239,13 +250,7 @@ class ActivationDataModule(L.LightningDataModule):
         fetches a batch ahead (and workers prefetch more), so what the iterator produced overshoots.
         The trainer restores this count from a checkpoint, and it equals `load_state_dict`'s value.
         """
-        trainer = self._trainer_or_none()
-        if trainer is not None:
-            try:
-                return int(trainer.fit_loop.epoch_loop.batch_progress.total.processed)
-            except AttributeError:
-                pass
-        return self._restored_position
+        return consumed_batches(self._trainer_or_none(), self._restored_position)
 
     def _stream_config(self) -> dict:
         _, world = self._rank_world()

@@ -38,6 +38,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset
 
+from rsae.data.activations import consumed_batches
 from rsae.data.cache import check_finite, storage_dtype as parse_storage_dtype
 from rsae.data.hooks import HOOK_NAMES, run_to_hook
 from rsae.data.lm import resolve_device
@@ -283,13 +284,7 @@ class LiveDataModule(L.LightningDataModule):
     # ---- resumption -------------------------------------------------------------------------
     def position(self) -> int:
         """Training batches the trainer has consumed (what a checkpoint records)."""
-        trainer = getattr(self, "trainer", None)
-        if trainer is not None:
-            try:
-                return int(trainer.fit_loop.epoch_loop.batch_progress.total.processed)
-            except AttributeError:
-                pass
-        return self._restored_position
+        return consumed_batches(getattr(self, "trainer", None), self._restored_position)
 
     def _start_state(self) -> dict:
         position = self.position()
