@@ -19,7 +19,10 @@ def test_upgrade_reproduces_teacher_then_fine_tunes(tmp_path, sae):
     run_train("experiment=rsae_upgrade", f"teacher.path={teacher}/sae", "upgrade.steps=40",
               "upgrade.calibration_tokens=4096", "upgrade.calibration_steps=50", f"hydra.run.dir={up}", *COMMON)
     res = json.loads((up / "upgrade.json").read_text())
-    assert set(res) >= {"teacher", "rsae_init", "rsae", "teacher_ft", "settings"}
+    assert set(res) >= {"teacher", "rsae_init", "rsae", "teacher_ft", "settings", "seconds"}
+    # Where the time went: every phase that ran is timed.
+    assert {"setup", "calibrate", "finetune_rsae", "finetune_teacher_ft", "eval_rsae"} <= set(res["seconds"])
+    assert all(v >= 0 for v in res["seconds"].values()) and res["seconds"]["finetune_rsae"] > 0
     for phase in ("teacher", "rsae_init", "rsae", "teacher_ft"):
         assert {"mse", "fvu", "l0", "alive"} <= set(res[phase])
     t, i = res["teacher"], res["rsae_init"]

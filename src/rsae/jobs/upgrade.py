@@ -22,6 +22,8 @@ from __future__ import annotations
 import json
 import logging
 import math
+import time
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -117,6 +119,7 @@ def teacher_coefficient(meta: dict, name: str, fallback: float) -> float:
 
 
 def upgrade(cfg: DictConfig) -> dict[str, Any]:
+    t_begin = time.perf_counter()
     run_dir = output_dir()
     check_config(cfg)  # before anything loads
     up = cfg.upgrade
@@ -145,9 +148,22 @@ def upgrade(cfg: DictConfig) -> dict[str, Any]:
     results_path = run_dir / "upgrade.json"
     results: dict[str, Any] = json.loads(results_path.read_text()) if results_path.is_file() else {}
 
+    # Wall seconds of each phase (summed over reruns of the same run directory), to see where the time goes.
+    seconds: dict[str, float] = results.setdefault("seconds", {})
+    t_setup = time.perf_counter() - t_begin
+
+    @contextmanager
+    def timed(part: str):
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            seconds[part] = round(seconds.get(part, 0.0) + time.perf_counter() - t0, 2)
+
     def evaluate(name: str, sae_norm: SAE) -> None:
         raw = sae_norm.rescaled(scale).eval()
-        metrics, _ = evaluate_sae(raw, held, opts, lm=lm, hook=getattr(dm, "hook", None), layer=getattr(dm, "layer", None))
+        with timed(f"eval_{name}"):
+            metrics, _ = evaluate_sae(raw, held, opts, lm=lm, hook=getattr(dm, "hook", None), layer=getattr(dm, "layer", None))
         require_finite_metrics(metrics, ("mse", "fvu"), f"{name} on the held-out tokens")
         results[name] = metrics
         results["settings"] = settings
@@ -171,7 +187,9 @@ def upgrade(cfg: DictConfig) -> dict[str, Any]:
     # training batches, and held-out text can differ (on SmolLM2 / Shakespeare the teacher's L0 is
     # 7.4 on training rows and 8.7 held out): holding training L0 at the held-out value would let
     # the fine-tuned models end 15-20% denser than the teacher on the held-out tokens.
-    x = collect_rows(dm, int(up.calibration_tokens)) * scale
+    with timed("setup"):  # data, teacher, held-out tokens and LM above, calibration rows here
+        x = collect_rows(dm, int(up.calibration_tokens)) * scale
+    seconds["setup"] = round(seconds["setup"] + t_setup, 2)
     with torch.no_grad():
         h = teacher.pre_acts(x)
         z_teacher = teacher.activation(h)
@@ -189,7 +207,8 @@ def upgrade(cfg: DictConfig) -> dict[str, Any]:
             l0_coefficient=up.l0_coefficient if up.l0_coefficient is not None else up.control_l0_coefficient,
             sparsity=up.sparsity, unit_norm_decoder=False,
         )
-        stats = rsae.calibrate(h, z_teacher, steps=int(up.calibration_steps))
+        with timed("calibrate"):
+            stats = rsae.calibrate(h, z_teacher, steps=int(up.calibration_steps))
         require_finite(rsae.state_dict(), "rsae_init after calibration")
         settings["calibration"] = stats
         save_sae(rsae, init_dir, scale=scale, metadata={"phase": "rsae_init", **settings})
@@ -203,8 +222,9 @@ def upgrade(cfg: DictConfig) -> dict[str, Any]:
         for p in rsae.parameters():
             p.requires_grad_(True)
         gate_scale = float(up.get("gate_lr_scale", 1.0))
-        rsae = finetune(cfg, rsae, dm, scale, "rsae", run_dir, target_l0,
-                        lr_scales={"rational_gate.": gate_scale} if gate_scale != 1.0 else None)
+        with timed("finetune_rsae"):
+            rsae = finetune(cfg, rsae, dm, scale, "rsae", run_dir, target_l0,
+                            lr_scales={"rational_gate.": gate_scale} if gate_scale != 1.0 else None)
         save_sae(rsae, run_dir / "rsae", scale=scale, metadata={"phase": "rsae", **settings})
         (run_dir / "rsae" / "interrupted.ckpt").unlink(missing_ok=True)
         evaluate("rsae", rsae)
@@ -213,11 +233,13 @@ def upgrade(cfg: DictConfig) -> dict[str, Any]:
     if up.control and ("teacher_ft" not in results or not (run_dir / "teacher_ft" / CFG_FILE).is_file()):
         control = teacher_raw.rescaled(1.0 / scale).train()
         control.configure_control({"l1_coefficient": up.l1_coefficient, "l0_coefficient": up.control_l0_coefficient})
-        control = finetune(cfg, control, dm, scale, "teacher_ft", run_dir, target_l0)
+        with timed("finetune_teacher_ft"):
+            control = finetune(cfg, control, dm, scale, "teacher_ft", run_dir, target_l0)
         save_sae(control, run_dir / "teacher_ft", scale=scale, metadata={"phase": "teacher_ft", **settings})
         (run_dir / "teacher_ft" / "interrupted.ckpt").unlink(missing_ok=True)
         evaluate("teacher_ft", control)
 
+    write_json(results_path, results)
     summary = {f"upgrade/{phase}/{k}": v for phase in PHASES if phase in results for k, v in results[phase].items()
                if isinstance(v, (int, float))}
     _log_summary(cfg, summary)
