@@ -112,7 +112,7 @@ DATA = {
     # activations
     "n_tokens": COUNT, "context_size": Int(2), "val_fraction": Float(0, 1, lo_open=True, hi_open=True),
     "shuffle_buffer": COUNT, "block_rows": COUNT, "num_workers": Int(0), "shard_mb": POSITIVE,
-    "harvest_batch_size": COUNT, "layer": Rule("layers", 0), "harvest_layers": Rule("layers", 0, null=True),
+    "harvest_batch_size": Int(1, null=True), "layer": Rule("layers", 0), "harvest_layers": Rule("layers", 0, null=True),
     "harvest_hooks": Rule("names", null=True),
     "storage_dtype": Choice("bfloat16", "float32"),
     "shuffle_device": Choice("cpu", "cuda"), "verify_checksums": BOOL, "exclude_special_tokens": BOOL,

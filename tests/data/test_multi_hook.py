@@ -179,3 +179,16 @@ def test_first_multirun_trial_harvests_every_listed_layer(setup, tmp_path):
     assert [m.data["request"]["layer"] for m in manifests] == [1, 3]
     assert manifests[0].data["harvest_seconds"] == manifests[1].data["harvest_seconds"]  # filled by trial 0's pass
     assert all(json.loads((tmp_path / "sweep" / t / "metrics.json").read_text())["status"] == "ok" for t in "01")
+
+
+def test_default_batch_is_small_on_the_cpu(setup, tmp_path, monkeypatch):
+    import rsae.data.harvest as H
+
+    sizes = []
+    real = H._harvest_rows
+    monkeypatch.setattr(H, "_harvest_rows", lambda model, points, tokens, keep, lo, hi, store:
+                        sizes.append(hi - lo) or real(model, points, tokens, keep, lo, hi, store))
+    manifest = harvest(tmp_path / "c", hook="resid_post", layer=1, **_args(setup, batch_size=None, shard_mb=1.0))
+    # 36 training sequences in one shard: batches of CPU_HARVEST_BATCH (8), the last one shorter
+    assert max(sizes) == H.CPU_HARVEST_BATCH == 8 and sizes[:4] == [8, 8, 8, 8]
+    assert manifest.data["args"]["batch_size"] == 8

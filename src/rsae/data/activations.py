@@ -89,7 +89,7 @@ class ActivationDataModule(L.LightningDataModule):
             across ranks and workers); num_workers, pin_memory (None: when CUDA is available).
         shuffle_device: `cpu` (batches gathered on the host) or `cuda` (each shuffle window is copied
             to the GPU once and batches are gathered there; needs num_workers=0).
-        harvest_batch_size: sequences per forward pass; harvest_device: `auto`, `cpu`, `cuda`;
+        harvest_batch_size: sequences per forward pass (null: 8 on a CPU, 128 on a GPU); harvest_device: `auto`, `cpu`, `cuda`;
         shard_mb: shard size; verify_checksums: sha256 every shard when reusing a cache.
         d_in: expected width (None: read from the cache).
     """
@@ -102,7 +102,7 @@ class ActivationDataModule(L.LightningDataModule):
                  n_tokens: int = 120_000, context_size: int = 128, val_fraction: float = 0.1,
                  storage_dtype: str = "bfloat16", exclude_special_tokens: bool = True, prepend_bos: bool = True,
                  batch_size: int = 4096, shuffle_buffer: int = 65536, block_rows: int = 1024, seed: int = 0,
-                 num_workers: int = 0, pin_memory: bool | None = None, harvest_batch_size: int = 8,
+                 num_workers: int = 0, pin_memory: bool | None = None, harvest_batch_size: int | None = None,
                  harvest_device: str = "auto", shard_mb: float = 64, verify_checksums: bool = True,
                  d_in: int | None = None, progress: bool = True, shuffle_device: str = "cpu",
                  document_separator: str = "auto", harvest_hooks: Sequence[str] | None = None,
@@ -154,7 +154,7 @@ class ActivationDataModule(L.LightningDataModule):
         self.shuffle_device = shuffle_device
         # Batches gathered on the GPU are not pinned (nothing left to copy).
         self.pin_memory = (torch.cuda.is_available() if pin_memory is None else bool(pin_memory)) and shuffle_device == "cpu"
-        self.harvest_args = {"batch_size": int(harvest_batch_size), "device": harvest_device,
+        self.harvest_args = {"batch_size": None if harvest_batch_size is None else int(harvest_batch_size), "device": harvest_device,
                              "shard_mb": float(shard_mb), "verify_checksums": bool(verify_checksums),
                              "progress": bool(progress)}
         self.d_in: int | None = None if d_in is None else int(d_in)

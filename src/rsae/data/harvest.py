@@ -33,6 +33,11 @@ from rsae.data.text import (
 )
 
 
+# Sequences per forward pass when none is given: small on a CPU (the pass is compute-bound already),
+# large on a GPU (a pass of 8 x 128 tokens through a small LM is kernel-launch-bound).
+CPU_HARVEST_BATCH = 8
+GPU_HARVEST_BATCH = 128
+
 def build_request(*, name_or_path: str, gguf_file: str | None = None, revision: str | None = None,
                   lm_dtype: str = "float32", hook: str = "resid_post", layer: int | None = 0,
                   text_files: Sequence[str] | None = None, dataset: str | None = None,
@@ -80,7 +85,7 @@ def harvest_many(targets: Sequence[tuple[str | Path, str, int | None]], *, name_
                  dataset_config: str | None = None, dataset_split: str = "train", text_column: str = "text",
                  n_tokens: int = 100_000, context_size: int = 128, val_fraction: float = 0.1,
                  storage_dtype: str = "bfloat16", prepend_bos: bool = True, exclude_special_tokens: bool = True,
-                 document_separator: str = "auto", batch_size: int = 8, shard_mb: float = 64, device: str = "auto",
+                 document_separator: str = "auto", batch_size: int | None = None, shard_mb: float = 64, device: str = "auto",
                  verify_checksums: bool = True, d_in: int | None = None, progress: bool = True,
                  lm: tuple | None = None) -> list[C.Manifest]:
     """Caches for several `(cache_dir, hook, layer)` targets of one model and text, the missing
@@ -88,7 +93,8 @@ def harvest_many(targets: Sequence[tuple[str | Path, str, int | None]], *, name_
     their Manifests in order. Each cache is the one `harvest` writes for its hook point alone:
     the same shards, byte for byte, and the same manifest but for its times.
 
-    `batch_size` is in sequences per forward pass; `shard_mb` is the target shard size; `lm` is an
+    `batch_size` is in sequences per forward pass (None: GPU_HARVEST_BATCH on a GPU, where small
+    passes leave it idle, else CPU_HARVEST_BATCH); `shard_mb` is the target shard size; `lm` is an
     optional already-loaded `(model, tokenizer)` matching `name_or_path`; `d_in`, when given, is
     the width every hook point must have.
     """
@@ -157,6 +163,8 @@ def _build(targets: list[_Target], text_source: dict, *, name_or_path, gguf_file
     started = time.perf_counter()
     model, tokenizer = lm if lm is not None else load_lm(name_or_path, gguf_file, lm_dtype, device, revision)
     device_ = next(model.parameters()).device
+    if batch_size is None:
+        batch_size = GPU_HARVEST_BATCH if device_.type == "cuda" else CPU_HARVEST_BATCH
     points = [(t.hook, t.layer) for t in targets]
     for hook, layer in points:
         resolve_hook(model, hook, layer)  # fail on a bad hook before tokenising
