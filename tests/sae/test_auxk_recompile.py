@@ -7,7 +7,7 @@ import torch
 from torch._dynamo.utils import counters
 
 from rsae.lit import SAEModule
-from rsae.sae import TopKSAE
+from rsae.sae import RationalSAE, TopKSAE
 
 
 @pytest.fixture
@@ -17,9 +17,16 @@ def fresh_dynamo():
     torch._dynamo.reset()
 
 
-def test_compiled_topk_step_compiles_once_as_auxk_switches_on_and_grows(fresh_dynamo):
+def _rational_topk(**kw):
+    return RationalSAE(gate="topk", l1_coefficient=0.0, **kw)
+
+
+# The rational SAE with the TopK mask takes AuxK through its mask (a graph break inside it must
+# find nothing on the caller's stack that dies between steps, or every step recompiles).
+@pytest.mark.parametrize("make", [TopKSAE, _rational_topk], ids=["topk", "rational-topk"])
+def test_compiled_topk_step_compiles_once_as_auxk_switches_on_and_grows(fresh_dynamo, make):
     torch.manual_seed(0)
-    sae = TopKSAE(d_in=32, d_sae=2048, k=8, dead_after_tokens=1024)  # AuxK sizes 0, 128, 256, 512
+    sae = make(d_in=32, d_sae=2048, k=8, dead_after_tokens=1024)  # AuxK sizes 0, 128, 256, 512
     module = SAEModule(sae=sae, compile=True)
     never = -1e4  # an encoder bias that keeps a latent from ever firing
 

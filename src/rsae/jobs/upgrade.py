@@ -31,6 +31,7 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, open_dict
 
+from rsae.data.lm import resolve_device
 from rsae.eval.heldout import load_heldout
 from rsae.eval.suite import EvalOptions, evaluate_sae
 from rsae.io.saelens import CFG_FILE, load_sae, save_sae
@@ -144,7 +145,8 @@ def upgrade(cfg: DictConfig) -> dict[str, Any]:
     held = load_heldout(dm, int(up.eval_tokens))
     opts = EvalOptions(batch_size=int(up.eval_batch_size), downstream=bool(up.downstream), probing=False, features=False,
                        l0_tolerances=tuple(up.l0_tolerances))
-    lm = _load_lm(dm) if up.downstream and held.has_tokens else None
+    eval_device = resolve_device("auto")  # every model is evaluated there (the GPU when there is one)
+    lm = _load_lm(dm, eval_device) if up.downstream and held.has_tokens else None
     results_path = run_dir / "upgrade.json"
     results: dict[str, Any] = json.loads(results_path.read_text()) if results_path.is_file() else {}
 
@@ -161,7 +163,7 @@ def upgrade(cfg: DictConfig) -> dict[str, Any]:
             seconds[part] = round(seconds.get(part, 0.0) + time.perf_counter() - t0, 2)
 
     def evaluate(name: str, sae_norm: SAE) -> None:
-        raw = sae_norm.rescaled(scale).eval()
+        raw = sae_norm.rescaled(scale).eval().to(eval_device)
         with timed(f"eval_{name}"):
             metrics, _ = evaluate_sae(raw, held, opts, lm=lm, hook=getattr(dm, "hook", None), layer=getattr(dm, "layer", None))
         require_finite_metrics(metrics, ("mse", "fvu"), f"{name} on the held-out tokens")
@@ -190,9 +192,14 @@ def upgrade(cfg: DictConfig) -> dict[str, Any]:
     with timed("setup"):  # data, teacher, held-out tokens and LM above, calibration rows here
         x = collect_rows(dm, int(up.calibration_tokens)) * scale
     seconds["setup"] = round(seconds["setup"] + t_setup, 2)
+    # The rows arrive where the stream puts them (the GPU with data.shuffle_device=cuda): the
+    # teacher's pre-activations and the calibration run there; the models come back to the CPU.
+    device = x.device
     with torch.no_grad():
-        h = teacher.pre_acts(x)
-        z_teacher = teacher.activation(h)
+        teacher_dev = teacher.to(device)
+        h = teacher_dev.pre_acts(x)
+        z_teacher = teacher_dev.activation(h)
+    teacher.cpu()
     target_l0 = float((z_teacher != 0).sum(-1).float().mean())
     settings["l0_target_train"] = target_l0
 
@@ -208,7 +215,8 @@ def upgrade(cfg: DictConfig) -> dict[str, Any]:
             sparsity=up.sparsity, unit_norm_decoder=False,
         )
         with timed("calibrate"):
-            stats = rsae.calibrate(h, z_teacher, steps=int(up.calibration_steps))
+            stats = rsae.to(device).calibrate(h, z_teacher, steps=int(up.calibration_steps))
+        rsae.cpu()
         require_finite(rsae.state_dict(), "rsae_init after calibration")
         settings["calibration"] = stats
         save_sae(rsae, init_dir, scale=scale, metadata={"phase": "rsae_init", **settings})
@@ -247,13 +255,13 @@ def upgrade(cfg: DictConfig) -> dict[str, Any]:
     return summary
 
 
-def _load_lm(dm):
+def _load_lm(dm, device: torch.device):
     from rsae.data.lm import load_lm
 
     kwargs = getattr(dm, "lm_kwargs", None)
     if kwargs is None:
         return None
-    model, _ = load_lm(**kwargs)
+    model, _ = load_lm(**kwargs, device=device)
     return model.eval()
 
 

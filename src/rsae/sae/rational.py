@@ -173,6 +173,10 @@ class RationalSAE(FromTeacher, SAE):
 
     def aux_losses(self, x: Tensor, out: SAEOutput, step: int) -> dict[str, Tensor]:
         """L1 on what the mask says (|z| under `sparsity: codes`) plus the mask's own terms."""
+        # The mask's terms first, while nothing is on this frame's stack: TopK's AuxK breaks the
+        # compiled graph, and a dict or bound method held across that break dies after the step,
+        # which invalidates the compiled resume function and recompiles every step.
+        mask_losses = self.mask.losses(self, x, out, step)
         losses: dict[str, Tensor] = {}
         if switched_on(self.l1_coefficient):
             coef = self.l1_coefficient * linear_warmup(step, self.l1_warmup_steps)
@@ -180,8 +184,7 @@ class RationalSAE(FromTeacher, SAE):
                 losses["l1"] = coef * weighted_abs_sum(out.z_abs_sums, self.decoder_norms()) / out.z.shape[0]
             elif (magnitudes := self._l1_magnitudes(out)) is not None:
                 losses["l1"] = coef * weighted_l1(magnitudes, self.decoder_norms())
-        losses.update(self.mask.losses(self, x, out, step))
-        return losses
+        return {**losses, **mask_losses}
 
     def uses_auxk(self) -> bool:
         return self.mask.uses_auxk(self)
