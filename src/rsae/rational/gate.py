@@ -166,9 +166,17 @@ class RationalGate(nn.Module):
             return rational_gate_triton(h, self.a, self.b, self.c_in, self.c_out, denominator=self.denominator,
                                         set_index=self.set_index if self.sharing == "group" else None, t_max=self.t_max,
                                         positive_only=positive_only, abs_colsum=abs_colsum)
-        if h.device.type == "cpu":  # a module-level function: nothing on the stack dies between steps
-            return _reference_gate_uncompiled(self, h, positive_only, abs_colsum)
-        return _reference_gate(self, h, positive_only, abs_colsum)
+        ct = compute_dtype(h.dtype)
+        with torch.autocast(device_type=h.device.type, enabled=False):
+            a, b = self.coefficients()
+            c_in = self.c_in.to(ct).clamp_min(torch.finfo(ct).tiny)
+            t = h.to(ct) / c_in
+            y = self.c_out.to(ct) * rational_compute(t, a.to(ct), b.to(ct), self.denominator, self.t_max)
+        y = cast_back(y, h.dtype)
+        y = y * (h > 0).to(h.dtype) if positive_only else y
+        if not abs_colsum:
+            return y
+        return y, y.abs().reshape(-1, self.d).sum(0, dtype=torch.promote_types(y.dtype, torch.float32))
 
     def forward_entries(self, values: Tensor, latent: Tensor) -> Tensor:
         """phi for scattered entries: values[i] is a pre-activation of latent latent[i] (1-d
@@ -191,24 +199,3 @@ class RationalGate(nn.Module):
             f"d={self.d}, degrees=({p}, {q}), denominator={self.denominator}, sharing={self.sharing}, "
             f"n_sets={self.n_groups}, scale_mode={self.scale_mode}, t_max={self.t_max}, init_table={self.init_table}"
         )
-
-
-def _reference_gate(gate: RationalGate, h: Tensor, positive_only: bool, abs_colsum: bool) -> Tensor | tuple[Tensor, Tensor]:
-    """The gate in plain torch ops (what the fused kernel is checked against)."""
-    ct = compute_dtype(h.dtype)
-    with torch.autocast(device_type=h.device.type, enabled=False):
-        a, b = gate.coefficients()
-        c_in = gate.c_in.to(ct).clamp_min(torch.finfo(ct).tiny)
-        t = h.to(ct) / c_in
-        y = gate.c_out.to(ct) * rational_compute(t, a.to(ct), b.to(ct), gate.denominator, gate.t_max)
-    y = cast_back(y, h.dtype)
-    y = y * (h > 0).to(h.dtype) if positive_only else y
-    if not abs_colsum:
-        return y
-    return y, y.abs().reshape(-1, gate.d).sum(0, dtype=torch.promote_types(y.dtype, torch.float32))
-
-
-# On the CPU, torch.compile (inductor, torch 2.13) miscompiles this gate times a top-k mask in a
-# training graph (trainable scales): every code comes out 0. Kept out of compiled CPU graphs; on
-# the GPU the fused kernel is an opaque operator and the reference compiles correctly.
-_reference_gate_uncompiled = torch.compiler.disable(_reference_gate)

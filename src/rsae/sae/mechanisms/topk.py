@@ -103,6 +103,11 @@ class TopKMask(Mask):
     def __call__(self, h: Tensor, owner) -> Tensor:
         return topk_mask(h, owner.k)
 
+    def codes(self, rational_gate, h: Tensor, owner) -> Tensor:
+        if h.device.type == "cpu":
+            return _gated_codes_uncompiled(rational_gate, h, self(h, owner))
+        return super().codes(rational_gate, h, owner)
+
     def penalises_codes(self, sparsity: str) -> bool:
         return sparsity == "codes"
 
@@ -128,3 +133,12 @@ class TopKMask(Mask):
 
     def kwargs_from_export(self, cfg: dict) -> dict:
         return {"k": int(cfg["k"])}
+
+
+# On the CPU, torch.compile (inductor, torch 2.13) turns the rational gate times this mask into
+# all-zero codes in a training graph (trainable gate scales), so the product stays out of compiled
+# CPU graphs. A module-level function: nothing on the caller's stack dies between steps. On the
+# GPU the gate is an opaque fused operator and compiles correctly.
+@torch.compiler.disable
+def _gated_codes_uncompiled(rational_gate, h: Tensor, mask: Tensor) -> Tensor:
+    return rational_gate(h) * mask
