@@ -31,7 +31,7 @@ from typing import Any
 
 import torch
 from hydra.utils import instantiate
-from omegaconf import DictConfig, open_dict
+from omegaconf import DictConfig
 
 from rsae.eval.heldout import load_heldout
 from rsae.eval.suite import EvalOptions, evaluate_sae
@@ -62,7 +62,7 @@ def collect_rows(dm, n_rows: int) -> torch.Tensor:
     return torch.cat(rows).float()
 
 
-def finetune(cfg: DictConfig, sae: SAE, dm, scale: float, phase: str, run_dir: Path, target_l0: float,
+def finetune(cfg: DictConfig, sae: SAE, dm, scale: float, phase: str, run_dir: Path, target_l0: float, steps: int,
              logged: dict[str, Any], lr_scales: dict[str, float] | None = None) -> SAE:
     up = cfg.upgrade
     # Every step is logged here (the controller's coefficient and the L0 it holds are the story of
@@ -82,7 +82,7 @@ def finetune(cfg: DictConfig, sae: SAE, dm, scale: float, phase: str, run_dir: P
         ckpt_path = interrupted
         log.info("%s: resuming from %s", phase, interrupted)
     logger = instantiate(cfg.logger, **_logger_phase_kwargs(cfg, phase)) if cfg.get("logger") else False
-    trainer = instantiate(cfg.trainer, max_steps=int(up.steps), callbacks=callbacks, logger=logger,
+    trainer = instantiate(cfg.trainer, max_steps=steps, callbacks=callbacks, logger=logger,
                           limit_val_batches=0, enable_checkpointing=False, default_root_dir=str(run_dir / phase))
     if trainer.logger is not None:
         trainer.logger.log_hyperparams(logged)  # the config as it acted (`acted_config`)
@@ -132,11 +132,10 @@ def upgrade(cfg: DictConfig) -> dict[str, Any]:
     mech = teacher_mechanism(teacher_raw)
     teacher = teacher_raw.rescaled(1.0 / scale)  # normalised units, like every training run
     meta = teacher_metadata(teacher_dir)
-    with open_dict(cfg):
-        cfg.upgrade.steps = fine_tune_steps(cfg, meta)
-        cfg.upgrade.control_l0_coefficient = teacher_coefficient(meta, "l0_coefficient", cfg.upgrade.control_l0_coefficient)
-    require(cfg.upgrade.steps >= 1, f"upgrade.steps must be >= 1, got {cfg.upgrade.steps}")
-    rsae_kw = from_teacher_kwargs(cfg, teacher, meta, cfg.upgrade.control_l0_coefficient)  # the sae group, checked
+    steps = fine_tune_steps(cfg, meta)
+    require(steps >= 1, f"upgrade.steps must be >= 1, got {steps}")
+    control_l0 = teacher_coefficient(meta, "l0_coefficient", up.control_l0_coefficient)  # the teacher's own, else this
+    rsae_kw = from_teacher_kwargs(cfg, teacher, meta, control_l0)  # the sae group, checked
     torch.manual_seed(cfg.seed)
 
     held = load_heldout(dm, int(up.eval_tokens))
@@ -171,7 +170,7 @@ def upgrade(cfg: DictConfig) -> dict[str, Any]:
     settings = {
         "teacher_path": str(teacher_dir), "teacher_mechanism": mech, "gate": None, "degrees": None,
         "l0_counting": "exact non-zero count" + (f"; l0_tol_<eps>: |z| > eps (raw units) for eps in {list(up.l0_tolerances)}" if up.l0_tolerances else ""),
-        "steps": int(cfg.upgrade.steps), "batch_size": int(cfg.data.batch_size), "hold_l0": bool(up.hold_l0),
+        "steps": steps, "batch_size": int(cfg.data.batch_size), "hold_l0": bool(up.hold_l0),
         "calibration_tokens": int(up.calibration_tokens), "eval_tokens": held.n_rows, "sparsity": str(rsae_kw["sparsity"]),
         "gate_lr_scale": float(up.get("gate_lr_scale", 1.0)),
     }
@@ -214,7 +213,7 @@ def upgrade(cfg: DictConfig) -> dict[str, Any]:
         save_sae(rsae, init_dir, scale=scale, metadata={"phase": "rsae_init", **settings})
         evaluate("rsae_init", rsae)
     settings.update(sae_settings(cfg, rsae, rsae_kw))
-    logged = acted_config(cfg, settings["rsae_sae_config"])
+    logged = acted_config(cfg, settings["rsae_sae_config"], {"steps": steps, "control_l0_coefficient": control_l0})
     write_json(run_dir / "config.json", logged)
     del x, h, z_teacher  # [calibration_tokens, d_sae] each: free before fine-tuning
 
@@ -225,7 +224,7 @@ def upgrade(cfg: DictConfig) -> dict[str, Any]:
             p.requires_grad_(True)
         gate_scale = float(up.get("gate_lr_scale", 1.0))
         with timed("finetune_rsae"):
-            rsae = finetune(cfg, rsae, dm, scale, "rsae", run_dir, target_l0, logged,
+            rsae = finetune(cfg, rsae, dm, scale, "rsae", run_dir, target_l0, steps, logged,
                             lr_scales={"rational_gate.": gate_scale} if gate_scale != 1.0 else None)
         save_sae(rsae, run_dir / "rsae", scale=scale, metadata={"phase": "rsae", **settings})
         (run_dir / "rsae" / "interrupted.ckpt").unlink(missing_ok=True)
@@ -234,9 +233,9 @@ def upgrade(cfg: DictConfig) -> dict[str, Any]:
     # Control: the teacher fine-tuned with its own gate for the same steps and tokens.
     if up.control and ("teacher_ft" not in results or not (run_dir / "teacher_ft" / CFG_FILE).is_file()):
         control = teacher_raw.rescaled(1.0 / scale).train()
-        control.configure_control({"l1_coefficient": rsae_kw["l1_coefficient"], "l0_coefficient": up.control_l0_coefficient})
+        control.configure_control({"l1_coefficient": rsae_kw["l1_coefficient"], "l0_coefficient": control_l0})
         with timed("finetune_teacher_ft"):
-            control = finetune(cfg, control, dm, scale, "teacher_ft", run_dir, target_l0, logged)
+            control = finetune(cfg, control, dm, scale, "teacher_ft", run_dir, target_l0, steps, logged)
         save_sae(control, run_dir / "teacher_ft", scale=scale, metadata={"phase": "teacher_ft", **settings})
         (run_dir / "teacher_ft" / "interrupted.ckpt").unlink(missing_ok=True)
         evaluate("teacher_ft", control)

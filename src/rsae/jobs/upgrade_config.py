@@ -68,10 +68,12 @@ def acted_sae_config(cfg: DictConfig, rsae, kwargs: dict[str, Any]) -> dict[str,
             "gate": rsae.gate, "degrees": list(g.degrees), "init_table": g.init_table, "k": rsae.k}
 
 
-def acted_config(cfg: DictConfig, sae: dict[str, Any]) -> dict[str, Any]:
-    """The upgrade's config as it acted (resolved): `sae` the RSAE's settings, no keys it does not read."""
+def acted_config(cfg: DictConfig, sae: dict[str, Any], upgrade: dict[str, Any]) -> dict[str, Any]:
+    """The upgrade's config as it acted (resolved): `sae` the RSAE's settings, `upgrade` with the
+    values the teacher resolved (`steps`, `control_l0_coefficient`), no keys the upgrade does not read."""
     out = OmegaConf.to_container(cfg, resolve=True)
     out["sae"] = sae
+    out["upgrade"].update(upgrade)
     for section, keys in NOT_READ.items():
         for key in keys:
             (out.get(section) or {}).pop(key, None)
