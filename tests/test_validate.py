@@ -12,6 +12,7 @@ from conftest import ROOT
 from rsae import jsonfile
 from rsae.errors import ConfigError
 from rsae.validate import check_config
+from rsae.validate_upgrade import check_overrides
 
 
 def config(*overrides: str):
@@ -78,6 +79,7 @@ def test_memory_is_bounded_by_the_device():
 
 def test_upgrade_and_eval_sections():
     assert error(config("experiment=rsae_upgrade", "upgrade.hold_l0_rate=0")).startswith("upgrade.hold_l0_rate must be")
+    assert error(config("sae=rational", "teacher.path=t", "upgrade.steps=0")) == "upgrade.steps must be an integer >= 1 or null, got 0"
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
         cfg = compose("evaluate", overrides=["eval.probe_test_fraction=1"])
     assert error(cfg) == "eval.probe_test_fraction must be a finite number in (0, 1), got 1"
@@ -98,3 +100,29 @@ def test_json_is_strict(tmp_path):
 def test_harvest_hooks_are_names():
     check_config(config("data.harvest_hooks=[resid_post,attn_out]"))
     assert error(config("data.harvest_hooks=[3]")) == "data.harvest_hooks must be a hook name or a non-empty list of them or null, got [3]"
+
+
+def test_upgrade_layout_sae_group_holds_the_rsae_settings():
+    check_config(config("sae=rational", "teacher.path=t", "data=synthetic"))  # the upgrade's defaults pass
+    check_config(config("experiment=paper_gpt2_relu"))
+    assert error(config("sae=rational", "teacher.path=t", "sae.degrees=[5]")) == \
+        "sae.degrees must be a list of 2 numbers each >= 0 or null, got [5]"
+    assert error(config("sae=rational", "teacher.path=t", "sae.gate=sigmoid")) == \
+        "sae.gate must be one of none, relu, jumprelu, topk, teacher, got 'sigmoid'"
+    assert error(config("sae=rational", "teacher.path=t", "sae.c_in_init=2")).startswith(
+        "sae.c_in_init must be null in an upgrade (teacher.path set): calibration sets C_in and C_out")
+    assert error(config("sae=relu", "teacher.path=t")).startswith(
+        "teacher.path upgrades a teacher to a Rational SAE: add sae=rational")
+    # A setting of the RSAE under upgrade. names where it moved, from YAML or the command line.
+    assert error(config("sae=rational", "teacher.path=t", "+upgrade.sharing=latent")).startswith(
+        "upgrade.sharing moved to sae.sharing: ")
+    with pytest.raises(ConfigError, match=r"^upgrade.degrees moved to sae.degrees: "):
+        check_overrides(["sae=rational", "upgrade.degrees=[3,2]"])
+    check_overrides(["upgrade.steps=5", "sae.degrees=[3,2]", "--cfg", "job"])
+
+
+def test_gate_choices_come_from_the_masks_and_teacher_needs_one():
+    from rsae.sae.mechanisms import MASKS
+
+    assert error(config("sae=rational", "sae.gate=sigmoid")) == f"sae.gate must be one of {', '.join(MASKS)}, got 'sigmoid'"
+    assert error(config("sae=rational", "sae.gate=teacher")).startswith("sae.gate=teacher needs teacher.path")

@@ -33,3 +33,23 @@ def run_group(default: str) -> str:
 
 
 _register("rsae.run_group", run_group)
+
+
+def job(*, _root_) -> str:
+    """`job`'s default: upgrade when the config names a teacher (`teacher.path`, even `???`), else train."""
+    teacher = _root_.get("teacher")
+    if not OmegaConf.is_dict(teacher) or "path" not in teacher:
+        return "train"
+    return "upgrade" if OmegaConf.is_missing(teacher, "path") or teacher.get("path") is not None else "train"
+
+
+_register("rsae.job", job)
+
+
+def upgrading(upgrade_value, scratch_value, *, _root_):
+    """`${rsae.upgrading:U,S}`: U when the job is the upgrade of a teacher, else S (e.g. a default of
+    conf/sae/rational.yaml that differs between an upgrade and training from scratch)."""
+    return upgrade_value if _root_.get("job") == "upgrade" else scratch_value
+
+
+_register("rsae.upgrading", upgrading)

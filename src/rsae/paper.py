@@ -7,7 +7,7 @@ upgrade each to an RSAE (with the teacher-fine-tuned control), then tabulate and
 Every step is a `train.py` run in its own process and directory; a step whose outputs exist is
 skipped, so an interrupted reproduction resumes where it stopped. Overrides after `--` go to
 every run (data, LM, trainer); `--teacher-overrides` only to the teacher runs and
-`--upgrade-overrides` only to the upgrades (e.g. `upgrade.sharing=latent`). `--teachers
+`--upgrade-overrides` only to the upgrades (e.g. `sae.sharing=latent upgrade.hold_l0=false`). `--teachers
 relu,jumprelu,topk,matryoshka` adds a Matryoshka BatchTopK teacher (upgraded as a BatchTopK one).
 
 Presets (`--preset`) fix the scale; arguments given after them add to them:
@@ -113,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
         tdir, udir = out / "teachers" / name, out / "upgrades" / name
         teacher = [*TEACHERS.get(name, L0_LEVELS.get(name)), f"trainer.max_steps={steps}", *teacher_extra, *every,
                    "logger=csv", f"hydra.run.dir={tdir}"]
-        upgrade = ["experiment=rsae_upgrade", f"teacher.path={tdir / 'sae'}", *upgrade_extra, *every, "logger=csv",
+        upgrade = ["sae=rational", f"teacher.path={tdir / 'sae'}", *upgrade_extra, *every, "logger=csv",
                    f"hydra.run.dir={udir}"]
         if a.dry_run:
             print("python train.py " + " ".join(teacher) + "\npython train.py " + " ".join(upgrade))

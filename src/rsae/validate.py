@@ -25,6 +25,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from rsae.errors import ConfigError
+from rsae.sae.mechanisms import GATES
 
 _MISSING = object()
 
@@ -135,17 +136,13 @@ SAE = {
     "degrees": Rule("list", 0, length=2, null=True), "denominator": Choice("A", "B"),
     "sharing": Choice("shared", "group", "latent"), "n_groups": Int(1, "d_sae"), "scale_mode": Choice("scalar", "latent"),
     "c_in_init": POSITIVE, "c_out_init": Float(0, lo_open=True, null=True), "t_max": POSITIVE,
-    "gate": Choice("none", "relu", "jumprelu", "topk"), "sparsity": Choice("codes", "mask"),
+    "gate": Choice(*GATES), "sparsity": Choice("codes", "mask"),  # the rational SAE's masks (rsae.sae.mechanisms.MASKS)
 }
 SAE_BY_TARGET = {"RationalSAE": {"k": Int(1, "d_sae", null=True)},  # k only for gate=topk
                  "JumpReLUSAE": {"init_threshold": Float(0, lo_open=True, null=True)}}  # null: from l0_target
-UPGRADE = {
-    "gate": Choice("teacher", "none", "relu", "jumprelu", "topk"), "degrees": Rule("list", 0, length=2, null=True),
-    "denominator": Choice("A", "B"), "sharing": Choice("shared", "group", "latent"), "n_groups": COUNT,
-    "scale_mode": Choice("scalar", "latent"), "calibration_tokens": COUNT, "calibration_steps": Int(0),
-    "steps": Int(1, null=True), "lr": POSITIVE, "gate_lr_scale": POSITIVE, "warmup_steps": Int(0),
-    "l1_coefficient": Float(0, null=True), "sparsity": Choice("codes", "mask"), "l0_coefficient": Float(0, null=True),
-    "hold_l0": BOOL, "hold_l0_rate": POSITIVE, "control": BOOL, "control_l0_coefficient": NON_NEGATIVE,
+UPGRADE = {  # the upgrade's phases; the RSAE's own settings are the sae group's (rsae.validate_upgrade)
+    "calibration_tokens": COUNT, "calibration_steps": Int(0),
+    "steps": Int(1, null=True), "lr": POSITIVE, "gate_lr_scale": POSITIVE, "warmup_steps": Int(0), "hold_l0": BOOL, "hold_l0_rate": POSITIVE, "control": BOOL, "control_l0_coefficient": NON_NEGATIVE,
     "eval_tokens": COUNT, "eval_batch_size": COUNT, "downstream": BOOL, "l0_tolerances": Rule("list", 0),
 }
 EVAL = {
@@ -178,6 +175,10 @@ def check_config(cfg: DictConfig, d_in: int | None = None, device_memory: tuple[
             for key, rule in table.items():
                 _check(values, f"{section}.{key}", rule, refs)
     _check_hook_points(cfg)
+    if cfg.get("job", "train") == "upgrade" or OmegaConf.is_dict(cfg.get("upgrade")):
+        from rsae.validate_upgrade import check_upgrade
+
+        check_upgrade(cfg, refs)  # the upgrade's layout; the sae group when upgrading
     if OmegaConf.is_dict(cfg.get("sae")) and cfg.get("job", "train") == "train":
         _check_sae(cfg, refs, device_memory)
 
@@ -199,6 +200,8 @@ def _check_hook_points(cfg: DictConfig) -> None:
 def _check_sae(values: DictConfig, refs: dict[str, Any], device_memory: tuple[str, int] | None) -> None:
     sae = {k: _get(values, f"sae.{k}") for k in values.sae}
     rules = {**SAE, **SAE_BY_TARGET.get(str(sae.get("_target_", "")).rsplit(".", 1)[-1], {})}
+    if sae.get("gate") == "teacher":
+        raise ConfigError(f"sae.gate=teacher needs teacher.path (the SAE to upgrade); from scratch choose one of {', '.join(GATES)}")
     for key in ("d_in", "d_sae", "expansion_factor"):
         _check(values, f"sae.{key}", rules[key], refs)
     sae = {k: _get(values, f"sae.{k}") for k in values.sae}  # as normalised by the checks (1e6 -> 1000000)

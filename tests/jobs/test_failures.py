@@ -209,7 +209,7 @@ def teacher(tmp_path_factory):
 
 
 def test_upgrade_fine_tune_that_diverges_fails_and_keeps_finished_phases(tmp_path, teacher):
-    proc = run_train("experiment=rsae_upgrade", f"teacher.path={teacher}", "upgrade.steps=20", "upgrade.lr=1e30",
+    proc = run_train("sae=rational", f"teacher.path={teacher}", "upgrade.steps=20", "upgrade.lr=1e30",
                      "upgrade.calibration_tokens=2048", "upgrade.calibration_steps=10", "upgrade.control=false",
                      f"hydra.run.dir={tmp_path}", *UPGRADE_DATA, check=False)
     assert proc.returncode == 1
@@ -221,7 +221,7 @@ def test_upgrade_fine_tune_that_diverges_fails_and_keeps_finished_phases(tmp_pat
 
 
 def test_upgrade_interrupted_says_so_and_the_rerun_finishes(tmp_path, teacher):
-    args = ("experiment=rsae_upgrade", f"teacher.path={teacher}", "upgrade.steps=1000", "upgrade.calibration_tokens=2048",
+    args = ("sae=rational", f"teacher.path={teacher}", "upgrade.steps=1000", "upgrade.calibration_tokens=2048",
             "upgrade.calibration_steps=10", "upgrade.control=false", f"hydra.run.dir={tmp_path}", *UPGRADE_DATA)
     proc = _spawn(*args)
     _wait_for(tmp_path / "csv" / "rsae" / "metrics.csv", proc)  # the fine-tune has logged its first steps

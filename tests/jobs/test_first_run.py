@@ -53,7 +53,7 @@ def test_periodic_validation_when_asked(tmp_path):
 
 def test_help_describes_the_project():
     text = run_train("--help").stdout
-    assert "train a sparse autoencoder" in text and "python train.py experiment=rsae_upgrade" in text
+    assert "train a sparse autoencoder" in text and "python train.py sae=rational teacher.path=" in text
     options = ", ".join(sorted(p.stem for p in (ROOT / "conf" / "sae").glob("*.yaml")))
     assert f"sae: {options}" in text  # the groups and their options
     assert "Powered by Hydra" not in text

@@ -44,7 +44,7 @@ def train_run(path, sae, metrics, status="ok", **kw):
 
 def upgrade_run(path, teacher, stages, gate="teacher"):
     """upgrade.json as rsae.jobs.upgrade writes it: stages plus a "settings" block."""
-    hydra_run(path, "upgrade", ["experiment=rsae_upgrade", f"teacher.path=/teachers/{teacher}"], sae="topk")
+    hydra_run(path, "upgrade", ["sae=rational", f"teacher.path=/teachers/{teacher}"], sae="rational")
     settings = {"teacher_path": f"/teachers/{teacher}", "teacher_mechanism": teacher, "gate": gate,
                 "l0_counting": "exact non-zero count", "eval_tokens": 20000, "calibration": {"max_err": 0.01}}
     (path / "upgrade.json").write_text(json.dumps({**stages, "settings": settings}))

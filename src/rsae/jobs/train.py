@@ -37,8 +37,9 @@ def build_trainer(cfg: DictConfig, run_dir: Path) -> L.Trainer:
     callbacks.append(CheckpointOnInterrupt(run_dir / "checkpoints" / "last.ckpt"))
     logger = instantiate(cfg.logger) if cfg.get("logger") else False
     trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=logger)
-    if trainer.logger is not None:
-        trainer.logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+    if trainer.logger is not None:  # the config as it acted: an upgrade's blocks play no part in training
+        logged = {k: v for k, v in OmegaConf.to_container(cfg, resolve=True).items() if k not in ("teacher", "upgrade")}
+        trainer.logger.log_hyperparams(logged)
     return trainer
 
 

@@ -1,9 +1,11 @@
-"""The RSAE upgrade of a trained teacher SAE (`python train.py experiment=rsae_upgrade teacher.path=...`).
+"""The RSAE upgrade of a trained teacher SAE (`python train.py sae=rational teacher.path=...`).
+
+The RSAE's settings are the sae group's (`rsae.jobs.upgrade_config`), the phases' are `upgrade.*`.
 
 1. init: copy the teacher's W_enc, b_enc, W_dec, b_dec exactly, start the gate from a fitted
    table, then calibrate (a, b, C_in, C_out) with an L2 objective on the teacher's real
    pre-activations (weights frozen): RSAE-init.
-2. fine-tune: unfreeze everything, minimise ||x - x_hat||^2 + lambda ||z||_1 with Adam; with
+2. fine-tune: unfreeze everything, minimise ||x - x_hat||^2 + lambda * sparsity with Adam; with
    `upgrade.hold_l0` lambda adapts so that the training-batch L0 stays at the teacher's L0 on
    training rows.
 Control: the teacher fine-tuned with its own gate and loss for the same steps and tokens
@@ -29,7 +31,7 @@ from typing import Any
 
 import torch
 from hydra.utils import instantiate
-from omegaconf import DictConfig, open_dict
+from omegaconf import DictConfig
 
 from rsae.data.lm import resolve_device
 from rsae.eval.heldout import load_heldout
@@ -38,8 +40,9 @@ from rsae.io.saelens import CFG_FILE, load_sae, save_sae
 from rsae.io.teachers import load_teacher
 from rsae.lit.l0_control import HoldL0
 from rsae.sae import SAE
-from rsae.sae.base import require
+from rsae.sae.base import ConfigError, require
 from rsae.sae.rational import RationalSAE, teacher_mechanism
+from rsae.jobs.upgrade_config import acted_config, acted_sae_config, from_teacher_kwargs, teacher_coefficient
 from rsae.jobs.common import (CheckpointOnInterrupt, finish_loggers, output_dir, read_checkpoint, require_finite,
                               require_finite_metrics, rerun_command, run_guarded, stop_after_step_on_signal, write_json)
 from rsae.validate import check_config
@@ -60,8 +63,8 @@ def collect_rows(dm, n_rows: int) -> torch.Tensor:
     return torch.cat(rows).float()
 
 
-def finetune(cfg: DictConfig, sae: SAE, dm, scale: float, phase: str, run_dir: Path, target_l0: float,
-             lr_scales: dict[str, float] | None = None) -> SAE:
+def finetune(cfg: DictConfig, sae: SAE, dm, scale: float, phase: str, run_dir: Path, target_l0: float, steps: int,
+             logged: dict[str, Any], lr_scales: dict[str, float] | None = None) -> SAE:
     up = cfg.upgrade
     # Every step is logged here (the controller's coefficient and the L0 it holds are the story of
     # a fine-tune); HoldL0 itself reads the module's last_train_l0.
@@ -80,8 +83,10 @@ def finetune(cfg: DictConfig, sae: SAE, dm, scale: float, phase: str, run_dir: P
         ckpt_path = interrupted
         log.info("%s: resuming from %s", phase, interrupted)
     logger = instantiate(cfg.logger, **_logger_phase_kwargs(cfg, phase)) if cfg.get("logger") else False
-    trainer = instantiate(cfg.trainer, max_steps=int(up.steps), callbacks=callbacks, logger=logger,
+    trainer = instantiate(cfg.trainer, max_steps=steps, callbacks=callbacks, logger=logger,
                           limit_val_batches=0, enable_checkpointing=False, default_root_dir=str(run_dir / phase))
+    if trainer.logger is not None:
+        trainer.logger.log_hyperparams(logged)  # the config as it acted (`acted_config`)
     try:
         with stop_after_step_on_signal(trainer):
             trainer.fit(module, datamodule=dm, ckpt_path=ckpt_path, weights_only=True)
@@ -113,12 +118,6 @@ def fine_tune_steps(cfg: DictConfig, meta: dict) -> int:
     return int(meta.get("rsae_train_steps", 22_000))
 
 
-def teacher_coefficient(meta: dict, name: str, fallback: float) -> float:
-    """The sparsity coefficient an rsae-trained teacher used (the control keeps it), else `fallback`."""
-    value = (meta.get("rsae_sae_config") or {}).get(name)
-    return float(value) if isinstance(value, (int, float)) else float(fallback)
-
-
 def upgrade(cfg: DictConfig) -> dict[str, Any]:
     t_begin = time.perf_counter()
     run_dir = output_dir()
@@ -134,12 +133,10 @@ def upgrade(cfg: DictConfig) -> dict[str, Any]:
     mech = teacher_mechanism(teacher_raw)
     teacher = teacher_raw.rescaled(1.0 / scale)  # normalised units, like every training run
     meta = teacher_metadata(teacher_dir)
-    with open_dict(cfg):
-        cfg.upgrade.steps = fine_tune_steps(cfg, meta)
-        if cfg.upgrade.l1_coefficient is None:
-            cfg.upgrade.l1_coefficient = teacher_coefficient(meta, "l1_coefficient", 5.0)
-        cfg.upgrade.control_l0_coefficient = teacher_coefficient(meta, "l0_coefficient", cfg.upgrade.control_l0_coefficient)
-    require(cfg.upgrade.steps >= 1, f"upgrade.steps must be >= 1, got {cfg.upgrade.steps}")
+    steps = fine_tune_steps(cfg, meta)
+    require(steps >= 1, f"upgrade.steps must be >= 1, got {steps}")
+    control_l0 = teacher_coefficient(meta, "l0_coefficient", up.control_l0_coefficient)  # the teacher's own, else this
+    rsae_kw = from_teacher_kwargs(cfg, teacher, meta, control_l0)  # the sae group, checked
     torch.manual_seed(cfg.seed)
 
     held = load_heldout(dm, int(up.eval_tokens))
@@ -173,10 +170,10 @@ def upgrade(cfg: DictConfig) -> dict[str, Any]:
         log.info("%s: %s", name, {k: round(v, 5) for k, v in metrics.items() if isinstance(v, float)})
 
     settings = {
-        "teacher_path": str(teacher_dir), "teacher_mechanism": mech, "gate": None, "degrees": list(up.degrees) if up.degrees else None,
+        "teacher_path": str(teacher_dir), "teacher_mechanism": mech, "gate": None, "degrees": None,
         "l0_counting": "exact non-zero count" + (f"; l0_tol_<eps>: |z| > eps (raw units) for eps in {list(up.l0_tolerances)}" if up.l0_tolerances else ""),
-        "steps": int(cfg.upgrade.steps), "batch_size": int(cfg.data.batch_size), "hold_l0": bool(up.hold_l0),
-        "calibration_tokens": int(up.calibration_tokens), "eval_tokens": held.n_rows, "sparsity": str(up.sparsity),
+        "steps": steps, "batch_size": int(cfg.data.batch_size), "hold_l0": bool(up.hold_l0),
+        "calibration_tokens": int(up.calibration_tokens), "eval_tokens": held.n_rows, "sparsity": str(rsae_kw["sparsity"]),
         "gate_lr_scale": float(up.get("gate_lr_scale", 1.0)),
     }
 
@@ -206,14 +203,16 @@ def upgrade(cfg: DictConfig) -> dict[str, Any]:
     # 1. RSAE-init: copy, fit the gate, calibrate on the teacher's real pre-activations.
     init_dir = run_dir / "rsae_init"
     if "rsae_init" in results and (init_dir / CFG_FILE).is_file():
-        rsae = load_sae(init_dir).rescaled(1.0 / scale)
+        # A rerun: the settings of this config, the calibrated weights of the saved init.
+        rsae = RationalSAE.from_teacher(teacher, **rsae_kw)
+        saved = load_sae(init_dir).rescaled(1.0 / scale).state_dict()
+        if set(saved) != set(rsae.state_dict()) or any(saved[k].shape != v.shape for k, v in rsae.state_dict().items()):
+            raise ConfigError(f"{init_dir} was built with other sae settings than this run's (rerun with the same "
+                              "sae.* overrides, or in a new hydra.run.dir)")
+        rsae.load_state_dict(saved)
     else:
-        rsae = RationalSAE.from_teacher(
-            teacher, degrees=up.degrees, gate=up.gate, init_table=up.init_table, denominator=up.denominator,
-            sharing=up.sharing, n_groups=up.n_groups, scale_mode=up.scale_mode, l1_coefficient=up.l1_coefficient,
-            l0_coefficient=up.l0_coefficient if up.l0_coefficient is not None else up.control_l0_coefficient,
-            sparsity=up.sparsity, unit_norm_decoder=False,
-        )
+        rsae = RationalSAE.from_teacher(teacher, **rsae_kw)
+        settings.update(sae_settings(cfg, rsae, rsae_kw))
         with timed("calibrate"):
             stats = rsae.to(device).calibrate(h, z_teacher, steps=int(up.calibration_steps))
         rsae.cpu()
@@ -221,7 +220,9 @@ def upgrade(cfg: DictConfig) -> dict[str, Any]:
         settings["calibration"] = stats
         save_sae(rsae, init_dir, scale=scale, metadata={"phase": "rsae_init", **settings})
         evaluate("rsae_init", rsae)
-    settings["gate"] = rsae.gate
+    settings.update(sae_settings(cfg, rsae, rsae_kw))
+    logged = acted_config(cfg, settings["rsae_sae_config"], {"steps": steps, "control_l0_coefficient": control_l0})
+    write_json(run_dir / "config.json", logged)
     del x, h, z_teacher  # [calibration_tokens, d_sae] each: free before fine-tuning
 
     # 2. Fine-tune the RSAE.
@@ -231,7 +232,7 @@ def upgrade(cfg: DictConfig) -> dict[str, Any]:
             p.requires_grad_(True)
         gate_scale = float(up.get("gate_lr_scale", 1.0))
         with timed("finetune_rsae"):
-            rsae = finetune(cfg, rsae, dm, scale, "rsae", run_dir, target_l0,
+            rsae = finetune(cfg, rsae, dm, scale, "rsae", run_dir, target_l0, steps, logged,
                             lr_scales={"rational_gate.": gate_scale} if gate_scale != 1.0 else None)
         save_sae(rsae, run_dir / "rsae", scale=scale, metadata={"phase": "rsae", **settings})
         (run_dir / "rsae" / "interrupted.ckpt").unlink(missing_ok=True)
@@ -240,9 +241,9 @@ def upgrade(cfg: DictConfig) -> dict[str, Any]:
     # Control: the teacher fine-tuned with its own gate for the same steps and tokens.
     if up.control and ("teacher_ft" not in results or not (run_dir / "teacher_ft" / CFG_FILE).is_file()):
         control = teacher_raw.rescaled(1.0 / scale).train()
-        control.configure_control({"l1_coefficient": up.l1_coefficient, "l0_coefficient": up.control_l0_coefficient})
+        control.configure_control({"l1_coefficient": rsae_kw["l1_coefficient"], "l0_coefficient": control_l0})
         with timed("finetune_teacher_ft"):
-            control = finetune(cfg, control, dm, scale, "teacher_ft", run_dir, target_l0)
+            control = finetune(cfg, control, dm, scale, "teacher_ft", run_dir, target_l0, steps, logged)
         save_sae(control, run_dir / "teacher_ft", scale=scale, metadata={"phase": "teacher_ft", **settings})
         (run_dir / "teacher_ft" / "interrupted.ckpt").unlink(missing_ok=True)
         evaluate("teacher_ft", control)
@@ -253,6 +254,12 @@ def upgrade(cfg: DictConfig) -> dict[str, Any]:
     _log_summary(cfg, summary)
     write_json(run_dir / "metrics.json", {"status": "ok", **summary})
     return summary
+
+
+def sae_settings(cfg: DictConfig, rsae: RationalSAE, kwargs: dict[str, Any]) -> dict[str, Any]:
+    """The RSAE's settings as built, for upgrade.json's settings and the exports' metadata."""
+    sae = acted_sae_config(cfg, rsae, kwargs)
+    return {"gate": rsae.gate, "degrees": sae["degrees"], "rsae_sae_config": sae}
 
 
 def _load_lm(dm, device: torch.device):

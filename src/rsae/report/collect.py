@@ -100,14 +100,35 @@ def _read_json(path: Path) -> dict | None:
 
 
 def _read_yaml(path: Path) -> Any:
+    """The YAML as plain data, interpolations resolved where they can be outside the run (`${job}`,
+    `${rsae.upgrading:...}`); one that cannot (`${hydra:...}`, `???`) reads as None."""
     if not path.is_file():
         return None
     try:
         from omegaconf import OmegaConf
 
-        return OmegaConf.to_container(OmegaConf.load(path), resolve=False)
+        import rsae.config  # noqa: F401  (the resolvers the configs use)
+
+        cfg = OmegaConf.load(path)
+        return _plain(cfg) if OmegaConf.is_dict(cfg) else OmegaConf.to_container(cfg, resolve=False)
     except Exception:  # noqa: BLE001 - a broken config only loses the label
         return None
+
+
+def _plain(node: Any) -> Any:
+    from omegaconf import OmegaConf
+
+    def child(key: Any) -> Any:
+        try:
+            return _plain(node[key])
+        except Exception:  # noqa: BLE001 - an interpolation only the run could resolve
+            return None
+
+    if OmegaConf.is_dict(node):
+        return {key: child(key) for key in node}
+    if OmegaConf.is_list(node):
+        return [child(i) for i in range(len(node))]
+    return node
 
 
 def canonical(metrics: dict[str, Any]) -> dict[str, float]:
@@ -242,7 +263,8 @@ def _read_upgrade(run: Run, up: dict, cfg: Any) -> None:
     for key in ("gate", "l0_counting"):
         value = settings.get(key, up.get(key))
         if value is None and key == "gate":
-            value = _get(cfg, "upgrade.gate")
+            value = _get(cfg, "sae.gate") if _get(cfg, "sae.gate") != "teacher" else None
+            value = value or _get(cfg, "upgrade.gate")  # runs from before the gate settings moved to sae.*
         if isinstance(value, dict):
             value = ", ".join(f"{k}={v}" for k, v in value.items())
         if value is not None:

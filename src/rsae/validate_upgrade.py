@@ -1,0 +1,76 @@
+"""Pre-flight checks of the upgrade's layout (`python train.py sae=rational teacher.path=<dir>`).
+
+The RSAE's settings are the sae group's (conf/sae/rational.yaml), the phases' are `upgrade.*`
+(conf/upgrade/default.yaml). A setting of the RSAE given under `upgrade.` is refused with one line
+that names the key it moved to, on the command line (`check_overrides`, before Hydra composes:
+Hydra's own error would not say where the key went) and in a composed config (`check_upgrade`).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Iterable
+
+from omegaconf import DictConfig, OmegaConf
+
+from rsae.errors import ConfigError
+from rsae.sae.mechanisms import GATES
+from rsae.validate import SAE, SAE_BY_TARGET, UPGRADE, Choice, Float, _check, _get
+
+# Keys of the sae group an upgrade does not use (calibration sets C_in, C_out; the teacher's
+# weights replace the initial ones): they must be null there.
+SCRATCH_ONLY = ("c_in_init", "c_out_init", "init_seed")
+SIZES = ("d_in", "d_sae", "expansion_factor")
+# Settings of the RSAE itself: under upgrade. they are refused with the key they moved to.
+RSAE_KEYS = frozenset(SAE) | {"init_table", "k"}
+UPGRADE_SAE = {**SAE, **SAE_BY_TARGET["RationalSAE"], "gate": Choice(*GATES, "teacher"),
+               "l1_coefficient": Float(0, null=True), "l0_coefficient": Float(0, null=True)}
+
+
+def moved_error(key: str) -> str:
+    return (f"upgrade.{key} moved to sae.{key}: the RSAE's settings are the sae group's (conf/sae/rational.yaml), "
+            "upgrade.* holds the phases' (conf/upgrade/default.yaml)")
+
+
+def scratch_only_error(key: str) -> str:
+    why = "the teacher's weights replace the initial ones" if key == "init_seed" else \
+        "calibration sets C_in and C_out from the teacher's pre-activations"
+    return f"sae.{key} must be null in an upgrade (teacher.path set): {why}"
+
+
+def check_overrides(args: Iterable[str]) -> None:
+    """Refuse `upgrade.<key>=...` on a command line when <key> is a setting of the RSAE."""
+    for arg in args:
+        if arg.startswith("-") or "=" not in arg:
+            continue
+        key = arg.split("=", 1)[0].lstrip("+~")
+        section, _, name = key.partition(".")
+        if section == "upgrade" and name in RSAE_KEYS and name not in UPGRADE:
+            raise ConfigError(moved_error(name))
+
+
+def check_upgrade(cfg: DictConfig, refs: dict[str, Any]) -> None:
+    """The upgrade block holds phase settings only; an upgrade has a teacher and a rational sae group."""
+    up = cfg.get("upgrade")
+    for key in up if OmegaConf.is_dict(up) else ():
+        if key in RSAE_KEYS and key not in UPGRADE:
+            raise ConfigError(moved_error(key))
+        if key not in UPGRADE:
+            raise ConfigError(f"upgrade.{key} is not an upgrade setting (those are {', '.join(UPGRADE)})")
+    teacher = cfg.get("teacher")
+    has_path = OmegaConf.is_dict(teacher) and (OmegaConf.is_missing(teacher, "path") or teacher.get("path") is not None)
+    if cfg.get("job", "train") != "upgrade":
+        if has_path:
+            raise ConfigError(f"teacher.path is set but job={cfg.get('job')}: drop job= to upgrade the teacher, or "
+                              "teacher.path to train from scratch")
+        return
+    if not has_path or OmegaConf.is_missing(teacher, "path"):
+        raise ConfigError("teacher.path must name the exported SAE to upgrade (rsae / SAELens dir, ae.pt or sae.safetensors)")
+    target = str(_get(cfg, "sae._target_") or "")
+    if not target.endswith("RationalSAE"):
+        raise ConfigError(f"teacher.path upgrades a teacher to a Rational SAE: add sae=rational (the sae group is {target or 'missing'})")
+    for key in SCRATCH_ONLY:
+        if _get(cfg, f"sae.{key}") is not None:
+            raise ConfigError(scratch_only_error(key))
+    for key, rule in UPGRADE_SAE.items():
+        if key not in SCRATCH_ONLY:
+            _check(cfg, f"sae.{key}", rule, refs)  # d_sae-dependent bounds wait for the teacher
