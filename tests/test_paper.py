@@ -3,6 +3,7 @@
 import json
 import subprocess
 import sys
+import tarfile
 
 import pytest
 
@@ -23,8 +24,23 @@ def test_paper_reproduction_runs_teacher_upgrade_and_report(tmp_path):
     table = (tmp_path / "report" / "table.md").read_text()
     assert "teacher" in table.lower() and "rsae" in table.lower()
     stamp = (tmp_path / "upgrades" / "relu" / "upgrade.json").stat().st_mtime_ns
-    subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900, check=True)  # resumes: nothing to redo
+    subprocess.run([*cmd[:3], "--pack", str(tmp_path / "r.tar.gz"), *cmd[3:]], cwd=ROOT, capture_output=True, text=True, timeout=900,
+                   check=True)  # resumes: nothing to redo
     assert (tmp_path / "upgrades" / "relu" / "upgrade.json").stat().st_mtime_ns == stamp
+
+    # The pack moves the results without weights; a rerun elsewhere redoes only what is missing.
+    with tarfile.open(tmp_path / "r.tar.gz") as tar:
+        names = tar.getnames()
+        tar.extractall(tmp_path / "elsewhere", filter="data")
+    assert "upgrades/relu/upgrade.json" in names and not any(n.endswith((".safetensors", ".ckpt")) for n in names)
+    moved = tmp_path / "elsewhere"
+    (moved / "upgrades" / "relu" / "metrics.json").unlink()  # this row is to redo; its teacher has no weights here
+    again = [moved if part == str(tmp_path) else part for part in cmd]
+    proc = subprocess.run(again, cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert (moved / "teachers" / "relu" / "sae" / "sae_weights.safetensors").is_file()  # trained again
+    assert json.loads((moved / "upgrades" / "relu" / "metrics.json").read_text())["status"] == "ok"
+    assert not (moved / "teachers" / "matryoshka" / "sae" / "sae_weights.safetensors").exists()  # its row was done
 
 
 def _dry_run(*args: str) -> list[list[str]]:

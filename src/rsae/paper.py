@@ -19,17 +19,24 @@ Presets (`--preset`) fix the scale; arguments given after them add to them:
   family at three sparsities (TopK and BatchTopK k = 16, 32, 64; JumpReLU target L0 16, 32, 64;
   ReLU three L1 coefficients). Needs `--text` (a parquet / jsonl / txt corpus) and a GPU.
 
-`--dry-run` prints the commands without running them.
+`--dry-run` prints the commands without running them. `--pack results.tar.gz` also writes every
+run's results without weights or checkpoints (a few MB): unpacked into `--out` on another machine,
+a rerun there reports them and redoes only the rows that are missing (a teacher whose weights were
+left behind is trained again when its upgrade still has to run).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import subprocess
 import sys
+import tarfile
 import time
 from pathlib import Path
+
+from rsae.io.saelens import WEIGHTS_FILE
 
 ROOT = Path(__file__).resolve().parents[2]
 TEACHERS = {
@@ -74,6 +81,17 @@ def run(args: list[str], log: Path) -> bool:
     return rc == 0
 
 
+def pack(root: Path, dest: Path) -> Path:
+    """`root`'s files but weights and checkpoints, as one .tar.gz (a few MB for a whole table)."""
+    heavy = (".safetensors", ".ckpt", ".pt", ".pth")
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    with tarfile.open(dest, "w:gz") as tar:
+        for f in sorted(root.rglob("*")):
+            if f.is_file() and not f.name.endswith(heavy) and "checkpoints" not in f.relative_to(root).parts:
+                tar.add(f, arcname=str(f.relative_to(root)))
+    return dest
+
+
 def done(path: Path) -> bool:
     try:
         return json.loads(path.read_text()).get("status") == "ok"
@@ -91,6 +109,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--teacher-overrides", nargs="*", default=[], help="extra overrides for the teacher runs only")
     p.add_argument("--upgrade-overrides", nargs="*", default=[], help="extra overrides for the upgrade runs only")
     p.add_argument("--dry-run", action="store_true", help="print the commands, run nothing")
+    p.add_argument("--pack", type=Path, default=None,
+                   help="also write the results without weights or checkpoints (json, yaml, csv, logs, report) to this "
+                        ".tar.gz: unpacked into --out elsewhere, a rerun there reports them and redoes only what is missing")
     p.add_argument("overrides", nargs="*", help="overrides for every run (after --)")
     a = p.parse_args(argv)
     preset = PRESETS.get(a.preset, {})
@@ -118,9 +139,14 @@ def main(argv: list[str] | None = None) -> int:
         if a.dry_run:
             print("python train.py " + " ".join(teacher) + "\npython train.py " + " ".join(upgrade))
             continue
-        if not done(tdir / "metrics.json"):
+        if done(udir / "metrics.json"):
+            continue
+        if not (done(tdir / "metrics.json") and (tdir / "sae" / WEIGHTS_FILE).is_file()):  # (a packed result has no weights)
+            if udir.exists():  # what is there came from the teacher being replaced
+                print(f"  removing {udir}: its teacher is trained again", flush=True)
+                shutil.rmtree(udir)
             ok &= run(teacher, tdir / "run.log")
-        if done(tdir / "metrics.json") and not done(udir / "metrics.json"):
+        if done(tdir / "metrics.json"):
             ok &= run(upgrade, udir / "run.log")
     if a.dry_run:
         return 0
@@ -128,6 +154,8 @@ def main(argv: list[str] | None = None) -> int:
 
     report([str(out / "upgrades"), "--out", str(out / "report")])
     print(f"done in {time.time() - start:.0f} s; table: {out / 'report' / 'table.md'}")
+    if a.pack:
+        print(f"results without weights: {pack(out, a.pack)}")
     return 0 if ok else 1
 
 
