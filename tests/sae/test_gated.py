@@ -188,7 +188,7 @@ def test_train_cli_on_synthetic_data(tmp_path):
     assert metrics["status"] == "ok" and metrics["val/fvu"] < 0.5, metrics
     assert 0 < metrics["val/l0"] < 256
     rows = (tmp_path / "csv" / "metrics.csv").read_text().splitlines()
-    assert "train/aux_recon" in rows[0] and "train/l1" in rows[0]  # the gate path's losses are logged
+    assert "train/aux_recon_loss" in rows[0] and "train/l1_loss" in rows[0]  # the gate path's losses are logged
     cfg = json.loads((tmp_path / "sae" / "cfg.json").read_text())
     assert cfg["architecture"] == "gated"
     assert type(load_sae(tmp_path / "sae")) is GatedSAE
