@@ -2,7 +2,8 @@
 
 Tensors: W_enc [d_in, d_sae], b_enc [d_sae], W_dec [d_sae, d_in], b_dec [d_in] (those of the
 class's `export_skeleton`), plus those its `export_fields` names (`threshold` [d_sae] for
-JumpReLU-style exports; b_gate, b_mag, r_mag for the gated SAE, which has no b_enc). Exported weights act on raw (unnormalised) activations.
+JumpReLU-style exports; b_gate, b_mag, r_mag for the gated SAE, which has no b_enc). Exported
+weights act on raw (unnormalised) activations.
 Extra `rsae_*` keys in cfg.json are ignored by SAELens and let rsae restore its own classes.
 Loading checks `cfg.json` field by field and the tensors' shapes (read from the safetensors
 header) against it before loading any tensor, then refuses NaN/Inf weights (`rsae.io.checks`).

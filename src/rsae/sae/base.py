@@ -212,13 +212,12 @@ class SAE(StepHooks, nn.Module):
         h = W_enc^T (s x - b_dec) + b_enc = (s W_enc)^T (x - b_dec / s) + b_enc and
         x_hat_raw = (W_dec^T z + b_dec) / s, so W_enc -> s W_enc, W_dec -> W_dec / s, b_dec -> b_dec / s.
         """
-        folded = {
-            "W_enc": lambda: self.W_enc.detach() * scale,
-            "b_enc": lambda: self.b_enc.detach(),
-            "W_dec": lambda: self.W_dec.detach() / scale,
-            "b_dec": lambda: self.b_dec.detach() / scale,
-        }
-        return {name: folded[name]().float().contiguous() for name in self.export_skeleton}
+        out = {}
+        for name in self.export_skeleton:  # (b_enc is left as it is)
+            t = getattr(self, name).detach()
+            t = t * scale if name == "W_enc" else t / scale if name in ("W_dec", "b_dec") else t
+            out[name] = t.float().contiguous()
+        return out
 
     def rescaled(self, scale: float) -> "SAE":
         """A copy that acts on `x` as this SAE acts on `scale * x` (outputs divided by `scale`):
