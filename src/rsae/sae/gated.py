@@ -69,7 +69,8 @@ class GatedSAE(SAE):
         return (self.b_mag - self.r_mag.exp() * self.b_gate).detach()
 
     def activation(self, h: Tensor) -> Tensor:
-        return torch.relu(h) * (h > self.gate_threshold().to(h.dtype)).to(h.dtype)
+        # (the comparison promotes a bf16 h to the thresholds' float32, not the thresholds to bf16)
+        return torch.relu(h) * (h > self.gate_threshold()).to(h.dtype)
 
     def aux_losses(self, x: Tensor, out: SAEOutput, step: int) -> dict[str, Tensor]:
         gate = torch.relu(self.gate_pre_acts(x))
