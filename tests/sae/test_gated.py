@@ -9,7 +9,7 @@ import torch
 
 from conftest import run_train
 from rsae.io.saelens import load_sae, save_sae
-from rsae.sae import ARCHITECTURES, GatedSAE, RationalSAE, fast
+from rsae.sae import ARCHITECTURES, ConfigError, GatedSAE, RationalSAE, fast
 
 SQRT2 = math.sqrt(2.0)
 
@@ -192,3 +192,12 @@ def test_train_cli_on_synthetic_data(tmp_path):
     cfg = json.loads((tmp_path / "sae" / "cfg.json").read_text())
     assert cfg["architecture"] == "gated"
     assert type(load_sae(tmp_path / "sae")) is GatedSAE
+
+
+def test_a_teacher_no_mask_reproduces_is_refused_in_one_line():
+    class OwnMechanism(GatedSAE):  # no `architecture`: not registered
+        def upgrade_threshold(self):
+            return None
+
+    with pytest.raises(ConfigError, match="cannot upgrade a OwnMechanism: its mechanism 'gated' is no rational SAE mask"):
+        RationalSAE.from_teacher(OwnMechanism(4, 8))

@@ -30,6 +30,9 @@ def teacher_mechanism(teacher: SAE) -> str:
     """The sparsity mechanism a teacher declares (`SAE.mechanism`): relu | jumprelu | topk | batchtopk | gated."""
     if teacher.mechanism is None:
         raise ConfigError(f"cannot upgrade a {type(teacher).__name__}: expected a ReLU, JumpReLU, TopK, BatchTopK or Gated SAE")
+    if teacher.mechanism not in GATES and teacher.upgrade_threshold() is None:  # no mask reproduces it
+        raise ConfigError(f"cannot upgrade a {type(teacher).__name__}: its mechanism {teacher.mechanism!r} is no rational "
+                          f"SAE mask ({', '.join(GATES[1:])}) and it gives no upgrade_threshold for the jumprelu mask")
     return teacher.mechanism
 
 
