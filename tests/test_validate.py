@@ -26,10 +26,11 @@ def error(cfg, **kw) -> str:
     return str(info.value)
 
 
-def test_defaults_pass():
-    for group in ("sae=topk", "sae=relu", "sae=jumprelu", "sae=batchtopk", "sae=matryoshka", "sae=rational"):
-        check_config(config(group, "data=synthetic"))
-        check_config(config(group))  # data=activations: d_in unknown until the cache is read
+@pytest.mark.parametrize("option", sorted(p.stem for p in (ROOT / "conf" / "sae").glob("*.yaml")))
+def test_defaults_pass(option):
+    group = f"sae={option}"
+    check_config(config(group, "data=synthetic"))
+    check_config(config(group))  # data=activations: d_in unknown until the cache is read
 
 
 @pytest.mark.parametrize("overrides,message", [

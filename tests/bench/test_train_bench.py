@@ -17,7 +17,7 @@ from rsae.bench._synthetic import data_overrides, write_synthetic_cache
 
 def test_bench_cli_smoke(tmp_path, capsys):
     out = tmp_path / "bench.json"
-    rc = bench.main(["--device", "cpu", "--arch", "relu,jumprelu,topk,batchtopk,matryoshka,rational", "--shapes", "8x128",
+    rc = bench.main(["--device", "cpu", "--arch", ",".join(ARCHS), "--shapes", "8x128",
                      "--batch", "32", "--steps", "1", "--warmup", "1", "--repeats", "1", "--quality", "topk",
                      "--quality-steps", "2", "--json", str(out)])
     assert rc == 0

@@ -4,17 +4,19 @@ import pytest
 import torch
 
 from rsae.io.saelens import build_sae, load_sae, save_sae
-from rsae.sae import BatchTopKSAE, ConfigError, JumpReLUSAE, MatryoshkaSAE, ReLUSAE, TopKSAE
+from rsae.sae import BatchTopKSAE, ConfigError, GatedSAE, JumpReLUSAE, MatryoshkaSAE, ReLUSAE, TopKSAE
 
 CASES = [(ReLUSAE, {}, "standard"), (JumpReLUSAE, {}, "jumprelu"), (TopKSAE, {"k": 5}, "topk"), (BatchTopKSAE, {"k": 5}, "jumprelu"),
-         (MatryoshkaSAE, {"k": 5, "group_sizes": [8, 24, 32]}, "jumprelu")]
+         (MatryoshkaSAE, {"k": 5, "group_sizes": [8, 24, 32]}, "jumprelu"), (GatedSAE, {}, "gated")]
 
 
 def _trained_like(cls, kw, scale):
     torch.manual_seed(0)
     sae = cls(16, 64, **kw)
     with torch.no_grad():
-        sae.b_enc.normal_(0, 0.5)
+        for name in ("b_enc", "b_gate", "b_mag", "r_mag"):  # the per-latent encoder tensors it has
+            if hasattr(sae, name):
+                getattr(sae, name).normal_(0, 0.5)
         sae.b_dec.normal_()
     sae.train()
     sae.training_output(torch.randn(32, 16) * 3 * scale)  # sets BatchTopK's threshold
@@ -58,6 +60,6 @@ def test_saelens_written_sae_loads_into_rsae(tmp_path):
 
 def test_unknown_architecture_and_missing_dir(tmp_path):
     with pytest.raises(ConfigError, match="unknown SAE architecture"):
-        build_sae({"architecture": "gated"}, {})
+        build_sae({"architecture": "no_such_architecture"}, {})
     with pytest.raises(FileNotFoundError, match="not an SAE directory"):
         load_sae(tmp_path / "nothing")

@@ -132,8 +132,8 @@ def test_malformed_files(jumprelu_dir):
 
 
 def test_unsupported_architecture_and_normalisation(jumprelu_dir):
-    _edit_cfg(jumprelu_dir, architecture="gated")
-    _refused(jumprelu_dir, r"cfg.json: architecture must be one of .*got \"gated\"")
+    _edit_cfg(jumprelu_dir, architecture="no_such_architecture")
+    _refused(jumprelu_dir, r"cfg.json: architecture must be one of .*got \"no_such_architecture\"")
     _edit_cfg(jumprelu_dir, architecture="jumprelu", normalize_activations="layer_norm")
     _refused(jumprelu_dir, r"cfg.json: normalize_activations must be one of \"none\", null")
 

@@ -14,7 +14,7 @@ import torch
 from rsae.data.synthetic import SyntheticDataModule
 from rsae.lit.graph_step import CapturedStep
 from rsae.lit.module import SAEModule
-from rsae.sae import BatchTopKSAE, JumpReLUSAE, MatryoshkaSAE, ReLUSAE, TopKSAE
+from rsae.sae import BatchTopKSAE, GatedSAE, JumpReLUSAE, MatryoshkaSAE, ReLUSAE, TopKSAE
 from rsae.sae.base import ConfigError
 from rsae.sae.rational import RationalSAE
 
@@ -27,6 +27,7 @@ SAES = {
     "batchtopk": lambda: BatchTopKSAE(8, 32, k=2),
     "matryoshka": lambda: MatryoshkaSAE(8, 32, k=2, group_sizes=[4, 12, 16], dead_after_tokens=40),  # AuxK too
     "jumprelu": lambda: JumpReLUSAE(8, 32, l0_coefficient=0.1, l0_warmup_steps=4),
+    "gated": lambda: GatedSAE(8, 32, l1_coefficient=0.5, l1_warmup_steps=4),
     "rational": lambda: RationalSAE(8, 32, gate="topk", k=3, dead_after_tokens=40),
     # Wide, with 52 latents dead from the start and the rest dying at step 10: AuxK first over the
     # dead latents' own columns (at most 128 of them can be dead), then over all of them.

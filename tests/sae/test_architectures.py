@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from rsae.sae import ARCHITECTURES, BatchTopKSAE, ConfigError, JumpReLUSAE, ReLUSAE, TopKSAE
+from rsae.sae import ARCHITECTURES, SAE, BatchTopKSAE, ConfigError, GatedSAE, JumpReLUSAE, ReLUSAE, TopKSAE
 
 
 def test_shapes_and_skeleton():
@@ -39,6 +39,9 @@ def test_expansion_factor():
         lambda: JumpReLUSAE(8, 32, l0_coefficient=-0.1),
         lambda: JumpReLUSAE(8, 32, bandwidth=0.0),
         lambda: TopKSAE(8, 32, aux_coefficient=-1.0),
+        lambda: GatedSAE(8, 32, l1_coefficient=-1.0),
+        lambda: GatedSAE(8, 32, l1_warmup_steps=-1),
+        lambda: GatedSAE(8, 32, aux_coefficient=-0.5),
     ],
 )
 def test_impossible_hyperparameters_raise(make):
@@ -151,6 +154,18 @@ def test_jumprelu_l0_follows_its_coefficient():
 
 def test_registry_names():
     assert ARCHITECTURES["standard"] is ReLUSAE and ARCHITECTURES["topk"] is TopKSAE
+    assert ARCHITECTURES["gated"] is GatedSAE
+
+
+@pytest.mark.parametrize("attrs", [{"architecture": "topk"}, {"architecture": "mine", "aliases": ("relu",)}])
+def test_a_taken_architecture_name_is_refused_naming_both_classes(attrs):
+    before = dict(ARCHITECTURES)
+    with pytest.raises(TypeError) as info:
+        type("Clash", (SAE,), dict(attrs))
+    message = str(info.value)
+    assert "\n" not in message and "Clash" in message
+    assert ("rsae.sae.topk.TopKSAE" if attrs["architecture"] == "topk" else "rsae.sae.relu.ReLUSAE") in message
+    assert ARCHITECTURES == before  # nothing registered, not even the free name "mine"
 
 
 def test_auxk_weight_scales_with_the_number_of_dead_latents():

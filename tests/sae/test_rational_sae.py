@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from rsae.io.saelens import load_sae, save_sae
-from rsae.sae import ARCHITECTURES, BatchTopKSAE, ConfigError, JumpReLUSAE, RationalSAE, ReLUSAE, TopKSAE
+from rsae.sae import ARCHITECTURES, BatchTopKSAE, ConfigError, GatedSAE, JumpReLUSAE, RationalSAE, ReLUSAE, TopKSAE
 
 D_IN, D_SAE = 16, 64
 
@@ -176,12 +176,17 @@ def _teacher(kind):
             t.log_threshold.copy_(torch.empty(D_SAE).uniform_(0.3, 1.0).log())
     elif kind == "topk":
         t = TopKSAE(D_IN, D_SAE, k=6)
-    else:
+    elif kind == "batchtopk":
         t = BatchTopKSAE(D_IN, D_SAE, k=6)
         t.inference_threshold.fill_(0.8)
         t.threshold_initialised.fill_(True)
+    if kind == "gated":
+        t = GatedSAE(D_IN, D_SAE)
+        with torch.no_grad():  # thresholds b_mag - exp(r_mag) b_gate mostly above 0
+            t.b_gate.uniform_(-1.0, 0.2), t.r_mag.normal_(0, 0.3), t.b_mag.normal_(0, 0.3)
     with torch.no_grad():
-        t.b_enc.normal_(0, 0.3)
+        if kind != "gated":
+            t.b_enc.normal_(0, 0.3)
         t.b_dec.normal_(0, 0.1)
     return t.eval()
 
@@ -195,13 +200,16 @@ def _synthetic_acts(n=512, seed=4):
     return (active * mags) @ feats * 1.5
 
 
-@pytest.mark.parametrize("kind,mechanism", [("relu", "relu"), ("jumprelu", "jumprelu"), ("topk", "topk"), ("batchtopk", "jumprelu")])
+@pytest.mark.parametrize("kind,mechanism", [("relu", "relu"), ("jumprelu", "jumprelu"), ("topk", "topk"), ("batchtopk", "jumprelu"),
+                                            ("gated", "jumprelu")])
 def test_from_teacher_copies_weights_and_mechanism(kind, mechanism):
     teacher = _teacher(kind)
     sae = RationalSAE.from_teacher(teacher)
     assert sae.gate == mechanism
-    for name in ("W_enc", "b_enc", "W_dec", "b_dec"):
-        assert torch.equal(getattr(sae, name), getattr(teacher, name))
+    for name, t in teacher.skeleton_weights().items():  # the Gated SAE's: its magnitude path
+        assert torch.equal(getattr(sae, name), t)
+    if kind == "gated":
+        torch.testing.assert_close(sae.threshold, teacher.upgrade_threshold().clamp_min(1e-12))
     if kind == "jumprelu":
         assert torch.equal(sae.threshold, teacher.threshold)
         t0 = sae.rational_gate.cutoff
@@ -215,7 +223,7 @@ def test_from_teacher_copies_weights_and_mechanism(kind, mechanism):
     assert RationalSAE.from_teacher(teacher, degrees=(9, 8) if kind != "relu" else (3, 2)).rational_gate.degrees[0] in (3, 9)
 
 
-@pytest.mark.parametrize("kind", ["relu", "jumprelu", "topk", "batchtopk"])
+@pytest.mark.parametrize("kind", ["relu", "jumprelu", "topk", "batchtopk", "gated"])
 def test_calibrated_init_reproduces_teacher(kind):
     teacher = _teacher(kind)
     x = _synthetic_acts()

@@ -11,7 +11,7 @@ from rsae.bench._models import ARCHS, VARIANTS
 def parse_args(argv: list[str], prog: str, description: str) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog=prog, description=description,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--arch", default="relu,jumprelu,topk,batchtopk,matryoshka,rational", help="comma list of " + ",".join(ARCHS))
+    p.add_argument("--arch", default="relu,jumprelu,topk,batchtopk,matryoshka,gated,rational", help="comma list of " + ",".join(ARCHS))
     p.add_argument("--shapes", default="768x24576,2304x65536", help="comma list of d_in x d_sae")
     p.add_argument("--batch", default="4096", help="comma list of batch sizes (tokens per step)")
     p.add_argument("--variants", default="plain,fast,compiled", help="comma list of " + ",".join(VARIANTS))

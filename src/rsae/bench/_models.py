@@ -11,12 +11,12 @@ import torch
 from rsae.bench._timing import autocast
 
 
-ARCHS = ("relu", "jumprelu", "topk", "batchtopk", "matryoshka", "rational")
+ARCHS = ("relu", "jumprelu", "topk", "batchtopk", "matryoshka", "gated", "rational")
 VARIANTS = ("plain", "fast", "compiled", "compiled+cg", "compiled+graph")
 
 
 def build_sae(arch: str, d: int, m: int, k: int, seed: int = 0):
-    from rsae.sae import BatchTopKSAE, JumpReLUSAE, MatryoshkaSAE, ReLUSAE, TopKSAE
+    from rsae.sae import BatchTopKSAE, GatedSAE, JumpReLUSAE, MatryoshkaSAE, ReLUSAE, TopKSAE
     from rsae.sae.rational import RationalSAE
 
     kw = dict(d_in=d, d_sae=m, init_seed=seed)
@@ -30,6 +30,8 @@ def build_sae(arch: str, d: int, m: int, k: int, seed: int = 0):
         return BatchTopKSAE(**kw, k=k)
     if arch == "matryoshka":  # the sae=matryoshka config's groups: 1/16, 1/8, 1/4 and the rest
         return MatryoshkaSAE(**kw, k=k)
+    if arch == "gated":
+        return GatedSAE(**kw)
     if arch == "rational":  # P5/Q4, shared coefficients, per-latent scales, ReLU mask (the sae=rational config)
         return RationalSAE(**kw, degrees=(5, 4), init_table="relu_5_4", gate="relu")
     raise ValueError(f"unknown architecture {arch!r}; expected one of {ARCHS}")

@@ -19,7 +19,7 @@ from rsae.bench._models import hold_dead, initial_sae, rsae_captured_step, rsae_
 from rsae.bench._timing import count_syncs, profile_steps, time_steps
 
 
-SAELENS_ARCHS = {"relu": "standard", "jumprelu": "jumprelu", "topk": "topk"}
+SAELENS_ARCHS = {"relu": "standard", "jumprelu": "jumprelu", "topk": "topk", "gated": "gated"}
 
 
 def bench_rsae(arch, d, m, batch, variant, args, device, batches, scale, dead: int = 0) -> dict:
@@ -71,6 +71,8 @@ def build_saelens(arch: str, d: int, m: int, k: int, device, dtype: str, batch: 
         sae = S.TopKTrainingSAE(S.TopKTrainingSAEConfig(d_in=d, d_sae=m, k=k, device=dev))
     elif arch == "jumprelu":
         sae = S.JumpReLUTrainingSAE(S.JumpReLUTrainingSAEConfig(d_in=d, d_sae=m, l0_coefficient=0.002, device=dev))
+    elif arch == "gated":
+        sae = S.GatedTrainingSAE(S.GatedTrainingSAEConfig(d_in=d, d_sae=m, l1_coefficient=5.0, device=dev))
     else:
         raise ValueError(arch)
     cfg = SAETrainerConfig(total_training_samples=batch * 10**6, train_batch_size_samples=batch, device=dev,

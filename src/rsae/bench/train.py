@@ -1,7 +1,7 @@
 """Training-step benchmark: rsae's step (plain, fast, compiled) beside SAELens, end to end through
 train.py on a cached activation stream, and a quality check of the fast path.
 
-    python -m rsae.bench train --arch relu,jumprelu,topk,batchtopk,matryoshka,rational \\
+    python -m rsae.bench train --arch relu,jumprelu,topk,batchtopk,matryoshka,gated,rational \\
         --shapes 768x24576,2304x65536 --batch 4096 --e2e relu,jumprelu,topk --quality relu,topk,rational
     python -m rsae.bench train --device cpu --shapes 16x64 --batch 32 --steps 2   # smoke run
 

@@ -1,7 +1,9 @@
 """Save and load SAEs in SAELens's on-disk layout: `cfg.json` + `sae_weights.safetensors`.
 
-Tensors: W_enc [d_in, d_sae], b_enc [d_sae], W_dec [d_sae, d_in], b_dec [d_in], plus `threshold`
-[d_sae] for JumpReLU-style exports. Exported weights act on raw (unnormalised) activations.
+Tensors: W_enc [d_in, d_sae], b_enc [d_sae], W_dec [d_sae, d_in], b_dec [d_in] (those of the
+class's `export_skeleton`), plus those its `export_fields` names (`threshold` [d_sae] for
+JumpReLU-style exports; b_gate, b_mag, r_mag for the gated SAE, which has no b_enc). Exported
+weights act on raw (unnormalised) activations.
 Extra `rsae_*` keys in cfg.json are ignored by SAELens and let rsae restore its own classes.
 Loading checks `cfg.json` field by field and the tensors' shapes (read from the safetensors
 header) against it before loading any tensor, then refuses NaN/Inf weights (`rsae.io.checks`).
@@ -105,13 +107,15 @@ def sae_config(raw: dict[str, Any], where: Path) -> tuple[dict[str, Any], dict[s
     }
     if "rsae_activation_scale" in raw:
         number_field(raw, "rsae_activation_scale", where)
-    expected = {
+    skeleton = {
         "W_enc": ((d_in, d_sae), f"[d_in, d_sae] from {name}"),
         "b_enc": ((d_sae,), f"[d_sae] from {name}"),
         "W_dec": ((d_sae, d_in), f"[d_sae, d_in] from {name}"),
         "b_dec": ((d_in,), f"[d_in] from {name}"),
     }
-    fields, tensors = ARCHITECTURES[arch].export_fields(FieldReader(raw, where, d_sae))  # the class's own
+    cls = ARCHITECTURES[arch]
+    expected = {key: skeleton[key] for key in cls.export_skeleton}
+    fields, tensors = cls.export_fields(FieldReader(raw, where, d_sae))  # the class's own
     cfg.update(fields)
     expected.update(tensors)
     return cfg, expected
@@ -123,17 +127,16 @@ def build_sae(cfg: dict[str, Any], tensors: dict[str, torch.Tensor]) -> SAE:
     arch = cfg.get("rsae_architecture", cfg.get("architecture", "standard"))
     if arch not in ARCHITECTURES:
         raise ConfigError(f"unknown SAE architecture {arch!r}; known: {sorted(ARCHITECTURES)}")
-    for key in ("W_enc", "b_enc", "W_dec", "b_dec"):
+    cls = ARCHITECTURES[arch]
+    for key in cls.export_skeleton:
         if key not in tensors:
             raise ConfigError(f"SAE weights lack tensor {key!r}")
     tensors = dict(tensors)
-    if not cfg.get("apply_b_dec_to_input", True):
-        # h = x W_enc + b_enc  ==  (x - b_dec) W_enc + (b_enc + b_dec W_enc): same encoder, our form.
-        tensors["b_enc"] = tensors["b_enc"] + tensors["b_dec"] @ tensors["W_enc"]
+    if not cfg.get("apply_b_dec_to_input", True):  # the same encoder in our form (h from x - b_dec)
+        tensors = cls.centre_input(tensors)
     if cfg.get("normalize_activations", "none") not in ("none", None):
         raise ConfigError(f"SAE expects normalize_activations={cfg['normalize_activations']!r}; only 'none' is supported")
     d_in, d_sae = tensors["W_enc"].shape
-    cls = ARCHITECTURES[arch]
     sae = cls(d_in=int(d_in), d_sae=int(d_sae), unit_norm_decoder=False, **cls.kwargs_from_export(cfg))
     sae.load_exported({k: v.float() for k, v in tensors.items()}, cfg)
     return sae.eval()

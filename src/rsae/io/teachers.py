@@ -1,6 +1,6 @@
 """Load trained teacher SAEs from other libraries' on-disk formats into rsae SAE classes.
 
-* rsae / SAELens: `cfg.json` + `sae_weights.safetensors` (standard, jumprelu, topk, batchtopk).
+* rsae / SAELens: `cfg.json` + `sae_weights.safetensors` (standard, jumprelu, topk, batchtopk, gated).
 * dictionary_learning: `ae.pt` (a state dict, read with `weights_only=True`) + `config.json`
   (`trainer.dict_class` in AutoEncoder, JumpReluAutoEncoder, AutoEncoderTopK, BatchTopKSAE).
 * sparsify: `cfg.json` + `sae.safetensors` (TopK; `encoder.weight`, `encoder.bias`, `W_dec`, `b_dec`).

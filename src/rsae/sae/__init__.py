@@ -12,9 +12,10 @@ from rsae.sae.jumprelu import JumpReLUSAE
 from rsae.sae.topk import TopKSAE
 from rsae.sae.batchtopk import BatchTopKSAE
 from rsae.sae.matryoshka import MatryoshkaSAE
+from rsae.sae.gated import GatedSAE
 from rsae.sae.rational import RationalSAE
 # isort: on
 
 
 __all__ = ["SAE", "SAEOutput", "ConfigError", "ReLUSAE", "JumpReLUSAE", "TopKSAE", "BatchTopKSAE", "MatryoshkaSAE",
-           "RationalSAE", "ARCHITECTURES"]
+           "GatedSAE", "RationalSAE", "ARCHITECTURES"]

@@ -37,20 +37,32 @@ def resolve_d_sae(d_in: int, d_sae: int | None, expansion_factor: int | None) ->
 ARCHITECTURES: dict[str, type["SAE"]] = {}
 
 
+def _qualified(cls: type) -> str:
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
 class SAE(StepHooks, nn.Module):
     """Base class. Subclasses set `architecture` and override `activation` / `aux_losses`."""
 
     architecture: str = "base"
     aliases: tuple[str, ...] = ()  # other names an export may use for this class
     # The sparsity mechanism of a fixed-gate SAE (relu | jumprelu | topk | batchtopk, the files of
-    # `rsae.sae.mechanisms`): what an upgrade's rational mask reproduces. None: not an upgrade teacher.
+    # `rsae.sae.mechanisms`, or an architecture's own, e.g. gated, with `upgrade_threshold`): what an
+    # upgrade's rational mask reproduces. None: not an upgrade teacher.
     mechanism: str | None = None
+    # The skeleton tensors the export carries (besides those `export_fields` names); an architecture
+    # whose encoder biases are its own (GatedSAE's b_gate, b_mag) leaves out b_enc.
+    export_skeleton: tuple[str, ...] = ("W_enc", "b_enc", "W_dec", "b_dec")
 
     def __init_subclass__(cls, **kwargs) -> None:
         super().__init_subclass__(**kwargs)
         if "architecture" in cls.__dict__:  # registers itself (a subclass without its own name does not)
-            for name in (cls.architecture, *cls.__dict__.get("aliases", ())):
-                ARCHITECTURES[name] = cls
+            names = (cls.architecture, *cls.__dict__.get("aliases", ()))
+            for name in names:  # all checked before any registers (a module reload re-registers its own)
+                taken = ARCHITECTURES.get(name)
+                if taken is not None and _qualified(taken) != _qualified(cls):
+                    raise TypeError(f"architecture name {name!r} of {_qualified(cls)} is already taken by {_qualified(taken)}")
+            ARCHITECTURES.update(dict.fromkeys(names, cls))
 
     def __init__(
         self,
@@ -176,6 +188,11 @@ class SAE(StepHooks, nn.Module):
         upgrade reproduces it with the rational SAE's jumprelu mask at these thresholds."""
         return None
 
+    def skeleton_weights(self) -> dict[str, Tensor]:
+        """W_enc, b_enc, W_dec, b_dec of the skeleton form `h = (x - b_dec) @ W_enc + b_enc` that
+        `pre_acts` computes and `decode`: what an upgrade copies into the rational SAE."""
+        return {name: getattr(self, name) for name in ("W_enc", "b_enc", "W_dec", "b_dec")}
+
     def lr_scales(self) -> dict[str, float]:
         """Learning-rate multipliers this architecture asks for, by parameter-name prefix (the
         training module applies them; `module.lr_scales` entries win)."""
@@ -195,12 +212,12 @@ class SAE(StepHooks, nn.Module):
         h = W_enc^T (s x - b_dec) + b_enc = (s W_enc)^T (x - b_dec / s) + b_enc and
         x_hat_raw = (W_dec^T z + b_dec) / s, so W_enc -> s W_enc, W_dec -> W_dec / s, b_dec -> b_dec / s.
         """
-        return {
-            "W_enc": (self.W_enc.detach() * scale).float().contiguous(),
-            "b_enc": self.b_enc.detach().float().contiguous(),
-            "W_dec": (self.W_dec.detach() / scale).float().contiguous(),
-            "b_dec": (self.b_dec.detach() / scale).float().contiguous(),
-        }
+        out = {}
+        for name in self.export_skeleton:  # (b_enc is left as it is)
+            t = getattr(self, name).detach()
+            t = t * scale if name == "W_enc" else t / scale if name in ("W_dec", "b_dec") else t
+            out[name] = t.float().contiguous()
+        return out
 
     def rescaled(self, scale: float) -> "SAE":
         """A copy that acts on `x` as this SAE acts on `scale * x` (outputs divided by `scale`):
@@ -218,6 +235,12 @@ class SAE(StepHooks, nn.Module):
         return {}, {}
 
     @classmethod
+    def centre_input(cls, tensors: dict[str, Tensor]) -> dict[str, Tensor]:
+        """An export whose encoder reads x, not x - b_dec (SAELens `apply_b_dec_to_input: false`), as
+        the same encoder in our form: x W_enc + b_enc = (x - b_dec) W_enc + (b_enc + b_dec W_enc)."""
+        return {**tensors, "b_enc": tensors["b_enc"] + tensors["b_dec"] @ tensors["W_enc"]}
+
+    @classmethod
     def kwargs_from_export(cls, cfg: dict) -> dict:
         """Constructor arguments (besides d_in/d_sae) recorded in an exported `cfg.json`."""
         return {}
@@ -225,7 +248,7 @@ class SAE(StepHooks, nn.Module):
     def load_exported(self, tensors: dict[str, Tensor], cfg: dict) -> None:
         """Inverse of `export_tensors` at scale 1 (exported weights already act on raw inputs)."""
         with torch.no_grad():
-            for name in ("W_enc", "b_enc", "W_dec", "b_dec"):
+            for name in self.export_skeleton:
                 t = tensors[name]
                 p = getattr(self, name)
                 require(t.shape == p.shape, f"{name}: expected shape {list(p.shape)}, got {list(t.shape)}")

@@ -2,7 +2,9 @@
 
 `RationalSAE.from_teacher(teacher)` copies the encoder/decoder exactly and sets the mask that
 reproduces the teacher's mechanism (`SAE.mechanism`; a teacher with per-latent inference
-thresholds, JumpReLU or BatchTopK, gets the jumprelu mask with those thresholds) and a fitted table;
+thresholds, JumpReLU, BatchTopK or Gated, gets the jumprelu mask with those thresholds) and a fitted
+table; the encoder copied is the teacher's skeleton form (`SAE.skeleton_weights`: the Gated SAE's
+magnitude path);
 `calibrate(h, z_teacher)` then fits (a, b, C_in, C_out) on the teacher's real pre-activations with
 everything else frozen. `RationalSAE` takes these methods from `FromTeacher`.
 """
@@ -25,9 +27,12 @@ DEFAULT_TEACHER_TABLES = {"relu": "relu_5_4", "jumprelu": "jumprelu_9_8_t0.3", "
 
 
 def teacher_mechanism(teacher: SAE) -> str:
-    """The sparsity mechanism a teacher declares (`SAE.mechanism`): relu | jumprelu | topk | batchtopk."""
+    """The sparsity mechanism a teacher declares (`SAE.mechanism`): relu | jumprelu | topk | batchtopk | gated."""
     if teacher.mechanism is None:
-        raise ConfigError(f"cannot upgrade a {type(teacher).__name__}: expected a ReLU, JumpReLU, TopK or BatchTopK SAE")
+        raise ConfigError(f"cannot upgrade a {type(teacher).__name__}: expected a ReLU, JumpReLU, TopK, BatchTopK or Gated SAE")
+    if teacher.mechanism not in GATES and teacher.upgrade_threshold() is None:  # no mask reproduces it
+        raise ConfigError(f"cannot upgrade a {type(teacher).__name__}: its mechanism {teacher.mechanism!r} is no rational "
+                          f"SAE mask ({', '.join(GATES[1:])}) and it gives no upgrade_threshold for the jumprelu mask")
     return teacher.mechanism
 
 
@@ -78,8 +83,8 @@ class FromTeacher:
             scale_mode=scale_mode, init_table=init_table, gate=gate, k=k, **kw,
         )
         with torch.no_grad():
-            for name in ("W_enc", "b_enc", "W_dec", "b_dec"):
-                getattr(sae, name).copy_(getattr(teacher, name))
+            for name, t in teacher.skeleton_weights().items():  # the teacher's h = (x - b_dec) W_enc + b_enc
+                getattr(sae, name).copy_(t)
             sae.tokens_since_fired.copy_(teacher.tokens_since_fired)
         sae.mask.copy_from_teacher(sae, teacher, thr)
         sae.teacher_threshold = thr

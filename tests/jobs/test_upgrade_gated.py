@@ -1,0 +1,24 @@
+"""The RSAE upgrade of a Gated teacher on synthetic data: its JumpReLU form (magnitude path, thresholds
+b_mag - exp(r_mag) b_gate) is reproduced by the jumprelu mask; the control fine-tunes the Gated SAE."""
+
+import json
+
+import pytest
+
+from conftest import run_train
+
+COMMON = ("data=synthetic", "logger=csv", "data.batch_size=256", "data.d_in=16", "data.n_features=64")
+
+
+def test_upgrade_of_a_gated_teacher_reproduces_it(tmp_path):
+    teacher, up = tmp_path / "teacher", tmp_path / "upgrade"
+    run_train("sae=gated", "trainer.max_steps=150", "trainer.val_check_interval=150", f"hydra.run.dir={teacher}", *COMMON)
+    run_train("experiment=rsae_upgrade", f"teacher.path={teacher}/sae", "upgrade.steps=20",
+              "upgrade.calibration_tokens=4096", "upgrade.calibration_steps=50", f"hydra.run.dir={up}", *COMMON)
+    res = json.loads((up / "upgrade.json").read_text())
+    t, i = res["teacher"], res["rsae_init"]
+    assert i["mse"] == pytest.approx(t["mse"], rel=0.02)
+    assert i["l0"] == pytest.approx(t["l0"], rel=0.02)
+    assert res["settings"]["gate"] == "jumprelu" and res["settings"]["teacher_mechanism"] == "gated"
+    assert json.loads((up / "teacher_ft" / "cfg.json").read_text())["architecture"] == "gated"  # the control
+    assert json.loads((up / "metrics.json").read_text())["status"] == "ok"
