@@ -13,7 +13,7 @@ COMMON = ("data=synthetic", "logger=csv", "data.batch_size=256", "data.d_in=16",
 def test_upgrade_of_a_gated_teacher_reproduces_it(tmp_path):
     teacher, up = tmp_path / "teacher", tmp_path / "upgrade"
     run_train("sae=gated", "trainer.max_steps=150", "trainer.val_check_interval=150", f"hydra.run.dir={teacher}", *COMMON)
-    run_train("experiment=rsae_upgrade", f"teacher.path={teacher}/sae", "upgrade.steps=20",
+    run_train("sae=rational", f"teacher.path={teacher}/sae", "upgrade.steps=20",
               "upgrade.calibration_tokens=4096", "upgrade.calibration_steps=50", f"hydra.run.dir={up}", *COMMON)
     res = json.loads((up / "upgrade.json").read_text())
     t, i = res["teacher"], res["rsae_init"]
