@@ -47,22 +47,8 @@ def _fwd_kernel(
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     col_ok = cols < n_cols
 
-    if SCALE_PER_COL:
-        c_in = tl.load(cin_ptr + cols, mask=col_ok, other=1.0)[None, :]
-        c_out = tl.load(cout_ptr + cols, mask=col_ok, other=1.0)[None, :]
-    else:
-        c_in = tl.load(cin_ptr)
-        c_out = tl.load(cout_ptr)
-    if COEF_MODE == 0:
-        a_off = 0
-        b_off = 0
-    elif COEF_MODE == 1:
-        a_off = cols * stride_a
-        b_off = cols * stride_b
-    else:
-        sets = tl.load(set_ptr + cols, mask=col_ok, other=0)
-        a_off = sets * stride_a
-        b_off = sets * stride_b
+    c_in, c_out = _scales(cin_ptr, cout_ptr, cols, col_ok, SCALE_PER_COL)
+    a_off, b_off = _coef_offsets(set_ptr, cols, col_ok, stride_a, stride_b, COEF_MODE)
 
     if ABS_SUM:
         row_start = pid_m * ROWS_PER_PROG
@@ -122,6 +108,33 @@ def _coef(ptr, off, col_ok, COEF_MODE: tl.constexpr, ABS: tl.constexpr):
     return c
 
 
+def _scales(cin_ptr, cout_ptr, cols, col_ok, SCALE_PER_COL: tl.constexpr):
+    """(C_in, C_out) for a program's latents `cols`: scalars, or [1, BLOCK_N] rows (one per latent)."""
+    if SCALE_PER_COL:
+        c_in = tl.load(cin_ptr + cols, mask=col_ok, other=1.0)[None, :]
+        c_out = tl.load(cout_ptr + cols, mask=col_ok, other=1.0)[None, :]
+    else:
+        c_in = tl.load(cin_ptr)
+        c_out = tl.load(cout_ptr)
+    return c_in, c_out
+
+
+def _coef_offsets(set_ptr, cols, col_ok, stride_a, stride_b, COEF_MODE: tl.constexpr):
+    """Offsets of a_0 and b_1 in the coefficient arrays for a program's latents `cols`: 0 (one shared
+    set), each latent's own row, or the row of each latent's set (group sharing)."""
+    if COEF_MODE == 0:
+        a_off = 0
+        b_off = 0
+    elif COEF_MODE == 1:
+        a_off = cols * stride_a
+        b_off = cols * stride_b
+    else:
+        sets = tl.load(set_ptr + cols, mask=col_ok, other=0)
+        a_off = sets * stride_a
+        b_off = sets * stride_b
+    return a_off, b_off
+
+
 def _bwd_kernel(
     h_ptr, g_ptr, gs_ptr, dh_ptr, part_ptr, a_ptr, b_ptr, set_ptr, cin_ptr, cout_ptr,
     n_rows, n_cols, stride_a, stride_b, t_max, big, ROWS_PER_PROG,
@@ -138,23 +151,9 @@ def _bwd_kernel(
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     col_ok = cols < n_cols
 
-    if SCALE_PER_COL:
-        c_in = tl.load(cin_ptr + cols, mask=col_ok, other=1.0)[None, :]
-        c_out = tl.load(cout_ptr + cols, mask=col_ok, other=1.0)[None, :]
-    else:
-        c_in = tl.load(cin_ptr)
-        c_out = tl.load(cout_ptr)
+    c_in, c_out = _scales(cin_ptr, cout_ptr, cols, col_ok, SCALE_PER_COL)
     inv_c_in = 1.0 / c_in
-    if COEF_MODE == 0:
-        a_off = 0
-        b_off = 0
-    elif COEF_MODE == 1:
-        a_off = cols * stride_a
-        b_off = cols * stride_b
-    else:
-        sets = tl.load(set_ptr + cols, mask=col_ok, other=0)
-        a_off = sets * stride_a
-        b_off = sets * stride_b
+    a_off, b_off = _coef_offsets(set_ptr, cols, col_ok, stride_a, stride_b, COEF_MODE)
 
     # Coefficients, loaded once: scalars (shared) or [1, BLOCK_N] rows (per latent / group).
     a_c = ()
@@ -282,7 +281,7 @@ def kernel_mode() -> str | tuple[int, int]:
 
 @functools.lru_cache(maxsize=None)
 def jit_kernels():
-    jitted = jit_functions(globals(), ("_coef", "_fwd_kernel", "_bwd_kernel"))
+    jitted = jit_functions(globals(), ("_coef", "_scales", "_coef_offsets", "_fwd_kernel", "_bwd_kernel"))
     return jitted["_fwd_kernel"], jitted["_bwd_kernel"]
 
 
