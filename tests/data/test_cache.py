@@ -8,6 +8,8 @@ import torch
 from safetensors.torch import load_file
 
 import rsae.data.cache as C
+import rsae.data.cache_manifest as M
+import rsae.data.cache_write as W
 from rsae.data.harvest import harvest
 from rsae.data.hooks import run_to_hook
 from rsae.data.lm import load_lm
@@ -43,7 +45,7 @@ def built(setup, tmp_path_factory):
 
 
 def test_round_trip_rows_are_the_model_activations(built, setup):
-    manifest = C.Manifest.load(built.root)
+    manifest = M.Manifest.load(built.root)
     data = manifest.data
     assert data["schema_version"] == C.SCHEMA_VERSION and data["d_in"] == 32
     assert data["request"]["hook"] == "resid_post" and data["request"]["layer"] == 1
@@ -52,7 +54,7 @@ def test_round_trip_rows_are_the_model_activations(built, setup):
     assert len(manifest.shards("train")) > 3 and not (built.root / C.PROGRESS).exists()
 
     model, _ = load_lm(str(setup[0]))
-    ids, keep = C.load_eval_tokens(built.root)
+    ids, keep = M.load_eval_tokens(built.root)
     assert ids.shape == (16, CTX) and not keep[:, 0].any()  # BOS excluded
     with torch.no_grad():
         expected = run_to_hook(model, "resid_post", 1, input_ids=ids)[keep]
@@ -75,7 +77,7 @@ def test_reuse_does_not_load_the_model(built, setup, monkeypatch):
 
 def test_resume_after_a_crash_gives_the_same_cache(setup, tmp_path, monkeypatch):
     reference = _harvest(tmp_path / "reference", setup)
-    real_write, calls, crashed = C.write_shard, [], []
+    real_write, calls, crashed = W.write_shard, [], []
 
     def crash_on_fourth(path, tensors):
         calls.append(path)
@@ -84,7 +86,7 @@ def test_resume_after_a_crash_gives_the_same_cache(setup, tmp_path, monkeypatch)
             raise SimulatedCrash
         return real_write(path, tensors)
 
-    monkeypatch.setattr(C, "write_shard", crash_on_fourth)
+    monkeypatch.setattr(W, "write_shard", crash_on_fourth)
     with pytest.raises(SimulatedCrash):
         _harvest(tmp_path / "crashed", setup)
     assert (tmp_path / "crashed" / C.PROGRESS).exists() and not (tmp_path / "crashed" / C.MANIFEST).exists()
@@ -101,7 +103,7 @@ def test_resume_after_a_crash_gives_the_same_cache(setup, tmp_path, monkeypatch)
 
 
 def test_unfinished_harvest_for_another_request_is_an_error(setup, tmp_path, monkeypatch):
-    monkeypatch.setattr(C, "write_shard", lambda *a: (_ for _ in ()).throw(SimulatedCrash()))
+    monkeypatch.setattr(W, "write_shard", lambda *a: (_ for _ in ()).throw(SimulatedCrash()))
     with pytest.raises(SimulatedCrash):
         _harvest(tmp_path / "c", setup)
     monkeypatch.undo()
@@ -187,7 +189,7 @@ def test_concurrent_harvests_wait_for_the_lock(setup, tmp_path):
 
     cache_dir = tmp_path / "shared"
     result = {}
-    with C.cache_lock(cache_dir):
+    with W.cache_lock(cache_dir):
         worker = threading.Thread(target=lambda: result.setdefault("m", _harvest(cache_dir, setup)))
         worker.start()
         worker.join(timeout=0.5)
@@ -225,7 +227,7 @@ def test_an_edited_manifest_is_refused_by_name(built, setup, tmp_path, edit):
     _edit_manifest(cache_dir, edit)
     message = _one_line_error(C.CacheCorruptError, "checksum mismatch", lambda: _harvest(cache_dir, setup))
     assert message == f"{cache_dir / C.MANIFEST}: was edited (checksum mismatch); delete the cache to rebuild it"
-    _one_line_error(C.CacheCorruptError, "checksum mismatch", lambda: C.Manifest.load(cache_dir))
+    _one_line_error(C.CacheCorruptError, "checksum mismatch", lambda: M.Manifest.load(cache_dir))
 
 
 def test_a_manifest_without_checksum_is_read_with_a_warning(built, setup, tmp_path):
@@ -256,7 +258,7 @@ def test_fields_are_checked_in_a_manifest_without_checksum(built, setup, tmp_pat
 
 
 def test_an_edited_progress_record_is_refused(setup, tmp_path, monkeypatch):
-    monkeypatch.setattr(C, "write_shard", lambda *a: (_ for _ in ()).throw(SimulatedCrash()))
+    monkeypatch.setattr(W, "write_shard", lambda *a: (_ for _ in ()).throw(SimulatedCrash()))
     with pytest.raises(SimulatedCrash):
         _harvest(tmp_path / "c", setup)
     monkeypatch.undo()
@@ -270,7 +272,7 @@ def test_an_edited_progress_record_is_refused(setup, tmp_path, monkeypatch):
 # --- writing fails: disk full, read-only, a file in the way ---------------------------------------
 @pytest.mark.parametrize("fail_on", ["train/00003.safetensors", C.MANIFEST])
 def test_disk_full_is_one_line_leaves_no_tmp_and_resumes(built, setup, tmp_path, monkeypatch, fail_on):
-    real_write = C._write_all
+    real_write = W._write_all
 
     def fill_the_disk(handle, data):
         if handle.name.endswith(fail_on + ".tmp"):
@@ -279,7 +281,7 @@ def test_disk_full_is_one_line_leaves_no_tmp_and_resumes(built, setup, tmp_path,
         real_write(handle, data)
 
     cache_dir = tmp_path / "c"
-    monkeypatch.setattr(C, "_write_all", fill_the_disk)
+    monkeypatch.setattr(W, "_write_all", fill_the_disk)
     message = _one_line_error(C.CacheWriteError, "No space left on device", lambda: _harvest(cache_dir, setup))
     assert message.startswith(f"cannot write {cache_dir / fail_on}: No space left on device; free some space")
     assert not list(cache_dir.rglob("*.tmp")) and not (cache_dir / C.MANIFEST).exists()
@@ -287,8 +289,8 @@ def test_disk_full_is_one_line_leaves_no_tmp_and_resumes(built, setup, tmp_path,
     n_shards = sum(len(built.shards(s)) for s in C.SPLITS)
     assert sum(map(len, done.values())) == (3 if fail_on != C.MANIFEST else n_shards)
     monkeypatch.undo()
-    real_shard, written = C.write_shard, []
-    monkeypatch.setattr(C, "write_shard", lambda path, tensors: written.append(path) or real_shard(path, tensors))
+    real_shard, written = W.write_shard, []
+    monkeypatch.setattr(W, "write_shard", lambda path, tensors: written.append(path) or real_shard(path, tensors))
     resumed = _harvest(cache_dir, setup)
     assert len(written) == n_shards - sum(map(len, done.values()))  # only what the full disk left undone
     for split in C.SPLITS:
@@ -321,7 +323,7 @@ def test_read_only_cache_dir_is_one_line(setup, tmp_path, monkeypatch):
             raise PermissionError(errno.EACCES, "Permission denied", str(file))
         return builtins.open(file, mode, *args, **kwargs)
 
-    monkeypatch.setattr(C, "open", read_only_open, raising=False)
+    monkeypatch.setattr(W, "open", read_only_open, raising=False)
     _one_line_error(C.CacheWriteError, f"cannot write {cache_dir / '.lock'}: Permission denied; choose a writable",
                     lambda: _harvest(cache_dir, setup))
 

@@ -7,6 +7,8 @@ import pytest
 import torch
 
 import rsae.data.cache as C
+import rsae.data.cache_manifest as M
+import rsae.data.cache_write as W
 from conftest import run_train
 from rsae.data.harvest import harvest, harvest_many
 from rsae.data.hooks import capture_many, hook_points, run_to_hook, run_to_hooks
@@ -33,12 +35,12 @@ def _args(setup, **overrides):
     return {**args, **overrides}
 
 
-def _files(manifest: C.Manifest) -> dict[str, bytes]:
+def _files(manifest: M.Manifest) -> dict[str, bytes]:
     files = [s["file"] for split in C.SPLITS for s in manifest.shards(split)] + [C.EVAL_TOKENS]
     return {f: (manifest.root / f).read_bytes() for f in files}
 
 
-def _without_times(manifest: C.Manifest) -> dict:
+def _without_times(manifest: M.Manifest) -> dict:
     return {k: v for k, v in manifest.data.items() if k not in TIMES}
 
 
@@ -67,7 +69,7 @@ def test_one_pass_caches_equal_single_harvests_byte_for_byte(setup, together):
 
 def test_one_pass_rows_are_each_hook_points_activations(setup, together):
     model, _ = load_lm(str(setup[0]))
-    ids, keep = C.load_eval_tokens(together[0].root)
+    ids, keep = M.load_eval_tokens(together[0].root)
     from safetensors.torch import load_file
 
     for (hook, layer), manifest in zip(POINTS, together):
@@ -112,7 +114,7 @@ def test_one_forward_pass_per_batch_for_all_hook_points(setup, tmp_path, monkeyp
 
 
 def test_an_interrupted_pass_resumes_each_cache(setup, together, tmp_path, monkeypatch):
-    real, written = C.write_shard, []
+    real, written = W.write_shard, []
 
     def crash_on_eighth(path, tensors):  # after 3, 3 and 2 shards of the three caches
         if len(written) == 7:
@@ -121,10 +123,10 @@ def test_an_interrupted_pass_resumes_each_cache(setup, together, tmp_path, monke
         return real(path, tensors)
 
     targets = [(tmp_path / f"{h}.{l}", h, l) for h, l in POINTS]
-    monkeypatch.setattr(C, "write_shard", crash_on_eighth)
+    monkeypatch.setattr(W, "write_shard", crash_on_eighth)
     with pytest.raises(KeyboardInterrupt):
         harvest_many(targets, **_args(setup))
-    monkeypatch.setattr(C, "write_shard", real)
+    monkeypatch.setattr(W, "write_shard", real)
     assert not any((t[0] / C.MANIFEST).exists() for t in targets)
     resumed = harvest_many(targets, **_args(setup))
     assert [_files(m) for m in resumed] == [_files(m) for m in together]
@@ -161,12 +163,12 @@ def test_train_cli_harvests_a_layer_list_then_multirun_reuses_it(setup, tmp_path
     run_train(*data, "lm.layer=[0,2]", "cache_only=true", f"hydra.run.dir={tmp_path / 'harvest'}")
     dirs = sorted((tmp_path / "caches" / "lm").iterdir())
     assert [d.name for d in dirs] == ["resid_post.0-4096x32-bfloat16", "resid_post.2-4096x32-bfloat16"]
-    manifests = [C.Manifest.load(d) for d in dirs]
+    manifests = [M.Manifest.load(d) for d in dirs]
     assert manifests[0].data["harvest_seconds"] == manifests[1].data["harvest_seconds"]  # one pass
     run_train("-m", *data, "lm.layer=0,2", f"hydra.sweep.dir={tmp_path / 'sweep'}")
     for trial, manifest in zip(("0", "1"), manifests):
         assert json.loads((tmp_path / "sweep" / trial / "metrics.json").read_text())["status"] == "ok"
-        assert C.Manifest.load(manifest.root).data["created"] == manifest.data["created"]  # reused
+        assert M.Manifest.load(manifest.root).data["created"] == manifest.data["created"]  # reused
 
 
 def test_first_multirun_trial_harvests_every_listed_layer(setup, tmp_path):
@@ -175,7 +177,7 @@ def test_first_multirun_trial_harvests_every_listed_layer(setup, tmp_path):
               "data.context_size=32", f"data.cache_root={tmp_path / 'caches'}", "data.batch_size=64", "logger=none",
               "callbacks.downstream_eval=null", "trainer.max_steps=2", "trainer.val_check_interval=null", "lm.layer=1,3",
               "data.harvest_layers=[1,3]", f"hydra.sweep.dir={tmp_path / 'sweep'}")
-    manifests = [C.Manifest.load(d) for d in sorted((tmp_path / "caches" / "lm").iterdir())]
+    manifests = [M.Manifest.load(d) for d in sorted((tmp_path / "caches" / "lm").iterdir())]
     assert [m.data["request"]["layer"] for m in manifests] == [1, 3]
     assert manifests[0].data["harvest_seconds"] == manifests[1].data["harvest_seconds"]  # filled by trial 0's pass
     assert all(json.loads((tmp_path / "sweep" / t / "metrics.json").read_text())["status"] == "ok" for t in "01")

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from rsae.data.cache import write_shard
+from rsae.data.cache_write import write_shard
 from rsae.data.stream import StreamLoader, TrainStream, ValStream, batches_before
 
 D = 4

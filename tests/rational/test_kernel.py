@@ -316,7 +316,7 @@ def test_kernel_matches_float64_reference_cuda(name, monkeypatch):
 @pytest.mark.parametrize("config", range(7))  # every entry of FWD_CONFIGS / BWD_CONFIGS (7 each)
 @pytest.mark.parametrize("name", ["group-latent-A", "deg9_8-latent-B", "many-rows", "relu-mask-latent-B"])
 def test_every_tile_shape_matches_reference_cuda(name, config, monkeypatch):
-    from rsae.rational.kernel import BWD_CONFIGS, FWD_CONFIGS
+    from rsae.rational.kernel_triton import BWD_CONFIGS, FWD_CONFIGS
 
     pytest.importorskip("triton")
     assert len(FWD_CONFIGS) == len(BWD_CONFIGS) == 7, "update the parametrisation to cover every tile shape"

@@ -17,11 +17,16 @@ def fmt(x, nd=2) -> str:
     return str(x)
 
 
+def table_head(title: str, columns: str) -> list[str]:
+    """A report section's first lines: its heading, then a Markdown table's header row for
+    `columns` ("a | b | c") and the separator row under it."""
+    return [f"### {title}", "", f"| {columns} |", "|" + "---|" * len(columns.split(" | "))]
+
+
 def markdown(results: dict, args) -> str:
     rows = [r for r in results["runs"] if r["kind"] in ("rsae", "saelens") and "ms" in r]
-    lines = [f"### Training step ({results['device']}, autocast {args.dtype}, roofline {args.peak_tflops:.0f} TFLOP/s at 12 d m FLOP/token)", ""]
-    lines += ["| arch | d x m | batch | variant | ms/step | tokens/s | TFLOP/s | % roofline | peak GiB | syncs/step |",
-              "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = table_head(f"Training step ({results['device']}, autocast {args.dtype}, roofline {args.peak_tflops:.0f} TFLOP/s at 12 d m FLOP/token)",
+                       "arch | d x m | batch | variant | ms/step | tokens/s | TFLOP/s | % roofline | peak GiB | syncs/step")
     for r in rows:
         flop = flops_per_step(r["d"], r["m"], r["batch"])
         tflops = flop / (r["ms"] * 1e-3) / 1e12
@@ -32,18 +37,17 @@ def markdown(results: dict, args) -> str:
     errors = [r for r in results["runs"] if "error" in r]
     gates = [r for r in results["runs"] if r["kind"] == "gate"]
     if gates:
-        lines += ["", "### Rational gate alone (P5/Q4, per-latent scales), forward + backward", "",
-                  "| batch x d_sae | dtype | fused kernel ms | reference ms | reference compiled ms | kernel GB/s |",
-                  "|---|---|---|---|---|---|"]
+        lines += [""] + table_head("Rational gate alone (P5/Q4, per-latent scales), forward + backward",
+                                   "batch x d_sae | dtype | fused kernel ms | reference ms | reference compiled ms | kernel GB/s")
         for g in gates:
             bw = g["min_bytes"] / (g["kernel_ms"] * 1e-3) / 1e9 if g.get("kernel_ms") else None
             lines.append(f"| {g['batch']}x{g['m']} | {g['dtype']} | {fmt(g.get('kernel_ms'), 3)} | {fmt(g.get('reference_ms'), 3)} | "
                          f"{fmt(g.get('reference_compiled_ms'), 3)} | {fmt(bw, 0)} |")
     e2e = [r for r in results["runs"] if r["kind"] == "e2e"]
     if e2e:
-        lines += ["", "### End to end: train.py on a cached activation stream", "",
-                  "| arch | d x m | batch | module | data workers | ms/step | tokens/s | % roofline | raw step ms (same variant) | e2e / raw | vs SAELens step | host syncs/step |",
-                  "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+        lines += [""] + table_head("End to end: train.py on a cached activation stream",
+                                   "arch | d x m | batch | module | data workers | ms/step | tokens/s | % roofline | "
+                                   "raw step ms (same variant) | e2e / raw | vs SAELens step | host syncs/step")
         for r in e2e:
             if "ms" not in r:
                 lines.append(f"| {r['arch']} | {r.get('d')}x{r.get('m')} | {r.get('batch')} | {r.get('variant', '-')} | {r.get('num_workers', '-')} | failed (see JSON) | | | | | | |")
@@ -56,9 +60,8 @@ def markdown(results: dict, args) -> str:
                          f"{fmt(sl and sl['ms'] / r['ms'], 2)}x | {fmt((r.get('host_syncs') or {}).get('per_step'), 1)} |")
     qual = [r for r in results["runs"] if r["kind"] == "quality" and "fast" in r]
     if qual:
-        lines += ["", "### Quality: fast path vs plain path after the same tokens (held-out synthetic data)", "",
-                  "| arch | d x m | steps | MSE plain | MSE plain (other data) | MSE fast | L0 plain | L0 fast | match |",
-                  "|---|---|---|---|---|---|---|---|---|"]
+        lines += [""] + table_head("Quality: fast path vs plain path after the same tokens (held-out synthetic data)",
+                                   "arch | d x m | steps | MSE plain | MSE plain (other data) | MSE fast | L0 plain | L0 fast | match")
         for q in qual:
             lines.append(f"| {q['arch']} | {q['d']}x{q['m']} | {q['steps']} | {q['plain']['mse']:.4g} | {q['plain_other_data']['mse']:.4g} | "
                          f"{q['fast']['mse']:.4g} | {q['plain']['l0']:.1f} | {q['fast']['l0']:.1f} | {'yes' if q['match'] else 'NO'} |")

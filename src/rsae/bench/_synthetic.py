@@ -37,6 +37,7 @@ def write_synthetic_cache(root: Path, d: int, n_train: int, n_val: int, device: 
     synthetic bf16 activations; returns the ActivationDataModule keyword arguments that accept it
     (the request names a hub id that is never loaded; `data_overrides` turns them into train.py's)."""
     from rsae.data import cache as C
+    from rsae.data import cache_write as W
     from rsae.data.harvest import build_request
 
     root.mkdir(parents=True, exist_ok=True)
@@ -64,15 +65,15 @@ def write_synthetic_cache(root: Path, d: int, n_train: int, n_val: int, device: 
             ids = torch.zeros(rows, dtype=torch.int32)
             pos = torch.arange(done, done + rows, dtype=torch.int32)
             name = f"{split}/{index:05d}.safetensors"
-            entry = C.write_shard(root / name, {"acts": acts, "tokens": ids, "seq": pos // context_size, "pos": pos % context_size})
+            entry = W.write_shard(root / name, {"acts": acts, "tokens": ids, "seq": pos // context_size, "pos": pos % context_size})
             shards.append({"file": name, **entry})
             done, index = done + rows, index + 1
         splits[split] = {"rows": total, "shards": shards}
     n_val_seq = n_val // context_size
-    eval_tokens = C.write_tensors(root / C.EVAL_TOKENS, {"input_ids": torch.zeros(n_val_seq, context_size, dtype=torch.long),
+    eval_tokens = W.write_tensors(root / C.EVAL_TOKENS, {"input_ids": torch.zeros(n_val_seq, context_size, dtype=torch.long),
                                                          "keep": torch.ones(n_val_seq, context_size, dtype=torch.bool)})
     manifest = {
-        "schema_version": C.SCHEMA_VERSION, "created": C.now_iso(), "request": request, "d_in": d,
+        "schema_version": C.SCHEMA_VERSION, "created": W.now_iso(), "request": request, "d_in": d,
         "lm": {"name_or_path": args["name_or_path"], "synthetic": True},
         "tokenizer": None, "text_files": args["text_files"],
         "tokens": {"sequences": (n_train + n_val) // context_size, "train_sequences": n_train // context_size,
@@ -80,7 +81,7 @@ def write_synthetic_cache(root: Path, d: int, n_train: int, n_val: int, device: 
         "splits": splits, "eval_tokens": {"file": C.EVAL_TOKENS, **eval_tokens},
         "stats": {"mean_norm": norm_sum / n_train}, "args": {"synthetic": True, "seed": seed},
     }
-    C.write_manifest(root, manifest)
+    W.write_manifest(root, manifest)
     return {**args, "cache_dir": str(root), "verify_checksums": False}
 
 

@@ -216,7 +216,8 @@ def window_load_gbps(files: list[Path], rows: list[int], passes: int = 3) -> dic
     thread."""
     import numpy as np
 
-    from rsae.data.stream import READ_THREADS, TrainStream
+    from rsae.data.stream import TrainStream
+    from rsae.data.window_loader import READ_THREADS
 
     stream = TrainStream(files, rows, batch_size=1)
     d, dtype = stream.shards.dims()
@@ -242,7 +243,7 @@ def window_load_gbps(files: list[Path], rows: list[int], passes: int = 3) -> dic
 
 
 def bench_stream(args, cache_dir: Path, scratch: Path) -> dict:
-    from rsae.data.cache import Manifest
+    from rsae.data.cache_manifest import Manifest
 
     manifest = Manifest.load(cache_dir)
     itemsize = 2 if manifest.storage_dtype == "bfloat16" else 4

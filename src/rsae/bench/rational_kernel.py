@@ -3,7 +3,7 @@
     python -m rsae.bench rational_kernel                 # sm_90 (H100 / H200)
     python -m rsae.bench rational_kernel --arch 80 --degrees 5,4 9,8
 
-Compiles the forward and backward kernel of `rsae.rational.kernel` for every tile shape
+Compiles the forward and backward kernel of `rsae.rational.kernel_triton` for every tile shape
 (FWD_CONFIGS / BWD_CONFIGS) and a few degree / sharing combinations with Triton's own compiler,
 then reads registers, stack and local (spill) memory per thread from the cubin with the
 `cuobjdump` that ships with Triton. A tile shape whose kernel spills (LOCAL > 0) is slow: keep
@@ -68,12 +68,12 @@ def resources(kernel, dtype: str, consts: dict, num_warps: int, arch: int, workd
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(list(sys.argv[1:] if argv is None else argv))
-    from rsae.rational import kernel as K
+    from rsae.rational import kernel_triton as K
 
     if K.triton is None:
         print("triton is not importable", file=sys.stderr)
         return 1
-    fwd, bwd = K._jit()
+    fwd, bwd = K.jit_kernels()
     cases = []
     for pq in args.degrees:
         p, q = (int(x) for x in pq.split(","))

@@ -28,7 +28,8 @@ from typing import Sequence
 import lightning as L
 import torch
 
-from rsae.data.cache import MANIFEST, Manifest, load_eval_tokens
+from rsae.data.cache import MANIFEST
+from rsae.data.cache_manifest import Manifest, load_eval_tokens
 from rsae.data.harvest import build_request, harvest_many
 from rsae.data.hooks import HOOK_NAMES, hook_points
 from rsae.data.stream import StreamLoader, TrainStream, ValStream

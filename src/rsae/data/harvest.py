@@ -19,6 +19,8 @@ import torch
 from tqdm.auto import tqdm
 
 from rsae.data import cache as C
+from rsae.data import cache_manifest as M
+from rsae.data import cache_write as W
 from rsae.data.hooks import resolve_hook, run_to_hooks
 from rsae.data.lm import check_lm_source, lm_identity, load_lm, tokenizer_sha256, torch_dtype
 from rsae.data.text import (
@@ -71,7 +73,7 @@ def build_request(*, name_or_path: str, gguf_file: str | None = None, revision: 
     }
 
 
-def harvest(cache_dir: str | Path, *, hook: str = "resid_post", layer: int | None = 0, **kwargs) -> C.Manifest:
+def harvest(cache_dir: str | Path, *, hook: str = "resid_post", layer: int | None = 0, **kwargs) -> M.Manifest:
     """Build (or validate and reuse) the activation cache at `cache_dir`; returns its Manifest.
 
     Keyword arguments as for `harvest_many`, which this is for one hook point.
@@ -87,7 +89,7 @@ def harvest_many(targets: Sequence[tuple[str | Path, str, int | None]], *, name_
                  storage_dtype: str = "bfloat16", prepend_bos: bool = True, exclude_special_tokens: bool = True,
                  document_separator: str = "auto", batch_size: int | None = None, shard_mb: float = 64, device: str = "auto",
                  verify_checksums: bool = True, d_in: int | None = None, progress: bool = True,
-                 lm: tuple | None = None) -> list[C.Manifest]:
+                 lm: tuple | None = None) -> list[M.Manifest]:
     """Caches for several `(cache_dir, hook, layer)` targets of one model and text, the missing
     ones filled in one forward pass per batch (stopped after the deepest hook point); returns
     their Manifests in order. Each cache is the one `harvest` writes for its hook point alone:
@@ -109,12 +111,12 @@ def harvest_many(targets: Sequence[tuple[str | Path, str, int | None]], *, name_
                          storage_dtype=storage_dtype, prepend_bos=prepend_bos,
                          exclude_special_tokens=exclude_special_tokens, **text_source)  # hashes model and text once
     requests = [{**base, "hook": hook, "layer": None if layer is None else int(layer)} for _, hook, layer in targets]
-    built: dict[int, C.Manifest] = {}
+    built: dict[int, M.Manifest] = {}
     missing = [i for i, root in enumerate(roots) if not (root / C.MANIFEST).is_file()]
     if missing:
         with contextlib.ExitStack() as locks:
             for i in sorted(missing, key=lambda i: str(roots[i].resolve())):  # one order: no deadlock
-                locks.enter_context(C.cache_lock(roots[i]))
+                locks.enter_context(W.cache_lock(roots[i]))
             missing = [i for i in missing if not (roots[i] / C.MANIFEST).is_file()]  # finished while we waited?
             if missing:
                 todo = [_Target(roots[i], requests[i], targets[i][1], targets[i][2]) for i in missing]
@@ -127,7 +129,7 @@ def harvest_many(targets: Sequence[tuple[str | Path, str, int | None]], *, name_
     out = []
     for i, root in enumerate(roots):
         if i not in built:
-            manifest = C.Manifest.load(root)
+            manifest = M.Manifest.load(root)
             manifest.check_request(requests[i], d_in)
             manifest.verify(checksums=verify_checksums)
             built[i] = manifest
@@ -151,7 +153,7 @@ class _Target:
 
 def _build(targets: list[_Target], text_source: dict, *, name_or_path, gguf_file, revision, lm_dtype, n_tokens,
            context_size, val_fraction, storage_dtype, prepend_bos, exclude_special_tokens, batch_size, shard_mb,
-           device, d_in, progress, lm) -> list[C.Manifest]:
+           device, d_in, progress, lm) -> list[M.Manifest]:
     """Harvest into every target's directory (resuming interrupted harvests of the same requests)."""
     dataset, dataset_config = text_source["dataset"], text_source["dataset_config"]
     dataset_split, text_column, text_files = (text_source["dataset_split"], text_source["text_column"],
@@ -195,9 +197,9 @@ def _build(targets: list[_Target], text_source: dict, *, name_or_path, gguf_file
         t.state = {"request": t.request,
                    "seqs_per_shard": done.get("seqs_per_shard") or max(1, int(shard_mb * 2**20 / (t.width * itemsize * context_size))),
                    "splits": done.get("splits", {"train": [], "val": []})}
-        C.make_dirs(t.root / "train", t.root / "val")
-        C.write_sealed_json(t.root / C.PROGRESS, t.state)
-        t.eval_tokens = C.write_tensors(t.root / C.EVAL_TOKENS, {"input_ids": tokens[n_train:], "keep": keep[n_train:]})
+        W.make_dirs(t.root / "train", t.root / "val")
+        W.write_sealed_json(t.root / C.PROGRESS, t.state)
+        t.eval_tokens = W.write_tensors(t.root / C.EVAL_TOKENS, {"input_ids": tokens[n_train:], "keep": keep[n_train:]})
 
     ranges = {"train": (0, n_train), "val": (n_train, n_train + n_val)}
     todo = sum(hi - lo for lo, hi in ranges.values()) * context_size
@@ -236,14 +238,14 @@ def _write_shard(t: _Target, split: str, first: int, last: int) -> None:
     t.pending = []
     shards = t.state["splits"][split]
     name = f"{split}/{len(shards):05d}.safetensors"
-    entry = C.write_shard(t.root / name, rows)
+    entry = W.write_shard(t.root / name, rows)
     shards.append({"file": name, **entry, "sequences": [first, last],
                    "norm_sum": float(rows["acts"].float().norm(dim=1).double().sum())})
-    C.write_sealed_json(t.root / C.PROGRESS, t.state)
+    W.write_sealed_json(t.root / C.PROGRESS, t.state)
 
 
 def _finish(t: _Target, model, tokenizer, tokens, n_train, n_val, text_source, name_or_path, gguf_file, revision,
-            batch_size, shard_mb, device_, seconds) -> C.Manifest:
+            batch_size, shard_mb, device_, seconds) -> M.Manifest:
     """Write the target's manifest (last: the cache is complete) and drop its progress record."""
     splits = t.state["splits"]
     train_rows = sum(s["rows"] for s in splits["train"])
@@ -251,7 +253,7 @@ def _finish(t: _Target, model, tokenizer, tokens, n_train, n_val, text_source, n
         raise ValueError("no training rows: every position was masked out or the text is too short")
     manifest = {
         "schema_version": C.SCHEMA_VERSION,
-        "created": C.now_iso(),
+        "created": W.now_iso(),
         "request": t.request,
         "d_in": int(t.width),
         "lm": {"name_or_path": str(name_or_path), "gguf_file": gguf_file, "revision": revision,
@@ -269,9 +271,9 @@ def _finish(t: _Target, model, tokenizer, tokens, n_train, n_val, text_source, n
                  "seqs_per_shard": t.state["seqs_per_shard"], **text_source},
         "harvest_seconds": seconds,
     }
-    manifest = C.write_manifest(t.root, manifest)
+    manifest = W.write_manifest(t.root, manifest)
     (t.root / C.PROGRESS).unlink(missing_ok=True)
-    return C.Manifest(t.root, manifest)
+    return M.Manifest(t.root, manifest)
 
 
 def _shard_seqs(entry: dict) -> int:
@@ -283,18 +285,18 @@ def _resume_state(root: Path, request: dict) -> dict:
     path = root / C.PROGRESS
     if not path.is_file():
         return {}
-    state = C.read_sealed_json(path)
+    state = M.read_sealed_json(path)
     splits = state.get("splits")
     if not (isinstance(splits, dict) and all(isinstance(splits.get(s), list) for s in C.SPLITS)
             and isinstance(state.get("seqs_per_shard"), int)):
         raise C.CacheCorruptError(f"{path}: not a harvest progress record; delete it to start the harvest afresh")
-    problem = C.describe_mismatch(state.get("request", {}), request)
+    problem = M.describe_mismatch(state.get("request", {}), request)
     if problem:
         raise C.CacheMismatchError(f"unfinished harvest in {root} was for another request ({problem}); "
                                    "use another cache_dir or delete that one")
     for shards in state["splits"].values():
         for shard in shards:
-            C.verify_file(root / shard["file"], shard["bytes"], shard["sha256"])
+            M.verify_file(root / shard["file"], shard["bytes"], shard["sha256"])
     return state
 
 
@@ -313,6 +315,6 @@ def _harvest_rows(model, points, tokens, keep, lo, hi, store) -> list[dict]:
         rows = []
         for (hook, layer), out in zip(points, outs):
             selected = out[mask.to(out.device)].to(store)
-            C.check_finite(selected, f"sequences {lo}-{hi - 1} ({hook} at layer {layer})")
+            W.check_finite(selected, f"sequences {lo}-{hi - 1} ({hook} at layer {layer})")
             rows.append({"acts": selected.cpu(), "tokens": ids, "seq": seqs, "pos": positions})
     return rows

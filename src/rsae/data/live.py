@@ -39,7 +39,8 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset
 
 from rsae.data.activations import consumed_batches
-from rsae.data.cache import check_finite, storage_dtype as parse_storage_dtype
+from rsae.data.cache import storage_dtype as parse_storage_dtype
+from rsae.data.cache_write import check_finite
 from rsae.data.hooks import HOOK_NAMES, run_to_hook
 from rsae.data.lm import resolve_device
 from rsae.data.text import expand_text_files, iter_file_documents, iter_hub_documents, keep_mask, resolve_document_separator

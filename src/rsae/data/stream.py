@@ -20,43 +20,25 @@ Training order ("block shuffle"), a pure function of (seed, world size, workers,
 Every rank's stream is endless, so all ranks get the same number of batches (training is by
 steps). Resuming at batch P needs no earlier data: epoch and window sizes follow from the
 manifest's row counts, so a worker jumps to the window holding its next row and reads only that.
+
+Reading rows from the shards is `rsae.data.shards`, loading windows in the background
+`rsae.data.window_loader`; this module decides the order and serves the batches.
 """
 
 from __future__ import annotations
 
-import contextlib
 import math
-import sys
-import threading
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from functools import partial
 from pathlib import Path
-from typing import Callable, Iterator, NamedTuple, Sequence
+from typing import Iterator, Sequence
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from rsae.data.cache import ShardReader
-
-READ_THREADS = 4  # threads that read a shuffle window's blocks in parallel (per loader)
-
-
-@contextlib.contextmanager
-def one_thread():
-    """Run memory-bound copies on one thread: they gain little from more, and with OpenMP a
-    parallel copy stalls at its barrier whenever the machine is busy (measured here: 0.7 GB/s on
-    two threads of a loaded 2-core machine against tens of GB/s on one). Loader workers already
-    run with one thread; this also covers `num_workers=0`."""
-    threads = torch.get_num_threads()
-    if threads == 1:
-        yield
-        return
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
+from rsae.data.shards import ShardSet, one_thread
+from rsae.data.window_loader import WindowLoader
 
 
 def new_batch(rows: int, d: int) -> torch.Tensor:
@@ -73,155 +55,6 @@ def batches_before(position: int, role: int, n_workers: int) -> int:
     return max(0, (position - role + n_workers - 1) // n_workers)
 
 
-class _Shards:
-    """Lazily opened memory maps of a split's shards (opened inside each worker process)."""
-
-    def __init__(self, files: Sequence[str | Path], rows: Sequence[int]):
-        self.files = [Path(f) for f in files]
-        self.rows = [int(r) for r in rows]
-        self._readers: dict[int, ShardReader] = {}
-        self._opening = threading.Lock()
-        self._pool: tuple[int, ThreadPoolExecutor] | None = None  # (threads, pool) for reads, made on first use here
-
-    def reader(self, shard: int) -> ShardReader:
-        reader = self._readers.get(shard)
-        if reader is None:
-            with self._opening:  # (reading threads may ask for the same shard at once)
-                reader = self._readers.get(shard) or ShardReader(self.files[shard], self.rows[shard])
-                self._readers[shard] = reader
-        return reader
-
-    def read_into(self, out: torch.Tensor, pieces: Sequence[tuple[int, int, int]]) -> torch.Tensor:
-        """Copy the rows of `(shard, start, stop)` pieces, in order, into `out` (converting dtype)."""
-        at = 0
-        with one_thread():
-            for shard, start, stop in pieces:
-                out[at:at + stop - start].copy_(self.reader(shard).view(start, stop))
-                at += stop - start
-        return out
-
-    def load(self, pieces: np.ndarray, out: np.ndarray, threads: int = 1) -> None:
-        """Read the rows of `(shard, start, stop)` pieces, in order, into `out` with plain
-        sequential reads: as stored when `out` has the storage's item size (the bit patterns), else
-        a bf16 shard widened to float32 on the way. With `threads` > 1 the pieces are cut into that
-        many runs, read in parallel: the reads release the GIL, and one thread copying out of the
-        page cache (about 5 GB/s on the H200 host) fell behind a small SAE's step on a GPU."""
-        pieces = np.asarray(pieces, dtype=np.int64).reshape(-1, 3)
-        ends = np.cumsum(pieces[:, 2] - pieces[:, 1])
-        starts = ends - (pieces[:, 2] - pieces[:, 1])
-        runs = [r for r in np.array_split(np.arange(len(pieces)), max(1, min(threads, len(pieces)))) if len(r)]
-        jobs = [(pieces[r], out[int(starts[r[0]]):int(ends[r[-1]])]) for r in runs]
-        if len(jobs) <= 1:
-            for job in jobs:
-                self._load_run(*job)
-            return
-        if self._pool is None or self._pool[0] < len(jobs):
-            if self._pool is not None:
-                self._pool[1].shutdown(wait=False)
-            self._pool = (len(jobs), ThreadPoolExecutor(max_workers=len(jobs), thread_name_prefix="rsae-read"))
-        for future in [self._pool[1].submit(self._load_run, *job) for job in jobs]:
-            future.result()
-
-    def _load_run(self, pieces: np.ndarray, out: np.ndarray) -> None:
-        at, staging = 0, None
-        for shard, start, stop in pieces.tolist():
-            reader, n = self.reader(shard), stop - start
-            if out.itemsize == reader.array.itemsize:
-                reader.read_into(start, stop, out[at:at + n])
-            else:  # bf16 -> fp32 is a 16-bit shift of the bit pattern; numpy does it in one pass
-                if staging is None or len(staging) < n:
-                    staging = np.empty((n, reader.d), dtype=np.uint16)
-                reader.read_into(start, stop, staging[:n])
-                np.left_shift(staging[:n], 16, out=out[at:at + n].view(np.uint32), dtype=np.uint32)
-            at += n
-
-    def dims(self) -> tuple[int, torch.dtype]:
-        first = self.reader(next(i for i, n in enumerate(self.rows) if n > 0))
-        return first.d, first.torch_dtype
-
-    def __getstate__(self):  # files are reopened in each worker, not pickled
-        return {**self.__dict__, "_readers": {}, "_opening": None, "_pool": None}
-
-    def __setstate__(self, state):
-        self.__dict__.update(state, _opening=threading.Lock())
-
-
-class _Window(NamedTuple):
-    """A loaded window's rows and its batches' positions in them (sorted within each piece): `head`
-    completes the batch carried over from the previous window, `batches` is `[n, batch_size]`,
-    `tail` begins the batch carried into the next window."""
-
-    rows: torch.Tensor
-    head: torch.Tensor
-    batches: torch.Tensor
-    tail: torch.Tensor
-
-
-class _WindowLoader:
-    """Loads windows on a background thread into two alternating host buffers, so the next window
-    is read from disk while batches are gathered from this one. The thread also draws the window's
-    shuffle and sorts its batches' positions (a permutation of 65536 rows costs about 1 ms: on the
-    training thread it stalled a small SAE's GPU at every window). File reads and numpy's shift,
-    shuffle and sort release the GIL. For a host gather the buffers are float32 (a bf16 cache is
-    widened on the way). For a device gather (`device`) a bf16 cache stays bf16 on the host: half
-    the bytes cross to the device, which widens each window in one cast. On a GPU the thread also
-    copies the window and its positions there, from pinned memory on its own CUDA stream, and
-    waits for the copy: it overlaps the training step instead of queueing on its stream (about
-    2 ms per 100 MB window on the H200), and the pinned buffers are free again for the next
-    window."""
-
-    def __init__(self, shards: _Shards, max_rows: int, device: torch.device | None = None):
-        d, dtype = shards.dims()
-        self.shards, self.device = shards, device
-        self.narrow = device is not None and dtype == torch.bfloat16
-        cuda = device is not None and device.type == "cuda"
-        host_dtype = torch.bfloat16 if self.narrow else torch.float32
-        # Pinned (page-locked) buffers when windows go on to a GPU: one fast, asynchronous copy per window.
-        self.buffers = [torch.empty((max_rows, d), dtype=host_dtype, pin_memory=cuda) for _ in range(2)]
-        self.positions = torch.empty(max_rows, dtype=torch.int64, pin_memory=cuda)
-        self.stream = torch.cuda.Stream(device) if cuda else None
-        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rsae-window")
-        self.turn = 0
-
-    def submit(self, pieces: np.ndarray, n_rows: int, plan: Callable[[], tuple[np.ndarray, ...]]) -> Future:
-        """A future `_Window`: the rows (in the next host buffer, or float32 on `device`) and the
-        positions `plan()` returns as (head, batches, tail)."""
-        buffer = self.buffers[self.turn]
-        self.turn ^= 1
-
-        def load() -> _Window:
-            # narrow: the bit patterns as they are in the file
-            self.shards.load(pieces, buffer.view(torch.int16).numpy() if self.narrow else buffer.numpy(), READ_THREADS)
-            rows, (head, batches, tail) = buffer[:n_rows], plan()
-            if self.device is None:
-                return _Window(rows, torch.from_numpy(head), torch.from_numpy(batches), torch.from_numpy(tail))
-            sizes = (len(head), batches.size, len(tail))
-            staged = self.positions[:sum(sizes)]
-            np.concatenate([head, batches.ravel(), tail], out=staged.numpy())
-            rows, positions = self._to_device(rows, staged)
-            head, flat, tail = positions.split(sizes)
-            return _Window(rows, head, flat.view(batches.shape), tail)
-
-        return self.pool.submit(load)
-
-    def _to_device(self, rows: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.stream is None:  # not CUDA: plain copies (a narrow window is widened after it); the
-            rows = rows.to(self.device)  # positions' buffer is refilled by the next window
-            return (rows.float() if self.narrow else rows), positions.to(self.device, copy=True)
-        with torch.cuda.device(self.device), torch.cuda.stream(self.stream):
-            out = rows.to(self.device, non_blocking=True)
-            out = out.float() if self.narrow else out
-            positions = positions.to(self.device, non_blocking=True)
-            done = torch.cuda.Event()
-            done.record(self.stream)
-        done.synchronize()  # on this thread: the buffers may be refilled, and the copies are complete
-        return out, positions
-
-    def close(self) -> None:
-        if not sys.is_finalizing():  # at interpreter exit the thread is gone already
-            self.pool.shutdown(wait=True, cancel_futures=True)
-
-
 class TrainStream(IterableDataset):
     """Endless, shuffled, resumable stream of float32 `[batch_size, d]` training batches (on the
     host, or on `device` when the shuffle window lives there)."""
@@ -233,7 +66,7 @@ class TrainStream(IterableDataset):
             raise ValueError("the training split has no rows")
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} out of range for world size {world_size}")
-        self.shards = _Shards(files, rows)
+        self.shards = ShardSet(files, rows)
         self.batch_size, self.seed, self.rank, self.world_size = int(batch_size), int(seed), rank, world_size
         self.block_rows, self.shuffle_buffer = int(block_rows), int(shuffle_buffer)
         self.start_batch = int(start_batch)
@@ -316,7 +149,7 @@ class TrainStream(IterableDataset):
         """Batches of one slot from its batch number `skip` on."""
         windows = self.windows(slot, n_slots, skip * self.batch_size)
         device = self._gather_device()
-        loader = _WindowLoader(self.shards, self._window_blocks(n_slots) * self.block_rows, device)
+        loader = WindowLoader(self.shards, self._window_blocks(n_slots) * self.block_rows, device)
         carried = 0  # rows of the batch a submitted window leaves unfinished: its rows and the earlier ones, mod batch_size
 
         def submit(window: tuple[int, int, np.ndarray, int]) -> Future:
@@ -404,7 +237,7 @@ class ValStream(IterableDataset):
 
     def __init__(self, files: Sequence[str | Path], rows: Sequence[int], batch_size: int, rank: int = 0,
                  world_size: int = 1):
-        self.shards = _Shards(files, rows)
+        self.shards = ShardSet(files, rows)
         self.batch_size, self.rank, self.world_size = int(batch_size), rank, world_size
         self.offsets = np.concatenate([[0], np.cumsum(self.shards.rows)]).astype(np.int64)
         self.total = int(self.offsets[-1])
