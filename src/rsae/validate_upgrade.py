@@ -14,7 +14,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from rsae.errors import ConfigError
 from rsae.sae.mechanisms import GATES
-from rsae.validate import SAE, SAE_BY_TARGET, UPGRADE, Choice, Float, _check, _get
+from rsae.config_rules import SAE, SAE_BY_TARGET, UPGRADE, Choice, Float, check_rule, get_dotted
 
 # Keys of the sae group an upgrade does not use (calibration sets C_in, C_out; the teacher's
 # weights replace the initial ones): they must be null there.
@@ -65,12 +65,12 @@ def check_upgrade(cfg: DictConfig, refs: dict[str, Any]) -> None:
         return
     if not has_path or OmegaConf.is_missing(teacher, "path"):
         raise ConfigError("teacher.path must name the exported SAE to upgrade (rsae / SAELens dir, ae.pt or sae.safetensors)")
-    target = str(_get(cfg, "sae._target_") or "")
+    target = str(get_dotted(cfg, "sae._target_") or "")
     if not target.endswith("RationalSAE"):
         raise ConfigError(f"teacher.path upgrades a teacher to a Rational SAE: add sae=rational (the sae group is {target or 'missing'})")
     for key in SCRATCH_ONLY:
-        if _get(cfg, f"sae.{key}") is not None:
+        if get_dotted(cfg, f"sae.{key}") is not None:
             raise ConfigError(scratch_only_error(key))
     for key, rule in UPGRADE_SAE.items():
         if key not in SCRATCH_ONLY:
-            _check(cfg, f"sae.{key}", rule, refs)  # d_sae-dependent bounds wait for the teacher
+            check_rule(cfg, f"sae.{key}", rule, refs)  # d_sae-dependent bounds wait for the teacher
