@@ -84,8 +84,10 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as workdir:
         for p, q, den_a, mode, per_col in cases:
             base = dict(P_DEG=p, Q_DEG=q, DEN_A=den_a, COEF_MODE=mode, SCALE_PER_COL=per_col, POSITIVE_ONLY=per_col)
-            jobs = [("forward", fwd, base, cfg) for cfg in K.FWD_CONFIGS]
-            bwd_consts = {**base, "NEED_DH": True, "NEED_PARAMS": True, "N_PAR": p + q + 3}
+            # With per-latent scales the L1 term's column sums of |y| are on (forward and backward),
+            # as in a ReLU-mask RSAE's training step; the other cases leave them off.
+            jobs = [("forward", fwd, {**base, "ABS_SUM": per_col}, cfg) for cfg in K.FWD_CONFIGS]
+            bwd_consts = {**base, "NEED_DH": True, "NEED_PARAMS": True, "ABS_GRAD": per_col, "N_PAR": p + q + 3}
             jobs += [("backward", bwd, bwd_consts, cfg) for cfg in K.BWD_CONFIGS]
             for name, kernel, consts, (m, n, w) in jobs:
                 res = resources(kernel, args.dtype, {**consts, "BLOCK_M": m, "BLOCK_N": n}, w, args.arch, workdir)
