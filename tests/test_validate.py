@@ -127,3 +127,14 @@ def test_gate_choices_come_from_the_masks_and_teacher_needs_one():
 
     assert error(config("sae=rational", "sae.gate=sigmoid")) == f"sae.gate must be one of {', '.join(MASKS)}, got 'sigmoid'"
     assert error(config("sae=rational", "sae.gate=teacher")).startswith("sae.gate=teacher needs teacher.path")
+
+
+@pytest.mark.parametrize("override,key", [("cache_only=true", "cache_only"), ("ckpt_path=/x.ckpt", "ckpt_path"),
+                                          ("target_l0=32", "target_l0")])
+def test_training_only_settings_are_refused_in_an_upgrade(tmp_path, override, key):
+    assert error(config("sae=rational", f"teacher.path={tmp_path}", override)).startswith(f"{key} does not apply to an upgrade")
+
+
+def test_a_setting_of_another_architecture_under_upgrade_is_not_said_to_have_moved():
+    msg = error(config("sae=rational", "teacher.path=/t", "+upgrade.group_sizes=[4]"))
+    assert msg.startswith("upgrade.group_sizes is not an upgrade setting")

@@ -142,9 +142,10 @@ def main(argv: list[str] | None = None) -> int:
         if done(udir / "metrics.json"):
             continue
         if not (done(tdir / "metrics.json") and (tdir / "sae" / WEIGHTS_FILE).is_file()):  # (a packed result has no weights)
-            if udir.exists():  # what is there came from the teacher being replaced
-                print(f"  removing {udir}: its teacher is trained again", flush=True)
-                shutil.rmtree(udir)
+            for stale in (tdir, udir):  # a teacher without weights, and what came from it: start both afresh
+                if stale.exists():
+                    print(f"  removing {stale}: the teacher is trained again", flush=True)
+                    shutil.rmtree(stale)
             ok &= run(teacher, tdir / "run.log")
         if done(tdir / "metrics.json"):
             ok &= run(upgrade, udir / "run.log")

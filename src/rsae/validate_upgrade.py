@@ -8,20 +8,28 @@ Hydra's own error would not say where the key went) and in a composed config (`c
 
 from __future__ import annotations
 
+import inspect
 from typing import Any, Iterable
 
 from omegaconf import DictConfig, OmegaConf
 
 from rsae.errors import ConfigError
 from rsae.sae.mechanisms import GATES
+from rsae.sae.base import SAE as SAEBase
+from rsae.sae.rational import RationalSAE
 from rsae.config_rules import SAE, SAE_BY_TARGET, UPGRADE, Choice, Float, check_rule, get_dotted
 
 # Keys of the sae group an upgrade does not use (calibration sets C_in, C_out; the teacher's
 # weights replace the initial ones): they must be null there.
 SCRATCH_ONLY = ("c_in_init", "c_out_init", "init_seed")
-SIZES = ("d_in", "d_sae", "expansion_factor")
-# Settings of the RSAE itself: under upgrade. they are refused with the key they moved to.
-RSAE_KEYS = frozenset(SAE) | {"init_table", "k"}
+# Settings of the RSAE itself (its constructor's): under upgrade. they are refused with the key they moved to.
+RSAE_KEYS = frozenset(p for cls in (RationalSAE, SAEBase) for p in inspect.signature(cls).parameters) - {"kw", "kwargs"}
+# Settings of a training run the upgrade has no use for: refused rather than silently ignored.
+NOT_FOR_UPGRADE = {
+    "cache_only": "build the cache with a training command (cache_only=true without teacher.path)",
+    "ckpt_path": "an upgrade resumes when rerun in the same hydra.run.dir",
+    "target_l0": "the upgrade holds L0 at the teacher's (upgrade.hold_l0)",
+}
 UPGRADE_SAE = {**SAE, **SAE_BY_TARGET["RationalSAE"], "gate": Choice(*GATES, "teacher"),
                "l1_coefficient": Float(0, null=True), "l0_coefficient": Float(0, null=True)}
 
@@ -68,6 +76,9 @@ def check_upgrade(cfg: DictConfig, refs: dict[str, Any]) -> None:
     target = str(get_dotted(cfg, "sae._target_") or "")
     if not target.endswith("RationalSAE"):
         raise ConfigError(f"teacher.path upgrades a teacher to a Rational SAE: add sae=rational (the sae group is {target or 'missing'})")
+    for key, why in NOT_FOR_UPGRADE.items():
+        if cfg.get(key) not in (None, False):
+            raise ConfigError(f"{key} does not apply to an upgrade (teacher.path set): {why}")
     for key in SCRATCH_ONLY:
         if get_dotted(cfg, f"sae.{key}") is not None:
             raise ConfigError(scratch_only_error(key))

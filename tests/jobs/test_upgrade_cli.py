@@ -54,7 +54,12 @@ def test_upgrade_resumes_finished_phases(tmp_path):
     stamp = (up / "rsae" / "sae_weights.safetensors").stat().st_mtime_ns
     run_train(*args)  # everything is done: nothing is recomputed
     assert (up / "rsae" / "sae_weights.safetensors").stat().st_mtime_ns == stamp
-    assert json.loads((up / "upgrade.json").read_text())["rsae"] == first["rsae"]
+    again = json.loads((up / "upgrade.json").read_text())
+    assert again["rsae"] == first["rsae"]
+    assert again["settings"]["calibration"] == first["settings"]["calibration"]  # kept by the rerun
+    # A rerun that asks for other RSAE settings (same tensor shapes) is refused, not served old results.
+    proc = run_train(*args, "sae.t_max=4.0", check=False)
+    assert proc.returncode == 1 and "sae.t_max" in proc.stderr and "other settings" in proc.stderr
 
 
 def test_upgrade_rejects_missing_teacher(tmp_path):

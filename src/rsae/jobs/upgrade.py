@@ -142,10 +142,13 @@ def upgrade(cfg: DictConfig) -> dict[str, Any]:
     held = load_heldout(dm, int(up.eval_tokens))
     opts = EvalOptions(batch_size=int(up.eval_batch_size), downstream=bool(up.downstream), probing=False, features=False,
                        l0_tolerances=tuple(up.l0_tolerances))
-    eval_device = resolve_device("auto")  # every model is evaluated there (the GPU when there is one)
+    # Every model is evaluated on the trainer's kind of device (the GPU when there is one, unless trainer=cpu).
+    eval_device = torch.device("cpu") if str(cfg.trainer.get("accelerator", "auto")) == "cpu" else resolve_device("auto")
     lm = _load_lm(dm, eval_device) if up.downstream and held.has_tokens else None
     results_path = run_dir / "upgrade.json"
     results: dict[str, Any] = json.loads(results_path.read_text()) if results_path.is_file() else {}
+    acted = sae_settings(cfg, RationalSAE.from_teacher(teacher, **rsae_kw), rsae_kw)
+    same_run(results.get("settings"), {"teacher_path": str(teacher_dir), "steps": steps, **acted}, run_dir)
 
     # Wall seconds of each phase (summed over reruns of the same run directory), to see where the time goes.
     seconds: dict[str, float] = results.setdefault("seconds", {})
@@ -169,7 +172,8 @@ def upgrade(cfg: DictConfig) -> dict[str, Any]:
         write_json(results_path, results)
         log.info("%s: %s", name, {k: round(v, 5) for k, v in metrics.items() if isinstance(v, float)})
 
-    settings = {
+    settings = {  # a rerun keeps what earlier phases recorded (the calibration's statistics, the L0 target)
+        **results.get("settings", {}),
         "teacher_path": str(teacher_dir), "teacher_mechanism": mech, "gate": None, "degrees": None,
         "l0_counting": "exact non-zero count" + (f"; l0_tol_<eps>: |z| > eps (raw units) for eps in {list(up.l0_tolerances)}" if up.l0_tolerances else ""),
         "steps": steps, "batch_size": int(cfg.data.batch_size), "hold_l0": bool(up.hold_l0),
@@ -205,11 +209,7 @@ def upgrade(cfg: DictConfig) -> dict[str, Any]:
     if "rsae_init" in results and (init_dir / CFG_FILE).is_file():
         # A rerun: the settings of this config, the calibrated weights of the saved init.
         rsae = RationalSAE.from_teacher(teacher, **rsae_kw)
-        saved = load_sae(init_dir).rescaled(1.0 / scale).state_dict()
-        if set(saved) != set(rsae.state_dict()) or any(saved[k].shape != v.shape for k, v in rsae.state_dict().items()):
-            raise ConfigError(f"{init_dir} was built with other sae settings than this run's (rerun with the same "
-                              "sae.* overrides, or in a new hydra.run.dir)")
-        rsae.load_state_dict(saved)
+        rsae.load_state_dict(load_sae(init_dir).rescaled(1.0 / scale).state_dict())  # settings checked by same_run
     else:
         rsae = RationalSAE.from_teacher(teacher, **rsae_kw)
         settings.update(sae_settings(cfg, rsae, rsae_kw))
@@ -243,7 +243,9 @@ def upgrade(cfg: DictConfig) -> dict[str, Any]:
         control = teacher_raw.rescaled(1.0 / scale).train()
         control.configure_control({"l1_coefficient": rsae_kw["l1_coefficient"], "l0_coefficient": control_l0})
         with timed("finetune_teacher_ft"):
-            control = finetune(cfg, control, dm, scale, "teacher_ft", run_dir, target_l0, steps, logged)
+            control_logged = {**logged, "sae": {"architecture": control.architecture, "teacher_path": str(teacher_dir),
+                                                "l1_coefficient": rsae_kw["l1_coefficient"], "l0_coefficient": control_l0}}
+            control = finetune(cfg, control, dm, scale, "teacher_ft", run_dir, target_l0, steps, control_logged)
         save_sae(control, run_dir / "teacher_ft", scale=scale, metadata={"phase": "teacher_ft", **settings})
         (run_dir / "teacher_ft" / "interrupted.ckpt").unlink(missing_ok=True)
         evaluate("teacher_ft", control)
@@ -254,6 +256,20 @@ def upgrade(cfg: DictConfig) -> dict[str, Any]:
     _log_summary(cfg, summary)
     write_json(run_dir / "metrics.json", {"status": "ok", **summary})
     return summary
+
+
+def same_run(saved: dict | None, now: dict[str, Any], run_dir: Path) -> None:
+    """A rerun in a run directory must ask for what its finished phases were built with."""
+    if not saved:
+        return
+    now = json.loads(json.dumps(now))  # as upgrade.json stores it
+    changed = sorted(k for k in now if saved.get(k) is not None and saved[k] != now[k])  # None: not yet built
+    changed += sorted(f"sae.{k}" for k in now.get("rsae_sae_config", {})
+                      if saved.get("rsae_sae_config", {}).get(k, now["rsae_sae_config"][k]) != now["rsae_sae_config"][k])
+    changed = [k for k in changed if k != "rsae_sae_config"]
+    if changed:
+        raise ConfigError(f"{run_dir} holds an upgrade built with other settings ({', '.join(changed)} differ): rerun "
+                          "with the same overrides, or in a new hydra.run.dir")
 
 
 def sae_settings(cfg: DictConfig, rsae: RationalSAE, kwargs: dict[str, Any]) -> dict[str, Any]:
