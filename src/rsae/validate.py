@@ -133,6 +133,3 @@ def _bytes(n: float) -> str:
             return f"{n:.0f} {unit}" if unit == "B" or n >= 100 else f"{n:.1f} {unit}"
         n /= 1000
     return f"{n} B"
-
-
-# --- one rule ---------------------------------------------------------------------------------

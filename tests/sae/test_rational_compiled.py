@@ -1,6 +1,8 @@
 """A compiled rational SAE gives the codes the eager one gives, for every mask, with trainable
-gate scales (a training graph). On the CPU, inductor once turned the gate times a top-k mask into
-all-zero codes, which left every latent dead and the loss flat."""
+gate scales (a training graph). On the CPU, inductor (torch 2.13) turns the gate times a top-k mask
+into all-zero codes, which left every latent dead and the loss flat; the TopK mask keeps that
+product out of compiled CPU graphs, and this test fails without that (and would pass without it
+once inductor compiles the product correctly)."""
 
 import pytest
 import torch

@@ -40,6 +40,7 @@ from rsae.data.text import (
 CPU_HARVEST_BATCH = 8
 GPU_HARVEST_BATCH = 128
 
+
 def build_request(*, name_or_path: str, gguf_file: str | None = None, revision: str | None = None,
                   lm_dtype: str = "float32", hook: str = "resid_post", layer: int | None = 0,
                   text_files: Sequence[str] | None = None, dataset: str | None = None,
