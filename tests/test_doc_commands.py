@@ -1,4 +1,4 @@
-"""Every `python train.py ...` command in README.md and docs/rational.md composes and passes the
+"""Every `python train.py ...` command in README.md, BENCHMARKS.md and docs/ composes and passes the
 config checks (placeholders such as `<SAE dir>` are skipped), so the docs cannot keep a layout the
 code no longer reads."""
 
@@ -13,7 +13,7 @@ from conftest import ROOT
 from rsae.validate import check_config
 from rsae.validate_upgrade import check_overrides
 
-DOCS = ("README.md", "docs/rational.md")
+DOCS = ("README.md", "BENCHMARKS.md", *sorted(str(p.relative_to(ROOT)) for p in (ROOT / "docs").glob("*.md")))
 
 
 def commands(doc: str) -> list[list[str]]:
