@@ -147,7 +147,8 @@ def upgrade(cfg: DictConfig) -> dict[str, Any]:
     lm = _load_lm(dm, eval_device) if up.downstream and held.has_tokens else None
     results_path = run_dir / "upgrade.json"
     results: dict[str, Any] = json.loads(results_path.read_text()) if results_path.is_file() else {}
-    acted = sae_settings(cfg, RationalSAE.from_teacher(teacher, **rsae_kw), rsae_kw)
+    rsae = RationalSAE.from_teacher(teacher, **rsae_kw)  # calibrated below, or given the saved init's weights
+    acted = sae_settings(cfg, rsae, rsae_kw)
     same_run(results.get("settings"), {"teacher_path": str(teacher_dir), "steps": steps, **acted}, run_dir)
 
     # Wall seconds of each phase (summed over reruns of the same run directory), to see where the time goes.
@@ -174,11 +175,11 @@ def upgrade(cfg: DictConfig) -> dict[str, Any]:
 
     settings = {  # a rerun keeps what earlier phases recorded (the calibration's statistics, the L0 target)
         **results.get("settings", {}),
-        "teacher_path": str(teacher_dir), "teacher_mechanism": mech, "gate": None, "degrees": None,
+        "teacher_path": str(teacher_dir), "teacher_mechanism": mech,
         "l0_counting": "exact non-zero count" + (f"; l0_tol_<eps>: |z| > eps (raw units) for eps in {list(up.l0_tolerances)}" if up.l0_tolerances else ""),
         "steps": steps, "batch_size": int(cfg.data.batch_size), "hold_l0": bool(up.hold_l0),
         "calibration_tokens": int(up.calibration_tokens), "eval_tokens": held.n_rows, "sparsity": str(rsae_kw["sparsity"]),
-        "gate_lr_scale": float(up.get("gate_lr_scale", 1.0)),
+        "gate_lr_scale": float(up.get("gate_lr_scale", 1.0)), **acted,
     }
 
     # Teacher
@@ -197,9 +198,8 @@ def upgrade(cfg: DictConfig) -> dict[str, Any]:
     # teacher's pre-activations and the calibration run there; the models come back to the CPU.
     device = x.device
     with torch.no_grad():
-        teacher_dev = teacher.to(device)
-        h = teacher_dev.pre_acts(x)
-        z_teacher = teacher_dev.activation(h)
+        h = teacher.to(device).pre_acts(x)
+        z_teacher = teacher.activation(h)
     teacher.cpu()
     target_l0 = float((z_teacher != 0).sum(-1).float().mean())
     settings["l0_target_train"] = target_l0
@@ -208,11 +208,8 @@ def upgrade(cfg: DictConfig) -> dict[str, Any]:
     init_dir = run_dir / "rsae_init"
     if "rsae_init" in results and (init_dir / CFG_FILE).is_file():
         # A rerun: the settings of this config, the calibrated weights of the saved init.
-        rsae = RationalSAE.from_teacher(teacher, **rsae_kw)
         rsae.load_state_dict(load_sae(init_dir).rescaled(1.0 / scale).state_dict())  # settings checked by same_run
     else:
-        rsae = RationalSAE.from_teacher(teacher, **rsae_kw)
-        settings.update(sae_settings(cfg, rsae, rsae_kw))
         with timed("calibrate"):
             stats = rsae.to(device).calibrate(h, z_teacher, steps=int(up.calibration_steps))
         rsae.cpu()
@@ -220,7 +217,6 @@ def upgrade(cfg: DictConfig) -> dict[str, Any]:
         settings["calibration"] = stats
         save_sae(rsae, init_dir, scale=scale, metadata={"phase": "rsae_init", **settings})
         evaluate("rsae_init", rsae)
-    settings.update(sae_settings(cfg, rsae, rsae_kw))
     logged = acted_config(cfg, settings["rsae_sae_config"], {"steps": steps, "control_l0_coefficient": control_l0})
     write_json(run_dir / "config.json", logged)
     del x, h, z_teacher  # [calibration_tokens, d_sae] each: free before fine-tuning
