@@ -56,15 +56,18 @@ def test_presets_give_valid_configs(tmp_path):
     from rsae.validate import check_config
 
     gpu = _dry_run("--preset", "gpu-scale", "--text", str(tmp_path / "corpus.parquet"), "--out", str(tmp_path))
-    assert len(gpu) == 2 * 12  # four families at three sparsities, each a teacher and its upgrade
+    assert len(gpu) == 2 * 15  # five families at three sparsities, each a teacher and its upgrade
     cpu = _dry_run("--preset", "cpu-small", "--out", str(tmp_path))
     assert len(cpu) == 2 * 3 and "upgrade.downstream=false" in cpu[1]
+    more = _dry_run("--preset", "cpu-small", "--teachers", "batchtopk,matryoshka,gated", "--out", str(tmp_path))
+    assert [args[0] for args in more[::2]] == ["sae=batchtopk", "sae=matryoshka", "sae=gated"]
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        for args in gpu + cpu:
+        for args in gpu + cpu + more:
             args = [a for a in args if not a.startswith("hydra.")]
             cfg = compose("train", overrides=args)  # every key the presets set exists
             check_config(cfg)  # and every value is in range
     assert any("sae.l0_target=32" in args for args in gpu) and any("sae.k=64" in args for args in gpu)
+    assert any("sae=matryoshka" in args and "sae.k=16" in args for args in gpu)
 
 
 def test_gpu_preset_needs_text():

@@ -8,7 +8,8 @@ Every step is a `train.py` run in its own process and directory; a step whose ou
 skipped, so an interrupted reproduction resumes where it stopped. Overrides after `--` go to
 every run (data, LM, trainer); `--teacher-overrides` only to the teacher runs and
 `--upgrade-overrides` only to the upgrades (e.g. `sae.sharing=latent upgrade.hold_l0=false`). `--teachers
-relu,jumprelu,topk,matryoshka` adds a Matryoshka BatchTopK teacher (upgraded as a BatchTopK one).
+relu,jumprelu,topk,batchtopk,matryoshka,gated` adds BatchTopK, Matryoshka BatchTopK (both upgraded
+with the BatchTopK inference threshold as a JumpReLU mask) and Gated teachers.
 
 Presets (`--preset`) fix the scale; arguments given after them add to them:
 
@@ -16,8 +17,8 @@ Presets (`--preset`) fix the scale; arguments given after them add to them:
   downstream pass in the upgrades: the CPU table of docs/rational.md.
 * `gpu-scale`: SmolLM2 layer 15 (of 30), 16384 latents, 20M tokens of `--text`, batch 4096, 5000
   steps (about 1.15 passes over the 18M training tokens), compiled steps with CUDA graphs, and each
-  family at three sparsities (TopK and BatchTopK k = 16, 32, 64; JumpReLU target L0 16, 32, 64;
-  ReLU three L1 coefficients). Needs `--text` (a parquet / jsonl / txt corpus) and a GPU.
+  family at three sparsities (TopK, BatchTopK and Matryoshka k = 16, 32, 64; JumpReLU target L0
+  16, 32, 64; ReLU three L1 coefficients). Needs `--text` (a parquet / jsonl / txt corpus) and a GPU.
 
 `--dry-run` prints the commands without running them. `--pack results.tar.gz` also writes every
 run's results without weights or checkpoints (a few MB): unpacked into `--out` on another machine,
@@ -45,11 +46,13 @@ TEACHERS = {
     "topk": ["sae=topk"],
     "batchtopk": ["sae=batchtopk"],
     "matryoshka": ["sae=matryoshka"],
+    "gated": ["sae=gated"],
 }
 # One teacher per sparsity level (name -> overrides) for the presets that sweep the L0 range.
 L0_LEVELS = {
     **{f"topk_k{k}": ["sae=topk", f"sae.k={k}"] for k in (16, 32, 64)},
     **{f"batchtopk_k{k}": ["sae=batchtopk", f"sae.k={k}"] for k in (16, 32, 64)},
+    **{f"matryoshka_k{k}": ["sae=matryoshka", f"sae.k={k}"] for k in (16, 32, 64)},
     **{f"jumprelu_l0_{n}": ["sae=jumprelu", f"sae.l0_target={n}"] for n in (16, 32, 64)},
     **{f"relu_l1_{c}": ["sae=relu", f"sae.l1_coefficient={c}"] for c in (2, 5, 12)},
 }
