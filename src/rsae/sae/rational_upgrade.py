@@ -116,9 +116,7 @@ class FromTeacher:
         h = h.detach().float()
         g = self.rational_gate
         latent = g.scale_mode == "latent"
-        # A mask only lets positive pre-activations through (every mask fires on h > 0 at least):
-        # the gate never sees the negative side, which is often far larger than the firing values.
-        m = h.clamp_min(0).amax(0) if self.gate != "none" else h.abs().amax(0)
+        m = h.abs().amax(0)
         if not latent:
             m = m.max().reshape(1)
         pos = m[m > 0]
@@ -154,8 +152,7 @@ class FromTeacher:
         scales, e.g. from_teacher's theta_j / t0, are the start). steps / lr / optimizer /
         batch_size / max_entries: see `rsae.rational.calibrate_gate` (default: full-batch L-BFGS,
         200 iterations). Returns the relative L2 error of the codes before / after, the resulting
-        C_in range and the fraction of the entries the gate acts on (the mask's firing entries)
-        beyond the clamp (|h / C_in| > t_max)."""
+        C_in range and the fraction of sample entries beyond the clamp (|h / C_in| > t_max)."""
         require(h_samples.shape == teacher_z_samples.shape and h_samples.shape[-1] == self.d_sae,
                 f"h and teacher codes must both be [N, {self.d_sae}], got {list(h_samples.shape)} and {list(teacher_z_samples.shape)}")
         h = h_samples.detach().to(self.W_enc.device).float()
@@ -176,9 +173,7 @@ class FromTeacher:
                 p.requires_grad_(f)
         with torch.no_grad():
             c = self.rational_gate.c_in.detach()
-            beyond = (h / c).abs() > self.rational_gate.t_max
-            # Of the entries the gate acts on (a mask's firing ones; every entry for gate=none).
-            clamped = float(beyond.float().mean() if mask is None else (beyond & (mask != 0)).sum() / (mask != 0).sum().clamp_min(1))
+            clamped = float(((h / c).abs() > self.rational_gate.t_max).float().mean())
         return {**stats, "c_in_min": float(c.min()), "c_in_max": float(c.max()), "fraction_clamped": clamped}
 
     @torch.no_grad()
