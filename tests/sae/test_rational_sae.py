@@ -297,3 +297,16 @@ def test_calibrate_rejects_mismatched_shapes():
     sae = RationalSAE.from_teacher(_teacher("relu"))
     with pytest.raises(ConfigError):
         sae.calibrate(torch.randn(8, D_SAE), torch.randn(8, D_SAE - 1))
+
+
+def test_train_metrics_report_the_gate_shape():
+    sae = RationalSAE(D_IN, D_SAE, sharing="group", n_groups=4)  # relu_5_4, C_in = C_out = 4
+    m = {k: float(v) for k, v in sae.train_metrics().items()}
+    assert m["gate_r0"] == pytest.approx(0.00425, abs=1e-5) and m["gate_r1"] == pytest.approx(0.99575, abs=1e-4)
+    assert m["gate_gain"] == pytest.approx(1.0)
+    with torch.no_grad():
+        sae.rational_gate.a[:, 0] += 0.1  # r(0) = a_0: the jump a ReLU mask then makes at h = 0
+        sae.rational_gate.log_c_out.add_(0.5)
+    m2 = {k: float(v) for k, v in sae.train_metrics().items()}
+    assert m2["gate_r0"] == pytest.approx(m["gate_r0"] + 0.1, abs=1e-6) and m2["gate_r_tmax"] > m["gate_r_tmax"]
+    assert m2["gate_gain"] == pytest.approx(float(torch.tensor(0.5).exp()), rel=1e-5)

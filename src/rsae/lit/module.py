@@ -215,6 +215,7 @@ class SAEModule(FastStep, L.LightningModule):
         logs["train/mse"] = losses["mse"] / self.act_scale.pow(2)
         logs.update({f"train/{k}_loss": v for k, v in losses.items() if k != "mse"})
         logs["train/dead_fraction"] = self.sae.dead_mask().float().mean()
+        logs.update({f"train/{k}": v for k, v in self.sae.train_metrics().items()})
         logs["train/lr"] = self.lr * self._lr_mult(step)
         self.log_dict(logs, on_step=True, on_epoch=False, prog_bar=False)
 

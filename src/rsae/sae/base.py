@@ -201,6 +201,12 @@ class SAE(StepHooks, nn.Module):
     def decoder_norms(self) -> Tensor:
         return self.W_dec.norm(dim=1)
 
+    @torch.no_grad()
+    def train_metrics(self) -> dict[str, Tensor]:
+        """Architecture-specific state logged with the training metrics (`train/<name>`), as device
+        tensors: e.g. the rational gate's shape, which drifts during an upgrade's fine-tune."""
+        return {}
+
     # --- export -------------------------------------------------------------------------------
     def export_config(self) -> dict:
         """Architecture-specific fields of the SAELens-layout `cfg.json` (besides d_in/d_sae)."""

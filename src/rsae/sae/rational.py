@@ -36,7 +36,7 @@ import torch
 from torch import Tensor
 
 from rsae.rational.coefficients import available_tables
-from rsae.rational.function import DENOMINATORS, T_MAX
+from rsae.rational.function import DENOMINATORS, T_MAX, rational_compute
 from rsae.rational.gate import SCALE_MODES, SHARING, RationalGate
 from rsae.sae import fast
 from rsae.sae.base import SAE, ConfigError, SAEOutput, require, resolve_d_sae
@@ -201,6 +201,17 @@ class RationalSAE(FromTeacher, SAE):
         if self.mask.penalises_codes(self.sparsity):
             return out.z.float().abs()
         return self.mask.own_magnitudes(out)
+
+    @torch.no_grad()
+    def train_metrics(self) -> dict[str, Tensor]:
+        """The gate's shape where the masked gate acts: r(0) (under a mask, a jump of C_out_j r(0)
+        at h = 0), r(1) (the top of the range calibration fits) and r(t_max), averaged over the
+        coefficient sets, and the median gain C_out / C_in."""
+        g = self.rational_gate
+        a, b = g.coefficients()
+        t = torch.tensor([0.0, 1.0, g.t_max], device=a.device, dtype=torch.float32)
+        r = rational_compute(t.expand(a.shape[0], 3).T.contiguous(), a.float(), b.float(), g.denominator, g.t_max).mean(-1)
+        return {"gate_r0": r[0], "gate_r1": r[1], "gate_r_tmax": r[2], "gate_gain": (g.c_out / g.c_in).median()}
 
     # --- L0 of a dense code -------------------------------------------------------------------
     def l0_at_tolerances(self, z: Tensor, tolerances: Sequence[float], reference: float | None = None, relative: bool = True) -> dict[float, float]:
