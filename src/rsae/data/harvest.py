@@ -317,10 +317,13 @@ def _resume_state(root: Path, request: dict) -> dict:
 def _harvest_rows(model, points, tokens, keep, lo, hi, store) -> list[InFlight]:
     """For each hook point: activations at kept positions of sequences [lo, hi) in the storage
     dtype, with their token ids and places. Selection, conversion and (on a GPU) the NaN test
-    happen on the model's device; the copy to the host is started, not waited for."""
+    happen on the model's device; the copy to the host is started, not waited for. The kept rows
+    are gathered by indices found on the host, so (unlike a boolean mask on a GPU) nothing waits
+    for the forward pass to end."""
     context = tokens.shape[1]
     device = next(model.parameters()).device
     batch, mask = tokens[lo:hi], keep[lo:hi]
+    index = mask.reshape(-1).nonzero().squeeze(1)
     with torch.inference_mode():
         outs = run_to_hooks(model, points, input_ids=batch.to(device))
         ids = batch[mask].to(torch.int32)
@@ -328,7 +331,7 @@ def _harvest_rows(model, points, tokens, keep, lo, hi, store) -> list[InFlight]:
         positions = torch.arange(context, dtype=torch.int32)[None, :].expand(hi - lo, -1)[mask]
         rows = []
         for (hook, layer), out in zip(points, outs):
-            selected = out[mask.to(out.device)].to(store)
+            selected = out.reshape(-1, out.shape[-1]).index_select(0, index.to(out.device)).to(store)
             rows.append(InFlight.start(selected, {"tokens": ids, "seq": seqs, "pos": positions},
                                        f"sequences {lo}-{hi - 1} ({hook} at layer {layer})"))
     return rows
