@@ -10,6 +10,7 @@ An existing complete cache is validated against the request and returned; an int
 from __future__ import annotations
 
 import contextlib
+import functools
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,6 +24,7 @@ from rsae.data import cache_manifest as M
 from rsae.data import cache_write as W
 from rsae.data.hooks import resolve_hook, run_to_hooks
 from rsae.data.lm import check_lm_source, lm_identity, load_lm, tokenizer_sha256, torch_dtype
+from rsae.data.shard_writer import InFlight, ShardWriter
 from rsae.data.text import (
     expand_text_files,
     iter_file_documents,
@@ -39,6 +41,8 @@ from rsae.data.text import (
 # large on a GPU (a pass of 8 x 128 tokens through a small LM is kernel-launch-bound).
 CPU_HARVEST_BATCH = 8
 GPU_HARVEST_BATCH = 128
+# Finished shards waiting for the background writer (`rsae.data.shard_writer`) at most.
+SHARD_QUEUE_DEPTH = 3
 
 
 def build_request(*, name_or_path: str, gguf_file: str | None = None, revision: str | None = None,
@@ -149,7 +153,7 @@ class _Target:
     state: dict = field(default_factory=dict)
     width: int = 0
     eval_tokens: dict = field(default_factory=dict)
-    pending: list = field(default_factory=list)  # per-batch rows of the shard being filled
+    pending: list = field(default_factory=list)  # per-batch rows (InFlight) of the shard being filled
 
 
 def _build(targets: list[_Target], text_source: dict, *, name_or_path, gguf_file, revision, lm_dtype, n_tokens,
@@ -209,34 +213,43 @@ def _build(targets: list[_Target], text_source: dict, *, name_or_path, gguf_file
     bar = tqdm(total=todo, initial=already * context_size, unit="tok", unit_scale=True, disable=not progress,
                desc=f"harvest {where}", dynamic_ncols=True)
     store = C.storage_dtype(storage_dtype)
-    for split, (lo, hi) in ranges.items():
-        # Batches start at every target's shard boundaries (so a batch never spans two shards of
-        # any target, and a target alone gets exactly its single harvest's batches).
-        nexts = [lo + sum(_shard_seqs(s) for s in t.state["splits"][split]) for t in targets]
-        cuts = sorted({hi, *(b for t in targets for b in range(lo, hi, t.state["seqs_per_shard"]))})
-        for first, last in zip(cuts[:-1], cuts[1:]):
-            for a in range(first, last, batch_size):
-                b = min(a + batch_size, last)
-                active = [i for i, n in enumerate(nexts) if n <= a]
-                if not active:
-                    continue
-                rows = _harvest_rows(model, [points[i] for i in active], tokens, keep, a, b, store)
-                bar.update((b - a) * context_size)
-                for i, part in zip(active, rows):
-                    t = targets[i]
-                    t.pending.append(part)
-                    if b == min(nexts[i] + t.state["seqs_per_shard"], hi):  # this target's shard is complete
-                        _write_shard(t, split, nexts[i], b)
-                        nexts[i] = b
+    # Where each target resumes, read before the writer thread starts appending to the records.
+    starts = {split: [lo + sum(_shard_seqs(s) for s in t.state["splits"][split]) for t in targets]
+              for split, (lo, _) in ranges.items()}
+    # This thread runs the forward passes and starts the rows' copies to the host; the writer
+    # thread writes each finished shard and its progress record, in order (rsae.data.shard_writer).
+    with ShardWriter(SHARD_QUEUE_DEPTH) as writer:
+        for split, (lo, hi) in ranges.items():
+            # Batches start at every target's shard boundaries (so a batch never spans two shards of
+            # any target, and a target alone gets exactly its single harvest's batches).
+            nexts = starts[split]
+            cuts = sorted({hi, *(b for t in targets for b in range(lo, hi, t.state["seqs_per_shard"]))})
+            for first, last in zip(cuts[:-1], cuts[1:]):
+                for a in range(first, last, batch_size):
+                    b = min(a + batch_size, last)
+                    active = [i for i, n in enumerate(nexts) if n <= a]
+                    if not active:
+                        continue
+                    writer.check()  # stop at the writer's first failure
+                    rows = _harvest_rows(model, [points[i] for i in active], tokens, keep, a, b, store)
+                    bar.update((b - a) * context_size)
+                    for i, part in zip(active, rows):
+                        t = targets[i]
+                        t.pending.append(part)
+                        if b == min(nexts[i] + t.state["seqs_per_shard"], hi):  # this target's shard is complete
+                            writer.submit(functools.partial(_write_shard, t, split, nexts[i], b, t.pending))
+                            t.pending = []
+                            nexts[i] = b
     bar.close()
     seconds = round(time.perf_counter() - started, 2)
     return [_finish(t, model, tokenizer, tokens, n_train, n_val, text_source, name_or_path, gguf_file, revision,
                     batch_size, shard_mb, device_, seconds) for t in targets]
 
 
-def _write_shard(t: _Target, split: str, first: int, last: int) -> None:
-    rows = {key: torch.cat([part[key] for part in t.pending]) for key in t.pending[0]}
-    t.pending = []
+def _write_shard(t: _Target, split: str, first: int, last: int, parts: list[InFlight]) -> None:
+    """On the writer thread: wait for the parts' copies, check them, write the shard, then record it."""
+    batches = [part.rows() for part in parts]
+    rows = {key: torch.cat([batch[key] for batch in batches]) for key in batches[0]}
     shards = t.state["splits"][split]
     name = f"{split}/{len(shards):05d}.safetensors"
     entry = W.write_shard(t.root / name, rows)
@@ -301,13 +314,16 @@ def _resume_state(root: Path, request: dict) -> dict:
     return state
 
 
-def _harvest_rows(model, points, tokens, keep, lo, hi, store) -> list[dict]:
+def _harvest_rows(model, points, tokens, keep, lo, hi, store) -> list[InFlight]:
     """For each hook point: activations at kept positions of sequences [lo, hi) in the storage
-    dtype, with their token ids and places. Selection, conversion and the NaN check happen on the
-    model's device."""
+    dtype, with their token ids and places. Selection, conversion and (on a GPU) the NaN test
+    happen on the model's device; the copy to the host is started, not waited for. The kept rows
+    are gathered by indices found on the host, so (unlike a boolean mask on a GPU) nothing waits
+    for the forward pass to end."""
     context = tokens.shape[1]
     device = next(model.parameters()).device
     batch, mask = tokens[lo:hi], keep[lo:hi]
+    index = mask.reshape(-1).nonzero().squeeze(1)
     with torch.inference_mode():
         outs = run_to_hooks(model, points, input_ids=batch.to(device))
         ids = batch[mask].to(torch.int32)
@@ -315,7 +331,7 @@ def _harvest_rows(model, points, tokens, keep, lo, hi, store) -> list[dict]:
         positions = torch.arange(context, dtype=torch.int32)[None, :].expand(hi - lo, -1)[mask]
         rows = []
         for (hook, layer), out in zip(points, outs):
-            selected = out[mask.to(out.device)].to(store)
-            W.check_finite(selected, f"sequences {lo}-{hi - 1} ({hook} at layer {layer})")
-            rows.append({"acts": selected.cpu(), "tokens": ids, "seq": seqs, "pos": positions})
+            selected = out.reshape(-1, out.shape[-1]).index_select(0, index.to(out.device)).to(store)
+            rows.append(InFlight.start(selected, {"tokens": ids, "seq": seqs, "pos": positions},
+                                       f"sequences {lo}-{hi - 1} ({hook} at layer {layer})"))
     return rows
