@@ -31,7 +31,7 @@ from typing import Any
 
 import torch
 from hydra.utils import instantiate
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from rsae.data.lm import resolve_device
 from rsae.eval.heldout import load_heldout
@@ -63,13 +63,36 @@ def collect_rows(dm, n_rows: int) -> torch.Tensor:
     return torch.cat(rows).float()
 
 
+def phase_lr_scales(scales: dict, sae: SAE, phase: str) -> dict[str, float]:
+    """`module.lr_scales` for one fine-tune. The RSAE's phase takes them all (a prefix none of its
+    parameters has is refused there, by the module); the control takes those its own parameters
+    have (`log_threshold` for the RSAE's JumpReLU mask, say, when the teacher is a Gated SAE)."""
+    if phase == "rsae":
+        return dict(scales)
+    names = [n for n, _ in sae.named_parameters()]
+    kept = {k: v for k, v in scales.items() if any(n.startswith(k) for n in names)}
+    if len(kept) < len(scales):
+        log.info("%s: module.lr_scales %s not applied (no such parameter in %s)", phase,
+                 sorted(set(scales) - set(kept)), type(sae).__name__)
+    return kept
+
+
+def phase_module(cfg: DictConfig, sae: SAE, phase: str, lr_scales: dict[str, float] | None = None):
+    """The training module of one fine-tune: `module.*` with the upgrade's lr and warm-up, every step
+    logged, and the learning-rate scales of `phase_lr_scales` plus the phase's own."""
+    scales = phase_lr_scales({**(cfg.module.get("lr_scales") or {}), **(lr_scales or {})}, sae, phase)
+    # (a dict given to instantiate is merged into the config's, not put in its place: drop the key)
+    module_cfg = OmegaConf.masked_copy(cfg.module, [k for k in cfg.module if k != "lr_scales"])
+    return instantiate(module_cfg, sae=sae, lr=cfg.upgrade.lr, warmup_steps=cfg.upgrade.warmup_steps,
+                       log_every_n_steps=1, lr_scales=scales)
+
+
 def finetune(cfg: DictConfig, sae: SAE, dm, scale: float, phase: str, run_dir: Path, target_l0: float, steps: int,
              logged: dict[str, Any], lr_scales: dict[str, float] | None = None) -> SAE:
     up = cfg.upgrade
     # Every step is logged here (the controller's coefficient and the L0 it holds are the story of
     # a fine-tune); HoldL0 itself reads the module's last_train_l0.
-    extra = {"lr_scales": {**(cfg.module.get("lr_scales") or {}), **lr_scales}} if lr_scales else {}
-    module = instantiate(cfg.module, sae=sae, lr=up.lr, warmup_steps=up.warmup_steps, log_every_n_steps=1, **extra)
+    module = phase_module(cfg, sae, phase, lr_scales)
     module.set_activation_scale(scale)
     callbacks = []
     lever = sae.sparsity_lever()  # the coefficient HoldL0 adapts (None: L0 is fixed by construction)
