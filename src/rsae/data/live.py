@@ -19,6 +19,8 @@ positions (no BOS, padding or special tokens: `exclude_special_tokens`), rounded
 `storage_dtype` as a cache would store them. A window's rows are shuffled by a permutation seeded
 by `(seed, w)` and the windows' rows, concatenated, are cut into batches (a batch may span two
 windows). Everything is a function of the text, the model and the seed: no RNG state to save.
+Under DDP rank r computes the windows w with w % world_size == r and reads past the others' text;
+a checkpoint holds every rank's place, and each rank resumes from its own.
 
 Normalisation. There is no manifest, so `mean_norm` (the mean row norm that a cache's manifest
 holds for its training split) is estimated from the first window's rows in `setup`; it is saved in
@@ -30,6 +32,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import warnings
 from typing import Callable, Iterator, Sequence
 
@@ -51,10 +54,20 @@ _STATE_KEYS = ("seed", "batch_size", "shuffle_buffer", "context_size", "val_toke
 _LOG_BATCHES = 4  # rows remembered for state_dict, in batches (the trainer is at most a batch or two behind)
 
 
+def this_process_gpu(device: torch.device) -> torch.device:
+    """A bare `cuda` means this process's GPU. Under DDP the launched processes load the LM (in
+    `setup`) before the trainer picks their GPU, so take it from LOCAL_RANK."""
+    if device.type == "cuda" and device.index is None:
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    return device
+
+
 class LiveStream(IterableDataset):
     """Endless batches from `window_rows(tokens) -> rows` over the sequences of `text`, from the
     stream state `start()` returns when iteration begins. Every window it computes is recorded in
-    `log` (its state, rows before it, its row count, the state after it)."""
+    `log` (its state, rows before it, its row count, the state after it). Under DDP each rank
+    computes every `world_size`-th window and reads past the others' sequences; a state's
+    `rows_before` counts this rank's rows, and its window may be another rank's (then skipped)."""
 
     def __init__(self, text: TokenSequences, window_rows: Callable[[torch.Tensor], torch.Tensor], *, window_sequences: int,
                  batch_size: int, seed: int, train_start: tuple[int, int], start: Callable[[], dict],
@@ -64,6 +77,7 @@ class LiveStream(IterableDataset):
         self.train_start, self.start = tuple(train_start), start
         self.ready = ready if ready is not None else {}  # windows computed already (the first, in setup)
         self.log: list[dict] = []
+        self.rank, self.world_size = 0, 1  # under DDP, rank r computes the windows w with w % world_size == r
 
     def sequences(self, pass_: int, position: tuple[int, int]) -> Iterator[tuple[torch.Tensor, int, tuple[int, int]]]:
         """`(sequence, pass, position of the sequence)` from there on, pass after pass."""
@@ -88,6 +102,9 @@ class LiveStream(IterableDataset):
             tokens = [nxt[0]] + [s for s, _, _ in (next(stream) for _ in range(self.window_sequences - 1))]
             nxt = next(stream)
             rows = self.ready.pop(window, None)
+            if window % self.world_size != self.rank:  # another rank's window: its text is only read past
+                window, offset = window + 1, 0
+                continue
             rows = self.window_rows(torch.stack(tokens)) if rows is None else rows
             n = len(rows)
             # keep the windows that cover the last _LOG_BATCHES batches (a batch may span many windows)
@@ -175,13 +192,13 @@ class LiveDataModule(L.LightningDataModule):
         self.val_tokens, self.batch_size, self.seed = int(val_tokens), int(batch_size), int(seed)
         self.shuffle_buffer, self.lm_batch_size = int(shuffle_buffer), int(lm_batch_size)
         self.window_sequences = max(1, math.ceil(self.shuffle_buffer / self.context_size))
-        self.lm_device = resolve_device(lm_device)
+        self.lm_device = this_process_gpu(resolve_device(lm_device))
         if buffer_device not in ("auto", "cpu", "cuda"):
             raise ValueError(f"data.buffer_device must be auto, cpu or cuda, got {buffer_device!r}")
         for key, value in (("lm_device", lm_device), ("buffer_device", buffer_device)):
             if str(value).startswith("cuda") and not torch.cuda.is_available():
                 raise ValueError(f"data.{key}={value} but CUDA is not available here; use cpu or auto")
-        self.buffer_device = self.lm_device if buffer_device == "auto" else resolve_device(buffer_device)
+        self.buffer_device = self.lm_device if buffer_device == "auto" else this_process_gpu(resolve_device(buffer_device))
         self.d_in: int | None = None if d_in is None else int(d_in)
         self.norm_scale: float | None = None
         self.mean_norm: float | None = None
@@ -271,8 +288,8 @@ class LiveDataModule(L.LightningDataModule):
         if self._stream is None:
             raise RuntimeError("call setup() before asking for data")
         trainer = getattr(self, "trainer", None)
-        if trainer is not None and trainer.world_size > 1:
-            raise ValueError("data=live runs in one process; for several GPUs harvest a cache (data=activations)")
+        if trainer is not None:
+            self._stream.rank, self._stream.world_size = int(trainer.global_rank), int(trainer.world_size)
         return DataLoader(self._stream, batch_size=None, num_workers=0)
 
     def val_dataloader(self) -> DataLoader:
@@ -290,7 +307,12 @@ class LiveDataModule(L.LightningDataModule):
     def _start_state(self) -> dict:
         position = self.position()
         if self._restored is not None and position == self._restored_position:
-            return dict(self._restored)
+            rank, world = self._stream.rank, self._stream.world_size
+            saved = self._restored.get("world_size", 1)
+            if saved != world:
+                raise ValueError(f"this data=live checkpoint was written by {saved} process(es); resume it with "
+                                 f"{saved} (this run has {world}), or start afresh")
+            return dict(self._restored["ranks"][rank]) if world > 1 else dict(self._restored["stream"])
         state = self._stream.state_at(position * self.batch_size)
         if state is None:
             if position != 0:
@@ -302,16 +324,24 @@ class LiveDataModule(L.LightningDataModule):
         return {k: getattr(self, k) for k in _STATE_KEYS}
 
     def state_dict(self) -> dict:
+        """Under DDP every rank calls this when a checkpoint is written (only rank 0 saves it), so
+        the ranks' stream states are gathered into it: each rank resumes from its own."""
         if self._text is None:
             return {}
-        return {"batches_consumed": self.position(), "stream": self._start_state(), "mean_norm": self.mean_norm,
-                **self._config()}
+        state = {"batches_consumed": self.position(), "stream": self._start_state(), "mean_norm": self.mean_norm,
+                 **self._config()}
+        if self._stream.world_size > 1:
+            ranks: list = [None] * self._stream.world_size
+            torch.distributed.all_gather_object(ranks, state["stream"])
+            state.update(world_size=self._stream.world_size, ranks=ranks)
+        return state
 
     def load_state_dict(self, state_dict: dict) -> None:
         if not state_dict:
             return
         self._restored_position = int(state_dict.get("batches_consumed", 0))
-        self._restored = dict(state_dict["stream"]) if "stream" in state_dict else None
+        self._restored = {"stream": state_dict["stream"], "world_size": int(state_dict.get("world_size", 1)),
+                          "ranks": state_dict.get("ranks")} if "stream" in state_dict else None
         if state_dict.get("mean_norm") is not None:
             self.mean_norm = float(state_dict["mean_norm"])
         changed = [k for k in _STATE_KEYS if k in state_dict and state_dict[k] != self._config()[k]]
