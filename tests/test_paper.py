@@ -74,3 +74,22 @@ def test_gpu_preset_needs_text():
     proc = subprocess.run([sys.executable, "-m", "rsae.paper", "--preset", "gpu-scale", "--dry-run"], cwd=ROOT,
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "needs --text" in proc.stderr
+
+
+def test_parallel_rows_run_at_once_and_all_finish(tmp_path):
+    cmd = [sys.executable, "-m", "rsae.paper", "--out", str(tmp_path), "--steps", "20", "--teachers", "relu,topk",
+           "--parallel", "2", "--upgrade-overrides", "upgrade.calibration_tokens=2048", "upgrade.calibration_steps=10",
+           "--", "data=synthetic", "data.d_in=16", "data.n_features=64", "data.batch_size=128"]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    lines = [line for line in proc.stdout.splitlines() if line.startswith(("$ python train.py", "  -> exit"))]
+    assert sorted(line.split()[3] for line in lines[:2]) == ["sae=relu", "sae=topk"]  # both began before either ended
+    for name in ("relu", "topk"):
+        assert json.loads((tmp_path / "upgrades" / name / "metrics.json").read_text())["status"] == "ok"
+    assert proc.stdout.count("  -> exit 0") == 4
+
+
+def test_parallel_must_be_positive():
+    proc = subprocess.run([sys.executable, "-m", "rsae.paper", "--parallel", "0", "--dry-run"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "--parallel must be at least 1" in proc.stderr

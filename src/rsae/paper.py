@@ -20,10 +20,12 @@ Presets (`--preset`) fix the scale; arguments given after them add to them:
   family at three sparsities (TopK, BatchTopK and Matryoshka k = 16, 32, 64; JumpReLU target L0
   16, 32, 64; ReLU three L1 coefficients). Needs `--text` (a parquet / jsonl / txt corpus) and a GPU.
 
-`--dry-run` prints the commands without running them. `--pack results.tar.gz` also writes every
-run's results without weights or checkpoints (a few MB): unpacked into `--out` on another machine,
-a rerun there reports them and redoes only the rows that are missing (a teacher whose weights were
-left behind is trained again when its upgrade still has to run).
+`--parallel N` runs N rows (a teacher, then its upgrade) at once: on a GPU where one small SAE's
+steps leave it idle part of the time. `--dry-run` prints the commands without running them.
+`--pack results.tar.gz` also writes every run's results without weights or checkpoints (a few MB):
+unpacked into `--out` on another machine, a rerun there reports them and redoes only the rows
+that are missing (a teacher whose weights were left behind is trained again when its upgrade
+still has to run).
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ import subprocess
 import sys
 import tarfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from rsae.io.saelens import WEIGHTS_FILE
@@ -112,6 +115,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--teacher-overrides", nargs="*", default=[], help="extra overrides for the teacher runs only")
     p.add_argument("--upgrade-overrides", nargs="*", default=[], help="extra overrides for the upgrade runs only")
     p.add_argument("--dry-run", action="store_true", help="print the commands, run nothing")
+    p.add_argument("--parallel", type=int, default=1,
+                   help="rows (teacher + upgrade) run at once, e.g. 3 on a GPU whose SAE steps leave it idle part of the time")
     p.add_argument("--pack", type=Path, default=None,
                    help="also write the results without weights or checkpoints (json, yaml, csv, logs, report) to this "
                         ".tar.gz: unpacked into --out elsewhere, a rerun there reports them and redoes only what is missing")
@@ -125,6 +130,8 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [n for n in names if n not in TEACHERS and n not in L0_LEVELS]
     if unknown:
         p.error(f"unknown teacher {unknown[0]!r}; choose from {sorted(TEACHERS) + sorted(L0_LEVELS)}")
+    if a.parallel < 1:
+        p.error(f"--parallel must be at least 1, got {a.parallel}")
     quoted = str(Path(a.text).resolve()).replace("\\", "\\\\").replace("'", "\\'") if a.text else ""
     text = [f"data.text_files=['{quoted}']"] if a.text else []  # quoted: a path may hold , = [ or spaces
     every = [*preset.get("overrides", []), *text, *a.overrides]
@@ -132,8 +139,9 @@ def main(argv: list[str] | None = None) -> int:
     upgrade_extra = [*preset.get("upgrade_overrides", []), *a.upgrade_overrides]
     out = a.out.resolve()
     start = time.time()
-    ok = True
-    for name in names:
+
+    def row(name: str) -> bool:
+        """One teacher and its upgrade, each skipped when its results exist."""
         tdir, udir = out / "teachers" / name, out / "upgrades" / name
         teacher = [*TEACHERS.get(name, L0_LEVELS.get(name)), f"trainer.max_steps={steps}", *teacher_extra, *every,
                    "logger=csv", f"hydra.run.dir={tdir}"]
@@ -141,17 +149,24 @@ def main(argv: list[str] | None = None) -> int:
                    f"hydra.run.dir={udir}"]
         if a.dry_run:
             print("python train.py " + " ".join(teacher) + "\npython train.py " + " ".join(upgrade))
-            continue
+            return True
         if done(udir / "metrics.json"):
-            continue
+            return True
+        ok = True
         if not (done(tdir / "metrics.json") and (tdir / "sae" / WEIGHTS_FILE).is_file()):  # (a packed result has no weights)
             for stale in (tdir, udir):  # a teacher without weights, and what came from it: start both afresh
                 if stale.exists():
                     print(f"  removing {stale}: the teacher is trained again", flush=True)
                     shutil.rmtree(stale)
-            ok &= run(teacher, tdir / "run.log")
+            ok = run(teacher, tdir / "run.log")
         if done(tdir / "metrics.json"):
             ok &= run(upgrade, udir / "run.log")
+        return ok
+
+    # Rows are independent processes; several at once share the GPU (the activation cache is built
+    # once: the other runs wait on its lock, then read it).
+    with ThreadPoolExecutor(max_workers=1 if a.dry_run else a.parallel) as pool:
+        ok = all(list(pool.map(row, names)))
     if a.dry_run:
         return 0
     from rsae.report.__main__ import main as report
