@@ -41,7 +41,7 @@ class Rule:
         elif self.kind == "devices":
             text = "an integer >= 1, -1 (all), 'auto' or a list of device indices"
         elif self.kind == "scales":
-            text = "a mapping of parameter-name prefixes to numbers > 0"
+            text = "a mapping of parameter-name prefixes to numbers >= 0 (0 freezes them)"
         elif self.kind == "list":
             text = f"a list of {self.length or ''} numbers".replace("  ", " ") + (" each" if self._range(refs) else "") + self._range(refs)
         else:
@@ -130,7 +130,7 @@ SAE_BY_TARGET = {"RationalSAE": {"k": Int(1, "d_sae", null=True)},  # k only for
                  "JumpReLUSAE": {"init_threshold": Float(0, lo_open=True, null=True)}}  # null: from l0_target
 UPGRADE = {  # the upgrade's phases; the RSAE's own settings are the sae group's (rsae.validate_upgrade)
     "calibration_tokens": COUNT, "calibration_steps": Int(0),
-    "steps": Int(1, null=True), "lr": POSITIVE, "gate_lr_scale": POSITIVE, "warmup_steps": Int(0), "hold_l0": BOOL, "hold_l0_rate": POSITIVE, "control": BOOL, "control_l0_coefficient": NON_NEGATIVE,
+    "steps": Int(1, null=True), "lr": POSITIVE, "gate_lr_scale": NON_NEGATIVE, "warmup_steps": Int(0), "hold_l0": BOOL, "hold_l0_rate": POSITIVE, "control": BOOL, "control_l0_coefficient": NON_NEGATIVE,
     "eval_tokens": COUNT, "eval_batch_size": COUNT, "downstream": BOOL, "l0_tolerances": Rule("list", 0),
 }
 EVAL = {
@@ -175,7 +175,7 @@ def _ok(value: Any, rule: Rule, values: DictConfig, refs: dict[str, Any]) -> boo
         items = value if isinstance(value, list) and value else [value]
         return all(isinstance(v, str) and v.strip() != "" for v in items)
     if kind == "scales":
-        return isinstance(value, dict) and all(_is_number(v) and v > 0 for v in value.values())
+        return isinstance(value, dict) and all(_is_number(v) and v >= 0 for v in value.values())
     if kind == "list":
         if not isinstance(value, list) or (rule.length is not None and len(value) != rule.length):
             return False

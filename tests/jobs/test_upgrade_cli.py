@@ -62,6 +62,21 @@ def test_upgrade_resumes_finished_phases(tmp_path):
     assert proc.returncode == 1 and "sae.t_max" in proc.stderr and "other settings" in proc.stderr
 
 
+def test_a_zero_gate_lr_scale_freezes_the_gate_while_the_rest_fine_tunes(tmp_path):
+    teacher, up = tmp_path / "teacher", tmp_path / "upgrade"
+    run_train("sae=relu", "trainer.max_steps=50", "trainer.val_check_interval=50", f"hydra.run.dir={teacher}", *COMMON)
+    run_train("sae=rational", f"teacher.path={teacher}/sae", "upgrade.steps=20", "upgrade.calibration_tokens=2048",
+              "upgrade.calibration_steps=10", "upgrade.control=false", "upgrade.gate_lr_scale=0", f"hydra.run.dir={up}",
+              *COMMON)
+    init, tuned = load_sae(up / "rsae_init").state_dict(), load_sae(up / "rsae").state_dict()
+    gate = [k for k in init if k.startswith("rational_gate.")]
+    assert gate and all(torch.equal(init[k], tuned[k]) for k in gate)
+    assert not torch.equal(init["W_enc"], tuned["W_enc"])
+    proc = run_train("sae=rational", f"teacher.path={teacher}/sae", "upgrade.gate_lr_scale=-1", f"hydra.run.dir={up}2",
+                     *COMMON, check=False)
+    assert proc.returncode != 0 and "gate_lr_scale" in proc.stderr
+
+
 def test_upgrade_rejects_missing_teacher(tmp_path):
     proc = run_train("sae=rational", f"teacher.path={tmp_path}/nothing", f"hydra.run.dir={tmp_path}/u", *COMMON, check=False)
     assert proc.returncode == 1 and "teacher SAE directory does not exist" in proc.stderr

@@ -36,8 +36,12 @@ def test_lr_scales_reject_unknown_prefix_and_bad_values():
     sae = JumpReLUSAE(8, 32)
     with pytest.raises(ConfigError, match="no parameter"):
         SAEModule(sae, lr_scales={"rational_gate.": 10.0})
-    with pytest.raises(ConfigError, match="must be > 0"):
-        SAEModule(sae, lr_scales={"log_threshold": 0.0})
+    with pytest.raises(ConfigError, match="must be a number >= 0"):
+        SAEModule(sae, lr_scales={"log_threshold": -1.0})
+    with pytest.raises(ConfigError, match="must be a number >= 0"):
+        SAEModule(sae, lr_scales={"log_threshold": float("nan")})
+    frozen = SAEModule(sae, lr=1e-3, lr_scales={"log_threshold": 0.0})._param_groups()  # 0 freezes
+    assert {g["lr"] for g in frozen} == {0.0, 1e-3}
 
 
 def test_jumprelu_asks_for_its_threshold_rate_and_module_entries_win():

@@ -38,6 +38,7 @@ of its step, and no checkpoint or export holds what came after it.
 from __future__ import annotations
 
 import logging
+import math
 
 import lightning as L
 import torch
@@ -94,10 +95,11 @@ class SAEModule(FastStep, L.LightningModule):
         self.lr, self.betas = lr, tuple(betas)
         # Learning-rate multipliers by parameter-name prefix, e.g. {"log_threshold": 10} or
         # {"rational_gate.": 10}: parameters that take many small Adam steps to move (a threshold in
-        # log space, a handful of shared gate coefficients) can be given a faster rate.
+        # log space, a handful of shared gate coefficients) can be given a faster rate; 0 freezes
+        # them (Adam's step is lr times its normalised moment: exactly no change).
         self.lr_scales = {str(k): float(v) for k, v in (lr_scales or {}).items()}
         for name, value in self.lr_scales.items():
-            require(value > 0, f"module.lr_scales[{name!r}] must be > 0, got {value}")
+            require(value >= 0 and math.isfinite(value), f"module.lr_scales[{name!r}] must be a number >= 0, got {value}")
             require(any(n.startswith(name) for n, _ in sae.named_parameters()),
                     f"module.lr_scales: no parameter of {type(sae).__name__} starts with {name!r} "
                     f"(parameters: {sorted({n.split('.')[0] for n, _ in sae.named_parameters()})})")
