@@ -159,6 +159,21 @@ def test_checksum_failure_is_an_error_naming_the_file(built, setup, tmp_path):
     _harvest(cache_dir, setup, verify_checksums=False)  # sizes still match: only the hash sees it
 
 
+def test_the_first_bad_shard_in_manifest_order_is_reported(built, setup, tmp_path, monkeypatch):
+    from rsae.data import cache_manifest
+
+    monkeypatch.setattr(cache_manifest, "VERIFY_THREADS", 4)  # shards hashed concurrently
+    cache_dir = _copy(built, tmp_path)
+    bad = [cache_dir / built.shards("train")[1]["file"], cache_dir / built.shards("val")[-1]["file"]]
+    for shard in bad:
+        data = bytearray(shard.read_bytes())
+        data[-5] ^= 0xFF
+        shard.write_bytes(bytes(data))
+    for _ in range(3):
+        with pytest.raises(C.CacheCorruptError, match=f"{bad[0]} fails its sha256"):
+            _harvest(cache_dir, setup)
+
+
 def test_corrupt_manifest_is_a_clear_error(built, setup, tmp_path):
     cache_dir = _copy(built, tmp_path)
     (cache_dir / C.MANIFEST).write_text("{not json")
