@@ -350,3 +350,15 @@ def test_cache_dir_or_root_that_is_a_file(setup, tmp_path):
     assert message == f"cannot write {a_file}: {a_file} is a file, not a directory; choose another cache_dir (or cache_root)"
     _one_line_error(C.CacheWriteError, f"cannot write {a_file / 'x' / 'c'}: {a_file} is a file, not a directory",
                     lambda: _harvest(a_file / "x" / "c", setup))
+
+
+def test_the_verify_benchmark_times_each_thread_count(built, tmp_path):
+    from rsae.bench import verify
+
+    before = M.VERIFY_THREADS
+    out = tmp_path / "verify.json"
+    assert verify.main([str(built.root), "--threads", "1", "3", "--repeats", "2", "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert set(result["seconds"]) == {"1", "3"} and all(len(ts) == 2 for ts in result["seconds"].values())
+    assert result["shards"] == len(built.shards("train")) + len(built.shards("val"))
+    assert M.VERIFY_THREADS == before  # the benchmark leaves the setting as it found it
