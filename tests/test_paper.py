@@ -82,6 +82,7 @@ def test_parallel_rows_run_at_once_and_all_finish(tmp_path):
            "--", "data=synthetic", "data.d_in=16", "data.n_features=64", "data.batch_size=128"]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert all(line.count("python train.py") <= 1 for line in proc.stdout.splitlines())  # whole lines, not interleaved
     lines = [line for line in proc.stdout.splitlines() if line.startswith(("$ python train.py", "  -> exit"))]
     assert sorted(line.split()[3] for line in lines[:2]) == ["sae=relu", "sae=topk"]  # both began before either ended
     for name in ("relu", "topk"):

@@ -36,6 +36,7 @@ import shutil
 import subprocess
 import sys
 import tarfile
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -75,15 +76,26 @@ PRESETS: dict[str, dict] = {
 }
 
 
+_say_lock = threading.Lock()
+
+
+def say(line: str) -> None:
+    """One whole line to stdout: rows running at once (`--parallel`) would interleave a print's
+    text and its newline."""
+    with _say_lock:
+        sys.stdout.write(line + "\n")
+        sys.stdout.flush()
+
+
 def run(args: list[str], log: Path) -> bool:
     log.parent.mkdir(parents=True, exist_ok=True)
     start = time.time()
-    print(f"$ python train.py {' '.join(args)}", flush=True)
+    say(f"$ python train.py {' '.join(args)}")
     with open(log, "w") as out:
         rc = subprocess.run([sys.executable, str(ROOT / "train.py"), *args], stdout=out, stderr=subprocess.STDOUT).returncode
-    print(f"  -> exit {rc} in {time.time() - start:.0f} s (log: {log})", flush=True)
+    say(f"  -> exit {rc} in {time.time() - start:.0f} s (log: {log})")
     if rc != 0:
-        print(f"  failed; see {log}", flush=True)
+        say(f"  failed; see {log}")
     return rc == 0
 
 
@@ -156,7 +168,7 @@ def main(argv: list[str] | None = None) -> int:
         if not (done(tdir / "metrics.json") and (tdir / "sae" / WEIGHTS_FILE).is_file()):  # (a packed result has no weights)
             for stale in (tdir, udir):  # a teacher without weights, and what came from it: start both afresh
                 if stale.exists():
-                    print(f"  removing {stale}: the teacher is trained again", flush=True)
+                    say(f"  removing {stale}: the teacher is trained again")
                     shutil.rmtree(stale)
             ok = run(teacher, tdir / "run.log")
         if done(tdir / "metrics.json"):
