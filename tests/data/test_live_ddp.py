@@ -72,3 +72,14 @@ def test_two_processes_train_live_and_resume_like_an_uninterrupted_run(sources, 
     a, b = (load_file(str(d / "sae" / "sae_weights.safetensors")) for d in (full, resumed))
     for key in a:
         torch.testing.assert_close(a[key], b[key], rtol=0, atol=0)
+
+
+def test_a_bare_cuda_device_means_this_processs_gpu(monkeypatch):
+    from rsae.data.live import this_process_gpu
+
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    assert this_process_gpu(torch.device("cuda")) == torch.device("cuda", 1)  # DDP rank 1 loads its LM there
+    assert this_process_gpu(torch.device("cuda", 0)) == torch.device("cuda", 0)  # an explicit index is kept
+    assert this_process_gpu(torch.device("cpu")) == torch.device("cpu")
+    monkeypatch.delenv("LOCAL_RANK")
+    assert this_process_gpu(torch.device("cuda")) == torch.device("cuda", 0)
