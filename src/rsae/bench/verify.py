@@ -32,16 +32,11 @@ def main(argv: list[str] | None = None) -> int:
     files = [s for split in ("train", "val") for s in manifest.shards(split)]
     gb = sum(s["bytes"] for s in files) / 1e9
     seconds: dict[int, list[float]] = {n: [] for n in a.threads}
-    default = cache_manifest.VERIFY_THREADS
-    try:
-        for _ in range(a.repeats):
-            for n in a.threads:
-                cache_manifest.VERIFY_THREADS = n
-                start = time.perf_counter()
-                manifest.verify(checksums=True)
-                seconds[n].append(time.perf_counter() - start)
-    finally:
-        cache_manifest.VERIFY_THREADS = default
+    for _ in range(a.repeats):
+        for n in a.threads:
+            start = time.perf_counter()
+            manifest.verify(checksums=True, threads=n)
+            seconds[n].append(time.perf_counter() - start)
     result = {"cache": str(a.cache_dir), "shards": len(files), "gb": round(gb, 3),
               "seconds": {n: [round(t, 3) for t in ts] for n, ts in seconds.items()},
               "best_gb_per_s": {n: round(gb / min(ts), 2) for n, ts in seconds.items()}}

@@ -193,12 +193,12 @@ class Manifest:
     def shard_paths(self, split: str) -> list[Path]:
         return [self.root / s["file"] for s in self.shards(split)]
 
-    def verify(self, checksums: bool = True) -> None:
+    def verify(self, checksums: bool = True, threads: int | None = None) -> None:
         """Every file present with its recorded size (and sha256 when `checksums`), and every
         shard's header agreeing with the manifest's rows, d_in and storage dtype. Shards are hashed
-        by several threads (hashlib and file reads release the GIL): a run that reuses a 20 GB cache
-        would otherwise spend tens of seconds here. The first bad shard in manifest order is the
-        one reported."""
+        by `threads` threads (default VERIFY_THREADS; hashlib and file reads release the GIL): a run
+        that reuses a 20 GB cache would otherwise spend tens of seconds here. The first bad shard in
+        manifest order is the one reported."""
         dtype = {"bfloat16": "BF16", "float32": "F32"}[self.storage_dtype]
 
         def check(shard: dict) -> None:
@@ -211,7 +211,7 @@ class Manifest:
                     f"(rows, d_in) but it holds {got[0]} {got[1]}; {_REBUILD}")
 
         shards = [shard for split in SPLITS for shard in self.shards(split)]
-        with ThreadPoolExecutor(max_workers=max(1, min(VERIFY_THREADS, len(shards)))) as pool:
+        with ThreadPoolExecutor(max_workers=max(1, min(threads or VERIFY_THREADS, len(shards)))) as pool:
             futures = [pool.submit(check, shard) for shard in shards]
             try:
                 for future in futures:
