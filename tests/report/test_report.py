@@ -11,7 +11,7 @@ import yaml
 
 from rsae.report.__main__ import build_report, main
 from rsae.report.collect import collect, find_run_dirs
-from rsae.report.plots import pareto_frontier
+from rsae.report.plots import panel_points, pareto_frontier
 from rsae.report.tables import best_index
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -133,6 +133,20 @@ def test_report_tables_and_plots(runs, tmp_path):
     names = sorted(p.name for p in result["plots"])
     assert names == ["loss_recovered_vs_l0.png", "mse_vs_l0.png"]
     assert (out / "mse_vs_l0.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_plot_panels_one_per_teacher_family(runs):
+    upgrades = panel_points(collect([runs / "upgrades"]), "mse")
+    assert sorted(upgrades) == ["relu teacher", "topk teacher"]  # each family's curves on its own axes
+    assert sorted(upgrades["topk teacher"]) == ["RSAE", "RSAE-init", "teacher", "teacher-FT"]
+    assert upgrades["relu teacher"]["RSAE"] == [(31.0, 0.530, "relu")]
+    trains = panel_points(collect([runs / "multirun"]), "mse")
+    assert list(trains) == ["SAEs"] and sorted(trains["SAEs"]) == ["relu", "topk"]
+    assert len(trains["SAEs"]["topk"]) == 2  # the failed and crashed runs have no point
+    # The evaluation ran on another model: its points get their own panels, never shared axes.
+    mixed = panel_points(collect([runs]), "mse")
+    assert mixed["SAEs | tiny"] == {"relu": [(16.0, 0.41, "evals/e1")]}
+    assert "relu teacher | SmolLM2-135M-Instruct.Q4_1" in mixed
 
 
 def test_pareto_frontier():
