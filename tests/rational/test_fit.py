@@ -94,7 +94,7 @@ def test_table_errors_match_recomputation(name):
         assert math.isclose(value, table[key], rel_tol=1e-6, abs_tol=1e-12), (key, value, table[key])
     # the gate (float32) reproduces the recorded error
     p, q = table["degrees"]
-    gate = RationalGate(1, init_table=name)
+    gate = RationalGate(1, init_table=name, denominator=table["denominator"])
     t = torch.tensor(grid(table["n_points"]), dtype=torch.float32)[:, None]
     err = (gate(t).detach()[:, 0].double() - torch.tensor(gate_target(table["gate"], grid(table["n_points"]), table["cutoff"]))).abs()
     assert abs(float(err.max()) - table["max_error"]) < 1e-4

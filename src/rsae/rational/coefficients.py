@@ -9,6 +9,9 @@ Each table holds one fit of r = P/Q to a fixed gate on 4001 points of [-1, 1] (s
     jumprelu_9_8_t0.1    jumprelu  (9, 8)   t0 = 0.1   (also t0.2, t0.3, t0.5)
     topk_9_8             topk      (9, 8)   tau = 0.2
 
+Those are version B (Q = 1 + |sum_j b_j t^j|); each has a version-A twin `<name>_A`
+(Q = 1 + sum_j |b_j| |t|^j), which an upgrade with `sae.denominator=A` starts from.
+
 JSON fields: name, gate, degrees [p, q], cutoff, method, denominator, a [a_0..a_p],
 b [b_1..b_q], max_error, mse, max_error_outside_window (jumps), window, n_points, bound, command.
 Loading needs only the standard library and torch (no scipy).

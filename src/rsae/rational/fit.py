@@ -288,12 +288,13 @@ def fit_gate(
 # --- shipped tables ------------------------------------------------------------------------------
 REGENERATE_COMMAND = "python -m rsae.rational.fit --regenerate"
 
-# name -> (gate, degrees, cutoff). All minimax, version B, 4001 points, |coef| <= 1e3; jumps with
+# name -> (gate, degrees, cutoff, denominator). All minimax, 4001 points, |coef| <= 1e3; jumps with
 # the transition window JUMP_WINDOW. The TopK table's canonical cut-off is tau = 0.2: a TopK
 # teacher is calibrated with C_in = tau_hat / 0.2 (tau_hat = mean k-th largest pre-activation,
 # the BatchTopK-style inference threshold), which keeps pre-activations up to 5 tau_hat inside
-# [-1, 1]; JumpReLU teachers use C_in_j = theta_j / t0 with the table's t0.
-TABLE_SPECS: dict[str, tuple[str, tuple[int, int], float]] = {
+# [-1, 1]; JumpReLU teachers use C_in_j = theta_j / t0 with the table's t0. Every version-B
+# table has a version-A twin named <name>_A (for `sae.denominator=A`).
+_B_SPECS: dict[str, tuple[str, tuple[int, int], float]] = {
     "relu_3_2": ("relu", (3, 2), 0.0),
     "relu_5_4": ("relu", (5, 4), 0.0),
     "jumprelu_9_8_t0.1": ("jumprelu", (9, 8), 0.1),
@@ -301,6 +302,10 @@ TABLE_SPECS: dict[str, tuple[str, tuple[int, int], float]] = {
     "jumprelu_9_8_t0.3": ("jumprelu", (9, 8), 0.3),
     "jumprelu_9_8_t0.5": ("jumprelu", (9, 8), 0.5),
     "topk_9_8": ("topk", (9, 8), 0.2),
+}
+TABLE_SPECS: dict[str, tuple[str, tuple[int, int], float, str]] = {
+    **{name: (*spec, "B") for name, spec in _B_SPECS.items()},
+    **{f"{name}_A": (*spec, "A") for name, spec in _B_SPECS.items()},
 }
 
 
@@ -316,8 +321,8 @@ def regenerate(out_dir: Path = TABLE_DIR, names: list[str] | None = None) -> lis
     out_dir.mkdir(parents=True, exist_ok=True)
     records = []
     for name in names or list(TABLE_SPECS):
-        gate, degrees, cutoff = TABLE_SPECS[name]
-        rec = table_record(name, fit_gate(gate, degrees, cutoff or None, method="minimax"))
+        gate, degrees, cutoff, denominator = TABLE_SPECS[name]
+        rec = table_record(name, fit_gate(gate, degrees, cutoff or None, method="minimax", denominator=denominator))
         tmp = out_dir / f"{name}.json.tmp"
         tmp.write_text(json.dumps(rec, indent=2) + "\n")
         tmp.replace(out_dir / f"{name}.json")

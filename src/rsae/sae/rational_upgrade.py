@@ -26,6 +26,20 @@ from rsae.sae.mechanisms import GATES
 DEFAULT_TEACHER_TABLES = {"relu": "relu_5_4", "jumprelu": "jumprelu_9_8_t0.3", "topk": "topk_9_8"}
 
 
+def teacher_table(mechanism: str, degrees, denominator: str = "B") -> str:
+    """The fitted table an upgrade starts from: the mechanism's default (its `_A` twin for version
+    A), or with `degrees` given the first table of that mechanism, degrees and denominator."""
+    default = DEFAULT_TEACHER_TABLES[mechanism] + ("_A" if denominator == "A" else "")
+    if default in available_tables() and (degrees is None or tuple(int(x) for x in degrees) == load_table(default)["degrees"]):
+        return default
+    p, q = (int(x) for x in degrees) if degrees is not None else load_table(DEFAULT_TEACHER_TABLES[mechanism])["degrees"]
+    matches = [n for n in available_tables() if n.startswith(f"{mechanism}_{p}_{q}")
+               and load_table(n)["denominator"] == denominator]
+    require(bool(matches), f"no fitted {mechanism} table with degrees ({p}, {q}) and denominator {denominator}; "
+                           f"available: {available_tables()}; pass init_table")
+    return matches[0]
+
+
 def teacher_mechanism(teacher: SAE) -> str:
     """The sparsity mechanism a teacher declares (`SAE.mechanism`): relu | jumprelu | topk | batchtopk | gated."""
     if teacher.mechanism is None:
@@ -67,12 +81,7 @@ class FromTeacher:
         gate = base_mech if gate == "teacher" else gate
         require(gate in GATES, f"gate must be one of {GATES + ('teacher',)}, got {gate!r}")
         if init_table is None:
-            init_table = DEFAULT_TEACHER_TABLES[base_mech]
-            if degrees is not None and tuple(int(x) for x in degrees) != load_table(init_table)["degrees"]:
-                p, q = (int(x) for x in degrees)
-                matches = [n for n in available_tables() if n.startswith(f"{base_mech}_{p}_{q}")]
-                require(bool(matches), f"no fitted {base_mech} table with degrees ({p}, {q}); available: {available_tables()}; pass init_table")
-                init_table = matches[0]
+            init_table = teacher_table(base_mech, degrees, denominator)
         k = kw.pop("k", None)
         if gate == "topk":
             k = k if k is not None else getattr(teacher, "k", None)
