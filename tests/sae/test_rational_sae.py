@@ -233,6 +233,8 @@ def test_teacher_table_follows_degrees_and_denominator():
         teacher_table("relu", (9, 8))
     sae = RationalSAE.from_teacher(_teacher("jumprelu"), denominator="A")
     assert sae.rational_gate.denominator == "A" and sae.rational_gate.degrees == (9, 8)
+    with pytest.raises(ConfigError, match="its version-A twin is 'relu_5_4_A'"):  # from scratch: the config's B table
+        RationalSAE(D_IN, D_SAE, denominator="A", init_table="relu_5_4")
 
 
 @pytest.mark.parametrize("kind,denominator", [("relu", "B"), ("jumprelu", "B"), ("topk", "B"), ("batchtopk", "B"),

@@ -96,7 +96,9 @@ class RationalGate(nn.Module):
         if table is not None and tuple(table["degrees"]) != (p, q):
             raise ValueError(f"table {init_table!r} has degrees {tuple(table['degrees'])}, not ({p}, {q})")
         if table is not None and table["denominator"] != denominator:
-            raise ValueError(f"table {init_table!r} was fitted with denominator {table['denominator']}, not {denominator}")
+            twin = init_table[:-2] if init_table.endswith("_A") else f"{init_table}_A"
+            raise ValueError(f"table {init_table!r} was fitted with denominator {table['denominator']}, not {denominator}"
+                             f" (its version-{denominator} twin is {twin!r})")
         if denominator not in DENOMINATORS:
             raise ValueError(f"denominator must be one of {DENOMINATORS}, got {denominator!r}")
         if sharing not in SHARING:
