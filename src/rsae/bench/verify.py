@@ -14,15 +14,14 @@ import json
 import time
 from pathlib import Path
 
-from rsae.data import cache_manifest
-from rsae.data.cache_manifest import Manifest
+from rsae.data.cache_manifest import VERIFY_THREADS, Manifest
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m rsae.bench verify", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("cache_dir", type=Path, help="a finished activation cache (the directory holding manifest.json)")
-    p.add_argument("--threads", type=int, nargs="+", default=[1, cache_manifest.VERIFY_THREADS])
+    p.add_argument("--threads", type=int, nargs="+", default=[1, VERIFY_THREADS])
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--json", type=Path, default=None, help="also write the results here")
     a = p.parse_args(argv)

@@ -30,9 +30,9 @@ def teacher_table(mechanism: str, degrees, denominator: str = "B") -> str:
     """The fitted table an upgrade starts from: the mechanism's default (its `_A` twin for version
     A), or with `degrees` given the first table of that mechanism, degrees and denominator."""
     default = DEFAULT_TEACHER_TABLES[mechanism] + ("_A" if denominator == "A" else "")
-    if default in available_tables() and (degrees is None or tuple(int(x) for x in degrees) == load_table(default)["degrees"]):
+    if degrees is None or tuple(int(x) for x in degrees) == load_table(default)["degrees"]:
         return default
-    p, q = (int(x) for x in degrees) if degrees is not None else load_table(DEFAULT_TEACHER_TABLES[mechanism])["degrees"]
+    p, q = (int(x) for x in degrees)
     matches = [n for n in available_tables() if n.startswith(f"{mechanism}_{p}_{q}")
                and load_table(n)["denominator"] == denominator]
     require(bool(matches), f"no fitted {mechanism} table with degrees ({p}, {q}) and denominator {denominator}; "
