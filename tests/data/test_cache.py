@@ -2,6 +2,7 @@
 
 import errno
 import json
+import os
 
 import pytest
 import torch
@@ -157,6 +158,37 @@ def test_checksum_failure_is_an_error_naming_the_file(built, setup, tmp_path):
     with pytest.raises(C.CacheCorruptError, match=f"{shard} fails its sha256"):
         _harvest(cache_dir, setup)
     _harvest(cache_dir, setup, verify_checksums=False)  # sizes still match: only the hash sees it
+
+
+def test_a_reused_cache_hashes_only_files_changed_since_their_last_hash(built, setup, tmp_path, monkeypatch):
+    cache_dir = _copy(built, tmp_path)  # copytree keeps mtimes: the harvest's record still holds
+    assert set(json.loads((cache_dir / C.HASHED).read_text())) == {f["file"] for f in built.files()}
+    hashed = []
+    real = M.verify_file
+    monkeypatch.setattr(M, "verify_file", lambda path, n, sha: (sha and hashed.append(path.name), real(path, n, sha)))
+    M.Manifest.load(cache_dir).verify()
+    assert hashed == []
+    shard = cache_dir / built.shards("train")[1]["file"]
+    stat = shard.stat()
+    data = bytearray(shard.read_bytes())
+    data[-5] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    os.utime(shard, ns=(stat.st_atime_ns, stat.st_mtime_ns))  # same size and mtime: taken as unchanged
+    M.Manifest.load(cache_dir).verify()
+    assert hashed == []
+    with pytest.raises(C.CacheCorruptError, match=f"{shard} fails its sha256"):
+        M.Manifest.load(cache_dir).verify(rehash=True)
+    shard.touch()  # a newer mtime: hashed again by a plain verify
+    with pytest.raises(C.CacheCorruptError, match=f"{shard} fails its sha256"):
+        M.Manifest.load(cache_dir).verify()
+    (cache_dir / C.HASHED).write_text("{not json")  # an unreadable record only means: hash everything
+    shard.write_bytes(bytes(data[:-5]) + bytes([data[-5] ^ 0xFF]) + bytes(data[-4:]))
+    hashed.clear()
+    M.Manifest.load(cache_dir).verify()
+    assert len(hashed) == len(built.files())
+    hashed.clear()
+    M.Manifest.load(cache_dir).verify()  # the verify above recorded every file
+    assert hashed == []
 
 
 def test_the_first_bad_shard_in_manifest_order_is_reported(built, tmp_path):
@@ -357,5 +389,5 @@ def test_the_verify_benchmark_times_each_thread_count(built, tmp_path):
     out = tmp_path / "verify.json"
     assert verify.main([str(built.root), "--threads", "1", "3", "--repeats", "2", "--json", str(out)]) == 0
     result = json.loads(out.read_text())
-    assert set(result["seconds"]) == {"1", "3"} and all(len(ts) == 2 for ts in result["seconds"].values())
+    assert set(result["seconds"]) == {"1", "3", "recorded"} and all(len(ts) == 2 for ts in result["seconds"].values())
     assert result["shards"] == len(built.shards("train")) + len(built.shards("val"))

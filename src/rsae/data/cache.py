@@ -8,6 +8,7 @@ Layout::
                                          "seq" [n] int32 (sequence index), "pos" [n] int32
     <cache_dir>/val/00000.safetensors    same, held-out sequences
     <cache_dir>/eval_tokens.safetensors  "input_ids" [n_val_seq, ctx] int64, "keep" [.., ..] bool
+    <cache_dir>/hashed.json              files whose sha256 matched, with the size and mtime they had
 
 Rows are the kept positions (no BOS / padding / special tokens) of consecutive sequences; a shard
 always holds whole sequences, so a harvest can resume at the first sequence of the next shard.
@@ -17,6 +18,9 @@ manifest (and progress.json) carry `json_sha256`, the sha256 of their own canoni
 that field, so an edited manifest is refused rather than trusted; its fields are also type- and
 range-checked, and `verify` compares each shard's header with the manifest's rows and d_in.
 Manifests written before the checksum existed are accepted with a warning (fields still checked).
+A file's sha256 is computed once (while harvesting, or by the first run that reuses the cache);
+`hashed.json` records its size and modification time then, and a run hashes it again only when
+either has changed (`verify(rehash=True)` hashes every file regardless).
 
 This module holds the format: file names, schema version, storage dtypes, the request fields that
 identify a cache, the sealed-JSON checksum and the errors. Reading and checking a complete cache
@@ -35,6 +39,7 @@ SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
 PROGRESS = "progress.json"
 EVAL_TOKENS = "eval_tokens.safetensors"
+HASHED = "hashed.json"
 SPLITS = ("train", "val")
 STORAGE_DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float32": torch.float32, "fp32": torch.float32}
 

@@ -21,8 +21,9 @@ from pathlib import Path
 
 import torch
 
-from rsae.data.cache import (CHECKSUM_KEY, IDENTITY_KEYS, MANIFEST, SCHEMA_VERSION, SPLITS, CacheCorruptError,
+from rsae.data.cache import (CHECKSUM_KEY, HASHED, IDENTITY_KEYS, MANIFEST, SCHEMA_VERSION, SPLITS, CacheCorruptError,
                              CacheError, CacheMismatchError, json_digest)
+from rsae.data.cache_write import write_json_atomic
 
 _REBUILD = "delete the cache directory to rebuild it"
 VERIFY_THREADS = min(8, os.cpu_count() or 1)  # shards hashed at once when a cache is reused
@@ -65,6 +66,30 @@ def verify_file(path: Path, expected_bytes: int, expected_sha256: str | None) ->
                 digest.update(block)
         if digest.hexdigest() != expected_sha256:
             raise CacheCorruptError(f"cache file {path} fails its sha256 checksum; {hint}")
+
+
+def file_state(path: Path, sha256: str) -> list:
+    """What `hashed.json` keeps of a file whose sha256 matched: that sha256, its size and mtime."""
+    stat = path.stat()
+    return [sha256, stat.st_size, stat.st_mtime_ns]
+
+
+def read_hashed(root: Path) -> dict:
+    """`hashed.json` of a cache: file name -> `file_state` when its sha256 last matched. Unreadable or
+    absent means nothing is known to match (every file is hashed), never an error."""
+    try:
+        data = json.loads((root / HASHED).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def record_hashed(root: Path, states: dict) -> None:
+    """Write `hashed.json`; a cache that cannot be written (read-only, shared) is hashed every time."""
+    try:
+        write_json_atomic(root / HASHED, states)
+    except (OSError, CacheError):
+        pass
 
 
 def describe_mismatch(cached: dict, requested: dict) -> str | None:
@@ -193,24 +218,43 @@ class Manifest:
     def shard_paths(self, split: str) -> list[Path]:
         return [self.root / s["file"] for s in self.shards(split)]
 
-    def verify(self, checksums: bool = True, threads: int | None = None) -> None:
+    def files(self) -> list[dict]:
+        """Every file entry of the cache (shards of each split, then the held-out tokens)."""
+        return [shard for split in SPLITS for shard in self.shards(split)] + [self.data["eval_tokens"]]
+
+    def record_hashed(self) -> None:
+        """Note that every file's sha256 matches now (the harvest hashed the bytes it wrote)."""
+        record_hashed(self.root, {f["file"]: file_state(self.root / f["file"], f["sha256"]) for f in self.files()})
+
+    def verify(self, checksums: bool = True, threads: int | None = None, rehash: bool = False) -> None:
         """Every file present with its recorded size (and sha256 when `checksums`), and every
-        shard's header agreeing with the manifest's rows, d_in and storage dtype. Shards are hashed
-        by `threads` threads (default VERIFY_THREADS; hashlib and file reads release the GIL): a run
-        that reuses a 20 GB cache would otherwise spend tens of seconds here. The first bad shard in
-        manifest order is the one reported."""
+        shard's header agreeing with the manifest's rows, d_in and storage dtype. A file whose sha256
+        matched before (`hashed.json`) and whose size and mtime have not changed since is not hashed
+        again, unless `rehash`: a 20 GB cache reused by every run of a sweep costs its hashing once.
+        Files are hashed by `threads` threads (default VERIFY_THREADS; hashlib and file reads release
+        the GIL). The first bad file in manifest order is the one reported."""
         dtype = {"bfloat16": "BF16", "float32": "F32"}[self.storage_dtype]
+        known = {} if rehash or not checksums else read_hashed(self.root)
+
+        def needs_hash(entry: dict) -> bool:
+            if not checksums:
+                return False
+            path = self.root / entry["file"]
+            try:
+                return known.get(entry["file"]) != file_state(path, entry["sha256"])
+            except OSError:
+                return True  # missing: verify_file names it
 
         def check(shard: dict) -> None:
             path = self.root / shard["file"]
-            verify_file(path, shard["bytes"], shard["sha256"] if checksums else None)
+            verify_file(path, shard["bytes"], shard["sha256"] if needs_hash(shard) else None)
             got = shard_acts_info(path)
             if got != (dtype, [shard["rows"], self.d_in]):
                 raise CacheCorruptError(
                     f"{self.root / MANIFEST}: says shard {shard['file']} holds {dtype} [{shard['rows']}, {self.d_in}] "
                     f"(rows, d_in) but it holds {got[0]} {got[1]}; {_REBUILD}")
 
-        shards = [shard for split in SPLITS for shard in self.shards(split)]
+        shards = self.files()[:-1]
         with ThreadPoolExecutor(max_workers=max(1, min(threads or VERIFY_THREADS, len(shards)))) as pool:
             futures = [pool.submit(check, shard) for shard in shards]
             try:
@@ -221,7 +265,9 @@ class Manifest:
                     future.cancel()  # stop hashing the rest: the cache is bad either way
                 raise
         tokens = self.data["eval_tokens"]
-        verify_file(self.root / tokens["file"], tokens["bytes"], tokens["sha256"] if checksums else None)
+        verify_file(self.root / tokens["file"], tokens["bytes"], tokens["sha256"] if needs_hash(tokens) else None)
+        if checksums:
+            self.record_hashed()
 
     def check_request(self, request: dict, d_in: int | None = None) -> None:
         problem = describe_mismatch(self.data["request"], request)

@@ -285,9 +285,10 @@ def _finish(t: _Target, model, tokenizer, tokens, n_train, n_val, text_source, n
                  "seqs_per_shard": t.state["seqs_per_shard"], **text_source},
         "harvest_seconds": seconds,
     }
-    manifest = W.write_manifest(t.root, manifest)
+    manifest = M.Manifest(t.root, W.write_manifest(t.root, manifest))
+    manifest.record_hashed()  # each sha256 was taken from the bytes written: reusing runs need not hash them
     (t.root / C.PROGRESS).unlink(missing_ok=True)
-    return M.Manifest(t.root, manifest)
+    return manifest
 
 
 def _shard_seqs(entry: dict) -> int:
