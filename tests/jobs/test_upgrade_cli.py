@@ -25,8 +25,9 @@ def test_upgrade_reproduces_teacher_then_fine_tunes(tmp_path, sae):
     res = json.loads((up / "upgrade.json").read_text())
     assert set(res) >= {"teacher", "rsae_init", "rsae", "teacher_ft", "settings", "seconds"}
     # Where the time went: every phase that ran is timed.
-    assert {"setup", "calibrate", "finetune_rsae", "finetune_teacher_ft", "eval_rsae"} <= set(res["seconds"])
+    assert {"setup", "calibrate", "finetune_rsae", "finetune_teacher_ft", "eval_rsae", "setup_cache"} <= set(res["seconds"])
     assert all(v >= 0 for v in res["seconds"].values()) and res["seconds"]["finetune_rsae"] > 0
+    assert res["seconds"]["setup_cache"] <= res["seconds"]["setup"]
     for phase in ("teacher", "rsae_init", "rsae", "teacher_ft"):
         assert {"mse", "fvu", "l0", "alive"} <= set(res[phase])
     t, i = res["teacher"], res["rsae_init"]

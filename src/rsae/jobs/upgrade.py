@@ -150,6 +150,7 @@ def upgrade(cfg: DictConfig) -> dict[str, Any]:
     dm = instantiate(cfg.data)
     dm.prepare_data()
     dm.setup("fit")
+    t_cache = time.perf_counter() - t_begin  # building or checking the activation cache
     scale = float(dm.norm_scale)
     teacher_raw = load_teacher(teacher_dir, d_in=dm.d_in)
     require_finite(teacher_raw.state_dict(), f"teacher {teacher_dir}")
@@ -217,6 +218,7 @@ def upgrade(cfg: DictConfig) -> dict[str, Any]:
     with timed("setup"):  # data, teacher, held-out tokens and LM above, calibration rows here
         x = collect_rows(dm, int(up.calibration_tokens)) * scale
     seconds["setup"] = round(seconds["setup"] + t_setup, 2)
+    seconds["setup_cache"] = round(seconds.get("setup_cache", 0.0) + t_cache, 2)  # part of setup
     # The rows arrive where the stream puts them (the GPU with data.shuffle_device=cuda): the
     # teacher's pre-activations and the calibration run there; the models come back to the CPU.
     device = x.device
