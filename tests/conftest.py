@@ -1,7 +1,10 @@
+import atexit
 import json
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -11,6 +14,11 @@ ROOT = Path(__file__).resolve().parents[1]
 
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# De-quantised GGUF copies (rsae.data.gguf_cache) shared by this session's tests and subprocesses,
+# kept out of the working tree.
+if "RSAE_LM_CACHE" not in os.environ:
+    os.environ["RSAE_LM_CACHE"] = tempfile.mkdtemp(prefix="rsae-lm-")
+    atexit.register(shutil.rmtree, os.environ["RSAE_LM_CACHE"], True)
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
 

