@@ -5,8 +5,8 @@ tensor on each load: 15-25 s for the 93 MB SmolLM2-135M file on a 2-core CPU, pa
 that harvests, validates with the spliced LM or evaluates. The first load saves the result (config,
 safetensors weights, tokenizer) under `<root>/<file stem>-<sha256 prefix>-<dtype>/`, where root
 is `$RSAE_LM_CACHE`, else `$RSAE_CACHE/lm`, else `.cache/rsae/lm`; later loads read that in about
-half a second. The copy holds the
-same tensors and tokenizer: logits and token ids are identical (tests/data/test_gguf_cache.py).
+half a second. The copy holds the same tensors and tokenizer: logits and token ids are identical
+(tests/data/test_gguf_cache.py).
 
 It is an optimisation only: `RSAE_LM_CACHE=off` turns it off, a copy that cannot be written is
 skipped with a warning, and one that cannot be read is deleted and written again.
