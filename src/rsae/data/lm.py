@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from rsae.data.gguf_cache import converted_dir, load_converted, save_converted
+from rsae.data.gguf_cache import any_converted, converted_dir, load_converted, save_converted
 
 DTYPES = {
     "float32": torch.float32,
@@ -122,6 +122,11 @@ def load_tokenizer(name_or_path: str, gguf_file: str | None = None, revision: st
     from transformers import AutoTokenizer
 
     directory, gguf = check_lm_source(name_or_path, gguf_file)
+    if gguf is not None:  # a saved de-quantised copy's tokenizer, if any: the GGUF need not be parsed
+        file = Path(directory) / gguf
+        saved = any_converted(file, file_sha256(file))
+        if saved is not None:
+            return AutoTokenizer.from_pretrained(saved, local_files_only=True)
     try:
         return AutoTokenizer.from_pretrained(directory, **_pretrained_kwargs(directory, gguf, revision))
     except OSError as err:
