@@ -21,7 +21,7 @@ def test_upgrade_of_a_gated_teacher_reproduces_it(tmp_path):
     t, i = res["teacher"], res["rsae_init"]
     assert i["mse"] == pytest.approx(t["mse"], rel=0.02)
     assert i["l0"] == pytest.approx(t["l0"], rel=0.02)
-    assert res["settings"]["gate"] == "jumprelu" and res["settings"]["teacher_mechanism"] == "gated"
+    assert res["settings"]["gate"] == "jumprelu" and res["settings"]["teacher_mechanism"] == "gated" == res["settings"]["teacher_architecture"]
     assert json.loads((up / "teacher_ft" / "cfg.json").read_text())["architecture"] == "gated"  # the control
     assert json.loads((up / "metrics.json").read_text())["status"] == "ok"
 

@@ -20,4 +20,5 @@ def test_upgrade_of_a_matryoshka_teacher_reproduces_it(tmp_path):
     assert i["mse"] == pytest.approx(t["mse"], rel=0.02)
     assert i["l0"] == pytest.approx(t["l0"], rel=0.02)
     assert res["settings"]["gate"] == "jumprelu"  # a BatchTopK-style teacher: its global threshold
+    assert (res["settings"]["teacher_mechanism"], res["settings"]["teacher_architecture"]) == ("batchtopk", "matryoshka")
     assert json.loads((up / "metrics.json").read_text())["status"] == "ok"

@@ -42,11 +42,13 @@ def train_run(path, sae, metrics, status="ok", **kw):
     return path
 
 
-def upgrade_run(path, teacher, stages, gate="teacher"):
-    """upgrade.json as rsae.jobs.upgrade writes it: stages plus a "settings" block."""
+def upgrade_run(path, teacher, stages, gate="teacher", architecture=None):
+    """upgrade.json as rsae.jobs.upgrade writes it: stages plus a "settings" block (`teacher` is the
+    teacher's mechanism; `architecture` its class, which runs before it was recorded lack)."""
     hydra_run(path, "upgrade", ["sae=rational", f"teacher.path=/teachers/{teacher}"], sae="rational")
     settings = {"teacher_path": f"/teachers/{teacher}", "teacher_mechanism": teacher, "gate": gate,
-                "l0_counting": "exact non-zero count", "eval_tokens": 20000, "calibration": {"max_err": 0.01}}
+                "l0_counting": "exact non-zero count", "eval_tokens": 20000, "calibration": {"max_err": 0.01},
+                **({"teacher_architecture": architecture} if architecture else {})}
     (path / "upgrade.json").write_text(json.dumps({**stages, "settings": settings}))
     (path / "metrics.json").write_text(json.dumps({"status": "ok", "upgrade/rsae/mse": stages["rsae"]["mse"]}))
     for phase in ("rsae_init", "rsae"):  # exports inside the run are not runs
@@ -147,6 +149,13 @@ def test_plot_panels_one_per_teacher_family(runs):
     mixed = panel_points(collect([runs]), "mse")
     assert mixed["SAEs | tiny"] == {"relu": [(16.0, 0.41, "evals/e1")]}
     assert "relu teacher | SmolLM2-135M-Instruct.Q4_1" in mixed
+
+
+def test_a_family_is_the_teachers_architecture_not_its_mechanism(tmp_path):
+    stages = {"teacher": {"mse": 0.6, "l0": 16.0}, "rsae": {"mse": 0.5, "l0": 16.0}}
+    upgrade_run(tmp_path / "u" / "b", "batchtopk", stages)  # recorded before teacher_architecture: the mechanism
+    upgrade_run(tmp_path / "u" / "m", "batchtopk", stages, architecture="matryoshka")  # selects like BatchTopK
+    assert sorted(panel_points(collect([tmp_path / "u"]), "mse")) == ["batchtopk teacher", "matryoshka teacher"]
 
 
 def test_pareto_frontier():

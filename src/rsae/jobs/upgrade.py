@@ -199,7 +199,7 @@ def upgrade(cfg: DictConfig) -> dict[str, Any]:
 
     settings = {  # a rerun keeps what earlier phases recorded (the calibration's statistics, the L0 target)
         **results.get("settings", {}),
-        "teacher_path": str(teacher_dir), "teacher_mechanism": mech,
+        "teacher_path": str(teacher_dir), "teacher_mechanism": mech, "teacher_architecture": teacher_raw.architecture,
         "l0_counting": "exact non-zero count" + (f"; l0_tol_<eps>: |z| > eps (raw units) for eps in {list(up.l0_tolerances)}" if up.l0_tolerances else ""),
         "steps": steps, "batch_size": int(cfg.data.batch_size), "hold_l0": bool(up.hold_l0),
         "calibration_tokens": int(up.calibration_tokens), "eval_tokens": held.n_rows, "sparsity": str(rsae_kw["sparsity"]),

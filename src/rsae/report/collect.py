@@ -252,10 +252,13 @@ def _read_upgrade(run: Run, up: dict, cfg: Any) -> None:
             run.stages[stage] = canonical(values)
     if run.status == "ok" and up.get("status") == "failed":
         run.status, run.error = "failed", str(up.get("error", "failed"))
-    # rsae.jobs.upgrade keeps run facts under "settings" (teacher_mechanism, gate, l0_counting, ...).
+    # rsae.jobs.upgrade keeps run facts under "settings" (teacher_architecture, gate, l0_counting, ...).
+    # The teacher's architecture names its family (matryoshka); its mechanism (batchtopk) is the
+    # fallback for runs that did not record the architecture.
     settings = up.get("settings") if isinstance(up.get("settings"), dict) else {}
     teacher = up.get("teacher") if isinstance(up.get("teacher"), dict) else {}
-    teacher_arch = (settings.get("teacher_mechanism") or up.get("teacher_architecture") or teacher.get("architecture")
+    teacher_arch = (settings.get("teacher_architecture") or settings.get("teacher_mechanism")
+                    or up.get("teacher_architecture") or teacher.get("architecture")
                     or _get(cfg, "teacher.architecture") or _short_name(settings.get("teacher_path"))
                     or _short_name(_get(cfg, "teacher.path")))
     run.info["teacher"] = ARCH_ALIASES.get(str(teacher_arch), teacher_arch)
