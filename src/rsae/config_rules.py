@@ -131,6 +131,7 @@ SAE_BY_TARGET = {"RationalSAE": {"k": Int(1, "d_sae", null=True)},  # k only for
 UPGRADE = {  # the upgrade's phases; the RSAE's own settings are the sae group's (rsae.validate_upgrade)
     "calibration_tokens": COUNT, "calibration_steps": Int(0),
     "steps": Int(1, null=True), "lr": POSITIVE, "gate_lr_scale": NON_NEGATIVE, "warmup_steps": Int(0), "hold_l0": BOOL, "hold_l0_rate": POSITIVE, "control": BOOL, "control_l0_coefficient": NON_NEGATIVE,
+    "control_architecture": Choice("relu", "jumprelu", "topk", "batchtopk", "matryoshka", "gated", null=True),
     "eval_tokens": COUNT, "eval_batch_size": COUNT, "downstream": BOOL, "l0_tolerances": Rule("list", 0),
 }
 EVAL = {

@@ -36,10 +36,10 @@ from omegaconf import DictConfig, OmegaConf
 from rsae.data.lm import resolve_device
 from rsae.eval.heldout import load_heldout
 from rsae.eval.suite import EvalOptions, evaluate_sae
-from rsae.io.saelens import CFG_FILE, load_sae, save_sae
+from rsae.io.saelens import CFG_FILE, build_sae, load_sae, save_sae
 from rsae.io.teachers import load_teacher
 from rsae.lit.l0_control import HoldL0
-from rsae.sae import SAE
+from rsae.sae import ARCHITECTURES, SAE
 from rsae.sae.base import ConfigError, require
 from rsae.sae.rational import RationalSAE, teacher_mechanism
 from rsae.jobs.upgrade_config import acted_config, acted_sae_config, from_teacher_kwargs, teacher_coefficient
@@ -155,6 +155,7 @@ def upgrade(cfg: DictConfig) -> dict[str, Any]:
     teacher_raw = load_teacher(teacher_dir, d_in=dm.d_in)
     require_finite(teacher_raw.state_dict(), f"teacher {teacher_dir}")
     mech = teacher_mechanism(teacher_raw)
+    control_arch = control_architecture(teacher_raw, up.get("control_architecture"))
     teacher = teacher_raw.rescaled(1.0 / scale)  # normalised units, like every training run
     meta = teacher_metadata(teacher_dir)
     steps = fine_tune_steps(cfg, meta)
@@ -203,7 +204,7 @@ def upgrade(cfg: DictConfig) -> dict[str, Any]:
         "l0_counting": "exact non-zero count" + (f"; l0_tol_<eps>: |z| > eps (raw units) for eps in {list(up.l0_tolerances)}" if up.l0_tolerances else ""),
         "steps": steps, "batch_size": int(cfg.data.batch_size), "hold_l0": bool(up.hold_l0),
         "calibration_tokens": int(up.calibration_tokens), "eval_tokens": held.n_rows, "sparsity": str(rsae_kw["sparsity"]),
-        "gate_lr_scale": float(up.get("gate_lr_scale", 1.0)), **acted,
+        "gate_lr_scale": float(up.get("gate_lr_scale", 1.0)), "control_architecture": control_arch, **acted,
     }
 
     # Teacher
@@ -261,10 +262,10 @@ def upgrade(cfg: DictConfig) -> dict[str, Any]:
 
     # Control: the teacher fine-tuned with its own gate for the same steps and tokens.
     if up.control and ("teacher_ft" not in results or not (run_dir / "teacher_ft" / CFG_FILE).is_file()):
-        control = teacher_raw.rescaled(1.0 / scale).train()
+        control = as_architecture(teacher_raw.rescaled(1.0 / scale), control_arch).train()
         control.configure_control({"l1_coefficient": rsae_kw["l1_coefficient"], "l0_coefficient": control_l0})
         with timed("finetune_teacher_ft"):
-            control_logged = {**logged, "sae": {"architecture": control.architecture, "teacher_path": str(teacher_dir),
+            control_logged = {**logged, "sae": {"architecture": control_arch, "teacher_path": str(teacher_dir),
                                                 "l1_coefficient": rsae_kw["l1_coefficient"], "l0_coefficient": control_l0}}
             control = finetune(cfg, control, dm, scale, "teacher_ft", run_dir, target_l0, steps, control_logged)
         save_sae(control, run_dir / "teacher_ft", scale=scale, metadata={"phase": "teacher_ft", **settings})
@@ -277,6 +278,27 @@ def upgrade(cfg: DictConfig) -> dict[str, Any]:
     _log_summary(cfg, summary)
     write_json(run_dir / "metrics.json", {"status": "ok", **summary})
     return summary
+
+
+def control_architecture(teacher: SAE, name: str | None) -> str:
+    """The control's architecture: the teacher's own, or (`upgrade.control_architecture`) one its
+    class derives from, which trains the same weights without the subclass's extra loss terms (a
+    Matryoshka teacher as `batchtopk`: the same selection, no nested-prefix reconstructions)."""
+    own = teacher.architecture
+    if name is None or ARCHITECTURES[name] is type(teacher):
+        return own
+    parents = [a for a, cls in ARCHITECTURES.items() if cls is not type(teacher) and isinstance(teacher, cls)]
+    require(name in parents, f"upgrade.control_architecture={name}: the teacher is a {own} SAE; the control can be "
+            f"{own} (null) or an architecture it derives from ({', '.join(parents) or 'none'})")
+    return name
+
+
+def as_architecture(sae: SAE, name: str) -> SAE:
+    """`sae` itself, or the same weights as the parent architecture `name` (control_architecture)."""
+    if name == sae.architecture:
+        return sae
+    config = {**sae.export_config(), "rsae_architecture": name}
+    return build_sae(config, sae.export_tensors(1.0)).to(next(sae.parameters()).device)
 
 
 def same_run(saved: dict | None, now: dict[str, Any], run_dir: Path) -> None:
