@@ -260,7 +260,7 @@ def upgrade(cfg: DictConfig) -> dict[str, Any]:
         (run_dir / "rsae" / "interrupted.ckpt").unlink(missing_ok=True)
         evaluate("rsae", rsae)
 
-    # Control: the teacher fine-tuned with its own gate for the same steps and tokens.
+    # Control: the teacher fine-tuned with its own gate (or as a parent architecture) for the same steps and tokens.
     if up.control and ("teacher_ft" not in results or not (run_dir / "teacher_ft" / CFG_FILE).is_file()):
         control = as_architecture(teacher_raw.rescaled(1.0 / scale), control_arch).train()
         control.configure_control({"l1_coefficient": rsae_kw["l1_coefficient"], "l0_coefficient": control_l0})
