@@ -236,14 +236,19 @@ class Manifest:
         dtype = {"bfloat16": "BF16", "float32": "F32"}[self.storage_dtype]
         known = {} if rehash or not checksums else read_hashed(self.root)
 
+        hashed: list[str] = []  # files hashed by this call (list.append is thread-safe)
+
         def needs_hash(entry: dict) -> bool:
             if not checksums:
                 return False
             path = self.root / entry["file"]
             try:
-                return known.get(entry["file"]) != file_state(path, entry["sha256"])
+                stale = known.get(entry["file"]) != file_state(path, entry["sha256"])
             except OSError:
-                return True  # missing: verify_file names it
+                stale = True  # missing: verify_file names it
+            if stale:
+                hashed.append(entry["file"])
+            return stale
 
         def check(shard: dict) -> None:
             path = self.root / shard["file"]
@@ -266,7 +271,7 @@ class Manifest:
                 raise
         tokens = self.data["eval_tokens"]
         verify_file(self.root / tokens["file"], tokens["bytes"], tokens["sha256"] if needs_hash(tokens) else None)
-        if checksums:
+        if hashed:  # a cache whose every file matched its record is left as it is (no write per run)
             self.record_hashed()
 
     def check_request(self, request: dict, d_in: int | None = None) -> None:
