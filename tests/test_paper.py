@@ -66,6 +66,16 @@ def test_presets_give_valid_configs(tmp_path):
             args = [a for a in args if not a.startswith("hydra.")]
             cfg = compose("train", overrides=args)  # every key the presets set exists
             check_config(cfg)  # and every value is in range
+    from rsae.paper import ABLATIONS
+
+    ablated = _dry_run("--preset", "gpu-scale", "--text", str(tmp_path / "c.parquet"), "--out", str(tmp_path),
+                       "--teachers", "topk_k32", "--ablations", ",".join(ABLATIONS))
+    assert len(ablated) == 2 + len(ABLATIONS)
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        for args in ablated[2:]:
+            cfg = compose("train", overrides=[a for a in args if not a.startswith("hydra.")])
+            check_config(cfg)  # every ablation's key exists and its value is in range
+            assert cfg.upgrade.control == ("upgrade.steps=10000" in args)  # only the longer fine-tune has a control
     assert any("sae.l0_target=32" in args for args in gpu) and any("sae.k=64" in args for args in gpu)
     assert any("sae=matryoshka" in args and "sae.k=16" in args for args in gpu)
 
@@ -94,3 +104,37 @@ def test_parallel_must_be_positive():
     proc = subprocess.run([sys.executable, "-m", "rsae.paper", "--parallel", "0", "--dry-run"], cwd=ROOT,
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "--parallel must be at least 1" in proc.stderr
+
+
+def test_ablations_upgrade_the_rows_teacher_and_are_tabulated(tmp_path):
+    cmd = [sys.executable, "-m", "rsae.paper", "--out", str(tmp_path), "--steps", "20", "--teachers", "relu",
+           "--parallel", "2", "--ablations", "gate_frozen,degrees_3_2,finetune_x2",
+           "--upgrade-overrides", "upgrade.calibration_tokens=2048", "upgrade.calibration_steps=10",
+           "--", "data=synthetic", "data.d_in=16", "data.n_features=64", "data.batch_size=128"]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert proc.stdout.count("sae=relu ") == 1  # one teacher for the row and its ablations
+    ablations = tmp_path / "ablations" / "relu"
+    frozen = json.loads((ablations / "gate_frozen" / "upgrade.json").read_text())
+    assert frozen["settings"]["gate_lr_scale"] == 0 and "teacher_ft" not in frozen  # the row's control is the reference
+    assert json.loads((ablations / "degrees_3_2" / "upgrade.json").read_text())["settings"]["degrees"] == [3, 2]
+    longer = json.loads((ablations / "finetune_x2" / "upgrade.json").read_text())
+    assert longer["settings"]["steps"] == 40 and "teacher_ft" in longer  # its control fine-tunes as long
+    row = json.loads((tmp_path / "upgrades" / "relu" / "upgrade.json").read_text())
+    table = (tmp_path / "report" / "ablations.md").read_text()
+    lines = {line.split(" | ")[0].strip("| "): line for line in table.splitlines() if line.startswith("| ")}
+    assert "`upgrade.gate_lr_scale=0`" in lines["gate_frozen: RSAE"]
+    rsae, mse = row["rsae"]["mse"], frozen["rsae"]["mse"]
+    assert f"{100 * (mse - rsae) / rsae:+.1f}%" in lines["gate_frozen: RSAE"]  # MSE against the row's RSAE
+    assert "finetune_x2: control" in lines and "`upgrade.steps=40`" in lines["finetune_x2: control"]
+
+    stamp = (ablations / "gate_frozen" / "upgrade.json").stat().st_mtime_ns
+    again = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert again.returncode == 0 and "python train.py" not in again.stdout  # all done: nothing reruns
+    assert (ablations / "gate_frozen" / "upgrade.json").stat().st_mtime_ns == stamp
+
+
+def test_unknown_ablation_is_refused():
+    proc = subprocess.run([sys.executable, "-m", "rsae.paper", "--ablations", "gate_frozen,fastest", "--dry-run"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "unknown ablation 'fastest'" in proc.stderr

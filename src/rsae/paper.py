@@ -20,6 +20,12 @@ Presets (`--preset`) fix the scale; arguments given after them add to them:
   family at three sparsities (TopK, BatchTopK and Matryoshka k = 16, 32, 64; JumpReLU target L0
   16, 32, 64; ReLU three L1 coefficients). Needs `--text` (a parquet / jsonl / txt corpus) and a GPU.
 
+`--ablations degrees_3_2,gate_frozen,...` also upgrades each row's teacher once per named ablation
+(`ABLATIONS` below: one setting of the upgrade changed, no control but for `finetune_x2`) into
+`<out>/ablations/<row>/<name>`, and tabulates them against the row's RSAE and control in
+`report/ablations.md`. The default degrees are (5, 4) for ReLU teachers and (9, 8) for the others,
+so that family's `degrees_*` ablation repeats its RSAE.
+
 `--parallel N` runs N rows (a teacher, then its upgrade) at once: on a GPU where one small SAE's
 steps leave it idle part of the time. `--dry-run` prints the commands without running them.
 `--pack results.tar.gz` also writes every run's results without weights or checkpoints (a few MB):
@@ -59,6 +65,22 @@ L0_LEVELS = {
     **{f"matryoshka_k{k}": ["sae=matryoshka", f"sae.k={k}"] for k in (16, 32, 64)},
     **{f"jumprelu_l0_{n}": ["sae=jumprelu", f"sae.l0_target={n}"] for n in (16, 32, 64)},
     **{f"relu_l1_{c}": ["sae=relu", f"sae.l1_coefficient={c}"] for c in (2, 5, 12)},
+}
+# The upgrade's open points (`--ablations`): name -> the upgrade's overrides. Each runs without a
+# control (the row's is the reference) except `finetune_x2`, whose control fine-tunes as long.
+ABLATIONS: dict[str, list[str]] = {
+    "degrees_3_2": ["sae.degrees=[3,2]"],
+    "degrees_5_4": ["sae.degrees=[5,4]"],
+    "degrees_9_8": ["sae.degrees=[9,8]"],
+    "denominator_A": ["sae.denominator=A"],
+    "sharing_group16": ["sae.sharing=group", "sae.n_groups=16"],
+    "sharing_latent": ["sae.sharing=latent"],
+    "gate_frozen": ["upgrade.gate_lr_scale=0"],
+    "gate_lr_x0.1": ["upgrade.gate_lr_scale=0.1"],
+    "gate_lr_x10": ["upgrade.gate_lr_scale=10"],
+    "scales_only": ["+module.lr_scales={rational_gate.a:0,rational_gate.b:0}"],  # only C_in, C_out learn
+    "shape_only": ["+module.lr_scales={rational_gate.log_c_in:0,rational_gate.log_c_out:0}"],
+    "finetune_x2": [],  # upgrade.steps = twice the teacher's, set in main()
 }
 PRESETS: dict[str, dict] = {
     "cpu-small": {
@@ -126,6 +148,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--teachers", default=None, help=f"comma list of {sorted(TEACHERS) + sorted(L0_LEVELS)}")
     p.add_argument("--teacher-overrides", nargs="*", default=[], help="extra overrides for the teacher runs only")
     p.add_argument("--upgrade-overrides", nargs="*", default=[], help="extra overrides for the upgrade runs only")
+    p.add_argument("--ablations", default="", help=f"comma list of upgrade ablations run on every row: {sorted(ABLATIONS)}")
     p.add_argument("--dry-run", action="store_true", help="print the commands, run nothing")
     p.add_argument("--parallel", type=int, default=1,
                    help="rows (teacher + upgrade) run at once, e.g. 3 on a GPU whose SAE steps leave it idle part of the time")
@@ -142,6 +165,10 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [n for n in names if n not in TEACHERS and n not in L0_LEVELS]
     if unknown:
         p.error(f"unknown teacher {unknown[0]!r}; choose from {sorted(TEACHERS) + sorted(L0_LEVELS)}")
+    ablations = [n for n in a.ablations.split(",") if n]
+    unknown = [n for n in ablations if n not in ABLATIONS]
+    if unknown:
+        p.error(f"unknown ablation {unknown[0]!r}; choose from {sorted(ABLATIONS)}")
     if a.parallel < 1:
         p.error(f"--parallel must be at least 1, got {a.parallel}")
     quoted = str(Path(a.text).resolve()).replace("\\", "\\\\").replace("'", "\\'") if a.text else ""
@@ -152,6 +179,23 @@ def main(argv: list[str] | None = None) -> int:
     out = a.out.resolve()
     start = time.time()
 
+    def ablation_overrides(name: str) -> list[str]:
+        if name == "finetune_x2":
+            return [f"upgrade.steps={2 * steps}", "upgrade.control=true"]
+        return [*ABLATIONS[name], "upgrade.control=false"]
+
+    def ablation(name: str, which: str) -> bool:
+        """One more upgrade of row `name`'s teacher with ablation `which`, skipped when done."""
+        adir = out / "ablations" / name / which
+        args = ["sae=rational", f"teacher.path={out / 'teachers' / name / 'sae'}", *upgrade_extra,
+                *ablation_overrides(which), *every, "logger=csv", f"hydra.run.dir={adir}"]
+        if a.dry_run:
+            print("python train.py " + " ".join(args))
+            return True
+        return done(adir / "metrics.json") or run(args, adir / "run.log")
+
+    later = []  # the ablations' futures: queued once their row's teacher exists
+
     def row(name: str) -> bool:
         """One teacher and its upgrade, each skipped when its results exist."""
         tdir, udir = out / "teachers" / name, out / "upgrades" / name
@@ -161,29 +205,37 @@ def main(argv: list[str] | None = None) -> int:
                    f"hydra.run.dir={udir}"]
         if a.dry_run:
             print("python train.py " + " ".join(teacher) + "\npython train.py " + " ".join(upgrade))
-            return True
-        if done(udir / "metrics.json"):
+            return all([ablation(name, which) for which in ablations])
+        adirs = [out / "ablations" / name / which for which in ablations]
+        if done(udir / "metrics.json") and all(done(d / "metrics.json") for d in adirs):
             return True
         ok = True
         if not (done(tdir / "metrics.json") and (tdir / "sae" / WEIGHTS_FILE).is_file()):  # (a packed result has no weights)
-            for stale in (tdir, udir):  # a teacher without weights, and what came from it: start both afresh
+            for stale in (tdir, udir, out / "ablations" / name):  # a teacher without weights, and what came from it
                 if stale.exists():
                     say(f"  removing {stale}: the teacher is trained again")
                     shutil.rmtree(stale)
             ok = run(teacher, tdir / "run.log")
         if done(tdir / "metrics.json"):
-            ok &= run(upgrade, udir / "run.log")
+            later.extend(pool.submit(ablation, name, which) for which in ablations)
+            ok &= done(udir / "metrics.json") or run(upgrade, udir / "run.log")
         return ok
 
     # Rows are independent processes; several at once share the GPU (the activation cache is built
     # once: the other runs wait on its lock, then read it).
     with ThreadPoolExecutor(max_workers=1 if a.dry_run else a.parallel) as pool:
         ok = all(list(pool.map(row, names)))
+        ok &= all([f.result() for f in later])  # every row has queued its ablations by now
     if a.dry_run:
         return 0
     from rsae.report.__main__ import main as report
+    from rsae.report.ablations import write_ablations
 
     report([str(out / "upgrades"), "--out", str(out / "report")])
+    shown = {n: [o for o in ablation_overrides(n) if not o.startswith("upgrade.control=")] for n in ABLATIONS}
+    table = write_ablations(out, shown, out / "report" / "ablations.md")
+    if table:
+        print(f"ablations: {table}")
     print(f"done in {time.time() - start:.0f} s; table: {out / 'report' / 'table.md'}")
     if a.pack:
         print(f"results without weights: {pack(out, a.pack)}")
