@@ -69,13 +69,13 @@ def test_presets_give_valid_configs(tmp_path):
     from rsae.paper import ABLATIONS
 
     ablated = _dry_run("--preset", "gpu-scale", "--text", str(tmp_path / "c.parquet"), "--out", str(tmp_path),
-                       "--teachers", "topk_k32", "--ablations", ",".join(ABLATIONS))
+                       "--teachers", "matryoshka_k32", "--ablations", ",".join(ABLATIONS))
     assert len(ablated) == 2 + len(ABLATIONS)
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        for args in ablated[2:]:
+        for name, args in zip(ABLATIONS, ablated[2:]):
             cfg = compose("train", overrides=[a for a in args if not a.startswith("hydra.")])
             check_config(cfg)  # every ablation's key exists and its value is in range
-            assert cfg.upgrade.control == ("upgrade.steps=10000" in args)  # only the longer fine-tune has a control
+            assert name in args[-1] and cfg.upgrade.control == (name in ("finetune_x2", "control_batchtopk"))
     assert any("sae.l0_target=32" in args for args in gpu) and any("sae.k=64" in args for args in gpu)
     assert any("sae=matryoshka" in args and "sae.k=16" in args for args in gpu)
 

@@ -24,7 +24,7 @@ Presets (`--preset`) fix the scale; arguments given after them add to them:
 (`ABLATIONS` below: one setting of the upgrade changed, no control but for `finetune_x2`) into
 `<out>/ablations/<row>/<name>`, and tabulates them against the row's RSAE and control in
 `report/ablations.md`. The default degrees are (5, 4) for ReLU teachers and (9, 8) for the others,
-so that family's `degrees_*` ablation repeats its RSAE.
+so that family's `degrees_*` ablation repeats its RSAE; `control_batchtopk` applies to Matryoshka rows only.
 
 `--parallel N` runs N rows (a teacher, then its upgrade) at once: on a GPU where one small SAE's
 steps leave it idle part of the time. `--dry-run` prints the commands without running them.
@@ -67,7 +67,8 @@ L0_LEVELS = {
     **{f"relu_l1_{c}": ["sae=relu", f"sae.l1_coefficient={c}"] for c in (2, 5, 12)},
 }
 # The upgrade's open points (`--ablations`): name -> the upgrade's overrides. Each runs without a
-# control (the row's is the reference) except `finetune_x2`, whose control fine-tunes as long.
+# control (the row's is the reference) except those in WITH_CONTROL: `finetune_x2`, whose control
+# fine-tunes as long, and `control_batchtopk`, a Matryoshka row's control without the nested loss.
 ABLATIONS: dict[str, list[str]] = {
     "degrees_3_2": ["sae.degrees=[3,2]"],
     "degrees_5_4": ["sae.degrees=[5,4]"],
@@ -81,7 +82,9 @@ ABLATIONS: dict[str, list[str]] = {
     "scales_only": ["+module.lr_scales={rational_gate.a:0,rational_gate.b:0}"],  # only C_in, C_out learn
     "shape_only": ["+module.lr_scales={rational_gate.log_c_in:0,rational_gate.log_c_out:0}"],
     "finetune_x2": [],  # upgrade.steps = twice the teacher's, set in main()
+    "control_batchtopk": ["upgrade.control_architecture=batchtopk"],
 }
+WITH_CONTROL = {"finetune_x2", "control_batchtopk"}
 PRESETS: dict[str, dict] = {
     "cpu-small": {
         "steps": 1000, "teachers": "relu,jumprelu,topk",
@@ -180,9 +183,8 @@ def main(argv: list[str] | None = None) -> int:
     start = time.time()
 
     def ablation_overrides(name: str) -> list[str]:
-        if name == "finetune_x2":
-            return [f"upgrade.steps={2 * steps}", "upgrade.control=true"]
-        return [*ABLATIONS[name], "upgrade.control=false"]
+        extra = [f"upgrade.steps={2 * steps}"] if name == "finetune_x2" else ABLATIONS[name]
+        return [*extra, f"upgrade.control={str(name in WITH_CONTROL).lower()}"]
 
     def ablation(name: str, which: str) -> bool:
         """One more upgrade of row `name`'s teacher with ablation `which`, skipped when done."""
