@@ -79,10 +79,38 @@ def test_fit_rejects_bad_arguments():
         fit_gate("jumprelu", (9, 8))  # needs a cut-off
 
 
+# The degrees ablation (3,2) / (5,4) / (9,8) on every teacher: jumps at the upgrade defaults' cut-offs.
+ABLATION_TABLES = {
+    "relu": ["relu_3_2", "relu_5_4", "relu_9_8"],
+    "jumprelu": ["jumprelu_3_2_t0.3", "jumprelu_5_4_t0.3", "jumprelu_9_8_t0.3"],
+    "topk": ["topk_3_2", "topk_5_4", "topk_9_8"],
+}
+
+
 def test_every_spec_has_a_shipped_table():
-    assert set(TABLE_SPECS) <= set(available_tables())
-    for name in ("relu_3_2", "relu_5_4", "jumprelu_9_8_t0.3", "topk_9_8"):
-        assert name in available_tables()
+    assert set(TABLE_SPECS) == set(available_tables())  # no table without a spec to regenerate it
+    assert len(TABLE_SPECS) == 24
+    for names in ABLATION_TABLES.values():
+        for name in names:
+            assert name in available_tables() and f"{name}_A" in available_tables()
+
+
+@pytest.mark.parametrize("gate", sorted(ABLATION_TABLES))
+@pytest.mark.parametrize("suffix", ["", "_A"])
+def test_ablation_tables_load_and_improve_with_degree(gate, suffix):
+    tables = [load_table(name + suffix) for name in ABLATION_TABLES[gate]]
+    cutoff = {"relu": 0.0, "jumprelu": 0.3, "topk": 0.2}[gate]
+    for table, degrees in zip(tables, [(3, 2), (5, 4), (9, 8)]):
+        assert (table["gate"], table["degrees"], table["cutoff"]) == (gate, degrees, cutoff)
+        assert table["denominator"] == ("A" if suffix else "B") and table["method"] == "minimax"
+        assert all(math.isfinite(c) for c in table["a"] + table["b"])
+        if gate == "relu":
+            assert table["max_error"] < 0.025
+        else:  # a jump of height cutoff: max error >= cutoff / 2 (grid: ~), small away from it
+            assert 0.45 * cutoff <= table["max_error"] < 0.65 * cutoff and table["max_error_outside_window"] < 0.1
+    key = "max_error" if gate == "relu" else "max_error_outside_window"
+    assert tables[0][key] > tables[1][key] > tables[2][key]
+    assert tables[0]["mse"] > tables[1]["mse"] > tables[2]["mse"]
 
 
 @pytest.mark.parametrize("name", available_tables())
@@ -98,6 +126,9 @@ def test_table_errors_match_recomputation(name):
     t = torch.tensor(grid(table["n_points"]), dtype=torch.float32)[:, None]
     err = (gate(t).detach()[:, 0].double() - torch.tensor(gate_target(table["gate"], grid(table["n_points"]), table["cutoff"]))).abs()
     assert abs(float(err.max()) - table["max_error"]) < 1e-4
+    if table.get("max_error_outside_window") is not None:
+        outside = np.abs(grid(table["n_points"]) - table["cutoff"]) >= table["window"]
+        assert abs(float(err[torch.from_numpy(outside)].max()) - table["max_error_outside_window"]) < 1e-4
     assert max(abs(c) for c in table["a"] + table["b"]) <= table["bound"] * (1 + 1e-9)
 
 

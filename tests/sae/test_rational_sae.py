@@ -7,6 +7,8 @@ import torch
 
 from rsae.io.saelens import load_sae, save_sae
 from rsae.sae import ARCHITECTURES, BatchTopKSAE, ConfigError, GatedSAE, JumpReLUSAE, RationalSAE, ReLUSAE, TopKSAE
+from rsae.rational import load_table
+from rsae.sae.matryoshka import MatryoshkaSAE
 from rsae.sae.rational_upgrade import teacher_table
 
 D_IN, D_SAE = 16, 64
@@ -229,12 +231,57 @@ def test_teacher_table_follows_degrees_and_denominator():
     assert teacher_table("relu", (3, 2)) == "relu_3_2" and teacher_table("relu", (3, 2), "A") == "relu_3_2_A"
     assert teacher_table("jumprelu", None, "A") == "jumprelu_9_8_t0.3_A"
     assert teacher_table("topk", (9, 8), "A") == "topk_9_8_A"
-    with pytest.raises(ConfigError, match=r"degrees \(9, 8\) and denominator B"):
-        teacher_table("relu", (9, 8))
+    with pytest.raises(ConfigError, match=r"degrees \(7, 6\) and denominator B"):
+        teacher_table("relu", (7, 6))
     sae = RationalSAE.from_teacher(_teacher("jumprelu"), denominator="A")
     assert sae.rational_gate.denominator == "A" and sae.rational_gate.degrees == (9, 8)
     with pytest.raises(ConfigError, match="its version-A twin is 'relu_5_4_A'"):  # from scratch: the config's B table
         RationalSAE(D_IN, D_SAE, denominator="A", init_table="relu_5_4")
+
+
+@pytest.mark.parametrize("mechanism,prefix,cutoff", [("relu", "relu", 0.0), ("jumprelu", "jumprelu", 0.3), ("topk", "topk", 0.2)])
+@pytest.mark.parametrize("degrees", [(3, 2), (5, 4), (9, 8)])
+@pytest.mark.parametrize("denominator", ["B", "A"])
+def test_teacher_table_for_every_degrees_ablation(mechanism, prefix, cutoff, degrees, denominator):
+    """(3,2) / (5,4) / (9,8) exist for every teacher; jump tables at the default's cut-off."""
+    name = teacher_table(mechanism, degrees, denominator)
+    p, q = degrees
+    suffix = ("_t0.3" if mechanism == "jumprelu" else "") + ("_A" if denominator == "A" else "")
+    assert name == f"{prefix}_{p}_{q}{suffix}"
+    table = load_table(name)
+    assert (table["gate"], table["degrees"], table["denominator"], table["cutoff"]) == (mechanism, degrees, denominator, cutoff)
+
+
+@pytest.mark.parametrize("kind,table", [("relu", "relu_5_4"), ("jumprelu", "jumprelu_5_4_t0.3"), ("topk", "topk_5_4"),
+                                        ("batchtopk", "jumprelu_5_4_t0.3"), ("matryoshka", "jumprelu_5_4_t0.3")])
+@pytest.mark.parametrize("denominator", ["B", "A"])
+def test_from_teacher_picks_the_degrees_table(kind, table, denominator):
+    """sae.degrees=[5,4]: BatchTopK / Matryoshka teachers are upgraded through their inference
+    threshold (jumprelu mask, C_in = theta / t0), so they take the jumprelu table, as by default."""
+    if kind == "matryoshka":
+        teacher = MatryoshkaSAE(D_IN, D_SAE, k=6).eval()
+        teacher.inference_threshold.fill_(0.8)
+        teacher.threshold_initialised.fill_(True)
+    else:
+        teacher = _teacher(kind)
+    name = table + ("_A" if denominator == "A" else "")
+    sae = RationalSAE.from_teacher(teacher, degrees=(5, 4), denominator=denominator)
+    assert sae.rational_gate.init_table == name and sae.rational_gate.degrees == (5, 4)
+    assert sae.rational_gate.denominator == denominator and sae.rational_gate.cutoff == load_table(name)["cutoff"]
+    torch.testing.assert_close(sae.rational_gate.a[0], torch.tensor(load_table(name)["a"], dtype=torch.float32))
+
+
+def test_teacher_table_prefers_the_default_cutoff(monkeypatch):
+    """With several cut-offs at the asked degrees, the default's (t0 = 0.3) wins over sort order."""
+    import rsae.sae.rational_upgrade as ru
+
+    real_names, real_load = ru.available_tables(), ru.load_table
+    fake = {"jumprelu_5_4_t0.1": {**real_load("jumprelu_5_4_t0.3"), "name": "jumprelu_5_4_t0.1", "cutoff": 0.1}}
+    monkeypatch.setattr(ru, "available_tables", lambda: sorted(real_names + list(fake)))
+    monkeypatch.setattr(ru, "load_table", lambda n: dict(fake[n]) if n in fake else real_load(n))
+    assert teacher_table("jumprelu", (5, 4)) == "jumprelu_5_4_t0.3"
+    monkeypatch.setattr(ru, "available_tables", lambda: sorted([n for n in real_names if n != "jumprelu_5_4_t0.3"] + list(fake)))
+    assert teacher_table("jumprelu", (5, 4)) == "jumprelu_5_4_t0.1"  # another cut-off when the default's is missing
 
 
 @pytest.mark.parametrize("kind,denominator", [("relu", "B"), ("jumprelu", "B"), ("topk", "B"), ("batchtopk", "B"),

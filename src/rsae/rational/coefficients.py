@@ -4,10 +4,10 @@ Each table holds one fit of r = P/Q to a fixed gate on 4001 points of [-1, 1] (s
 `rsae.rational.fit`, which regenerates them with `python -m rsae.rational.fit --regenerate`):
 
     name                 gate      degrees  cut-off (normalised units)
-    relu_3_2             relu      (3, 2)   -
-    relu_5_4             relu      (5, 4)   -
+    relu_3_2             relu      (3, 2)   -          (also relu_5_4, relu_9_8)
     jumprelu_9_8_t0.1    jumprelu  (9, 8)   t0 = 0.1   (also t0.2, t0.3, t0.5)
-    topk_9_8             topk      (9, 8)   tau = 0.2
+    jumprelu_3_2_t0.3    jumprelu  (3, 2)   t0 = 0.3   (also jumprelu_5_4_t0.3)
+    topk_9_8             topk      (9, 8)   tau = 0.2  (also topk_3_2, topk_5_4)
 
 Those are version B (Q = 1 + |sum_j b_j t^j|); each has a version-A twin `<name>_A`
 (Q = 1 + sum_j |b_j| |t|^j), which an upgrade with `sae.denominator=A` starts from.

@@ -292,15 +292,21 @@ REGENERATE_COMMAND = "python -m rsae.rational.fit --regenerate"
 # the transition window JUMP_WINDOW. The TopK table's canonical cut-off is tau = 0.2: a TopK
 # teacher is calibrated with C_in = tau_hat / 0.2 (tau_hat = mean k-th largest pre-activation,
 # the BatchTopK-style inference threshold), which keeps pre-activations up to 5 tau_hat inside
-# [-1, 1]; JumpReLU teachers use C_in_j = theta_j / t0 with the table's t0. Every version-B
-# table has a version-A twin named <name>_A (for `sae.denominator=A`).
+# [-1, 1]; JumpReLU teachers use C_in_j = theta_j / t0 with the table's t0. Every gate has degrees
+# (3,2), (5,4) and (9,8) (jumps at the upgrade defaults' t0 = 0.3 / tau = 0.2) for a degrees ablation.
+# Every version-B table has a version-A twin named <name>_A (for `sae.denominator=A`).
 _B_SPECS: dict[str, tuple[str, tuple[int, int], float]] = {
     "relu_3_2": ("relu", (3, 2), 0.0),
     "relu_5_4": ("relu", (5, 4), 0.0),
+    "relu_9_8": ("relu", (9, 8), 0.0),
+    "jumprelu_3_2_t0.3": ("jumprelu", (3, 2), 0.3),
+    "jumprelu_5_4_t0.3": ("jumprelu", (5, 4), 0.3),
     "jumprelu_9_8_t0.1": ("jumprelu", (9, 8), 0.1),
     "jumprelu_9_8_t0.2": ("jumprelu", (9, 8), 0.2),
     "jumprelu_9_8_t0.3": ("jumprelu", (9, 8), 0.3),
     "jumprelu_9_8_t0.5": ("jumprelu", (9, 8), 0.5),
+    "topk_3_2": ("topk", (3, 2), 0.2),
+    "topk_5_4": ("topk", (5, 4), 0.2),
     "topk_9_8": ("topk", (9, 8), 0.2),
 }
 TABLE_SPECS: dict[str, tuple[str, tuple[int, int], float, str]] = {

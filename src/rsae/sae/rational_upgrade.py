@@ -22,22 +22,25 @@ from rsae.sae.base import SAE, ConfigError, require
 from rsae.sae.mechanisms import GATES
 
 # Default table per teacher mechanism (from_teacher): degrees (5,4) for ReLU (docs/design.md: (3,2) is
-# too coarse, +7% MSE), (9,8) for the jump-type gates.
+# too coarse, +7% MSE), (9,8) for the jump-type gates. Every mechanism also has (3,2), (5,4) and (9,8)
+# tables, at the default's cut-off for the jumps.
 DEFAULT_TEACHER_TABLES = {"relu": "relu_5_4", "jumprelu": "jumprelu_9_8_t0.3", "topk": "topk_9_8"}
 
 
 def teacher_table(mechanism: str, degrees, denominator: str = "B") -> str:
     """The fitted table an upgrade starts from: the mechanism's default (its `_A` twin for version
-    A), or with `degrees` given the first table of that mechanism, degrees and denominator."""
+    A), or with `degrees` given a table of that gate, degrees and denominator, preferring the
+    default's cut-off (jumprelu (5, 4) -> jumprelu_5_4_t0.3, as the default is at t0 = 0.3)."""
     default = DEFAULT_TEACHER_TABLES[mechanism] + ("_A" if denominator == "A" else "")
-    if degrees is None or tuple(int(x) for x in degrees) == load_table(default)["degrees"]:
+    if degrees is None:
         return default
     p, q = (int(x) for x in degrees)
-    matches = [n for n in available_tables() if n.startswith(f"{mechanism}_{p}_{q}")
-               and load_table(n)["denominator"] == denominator]
+    cutoff = load_table(default)["cutoff"]
+    tables = {n: load_table(n) for n in available_tables()}
+    matches = [n for n, t in tables.items() if (t["gate"], t["degrees"], t["denominator"]) == (mechanism, (p, q), denominator)]
     require(bool(matches), f"no fitted {mechanism} table with degrees ({p}, {q}) and denominator {denominator}; "
                            f"available: {available_tables()}; pass init_table")
-    return matches[0]
+    return min(matches, key=lambda n: (n != default, tables[n]["cutoff"] != cutoff, n))
 
 
 def teacher_mechanism(teacher: SAE) -> str:
