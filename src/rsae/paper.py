@@ -21,9 +21,10 @@ Presets (`--preset`) fix the scale; arguments given after them add to them:
   16, 32, 64; ReLU three L1 coefficients). Needs `--text` (a parquet / jsonl / txt corpus) and a GPU.
 
 `--ablations degrees_3_2,gate_frozen,...` also upgrades each row's teacher once per named ablation
-(`ABLATIONS` below: one setting of the upgrade changed, no control but for `finetune_x2`) into
-`<out>/ablations/<row>/<name>`, and tabulates them against the row's RSAE and control in
-`report/ablations.md`. The default degrees are (5, 4) for ReLU teachers and (9, 8) for the others,
+(`ABLATIONS` below: one setting of the upgrade changed; no control but for `finetune_x2` and
+`control_batchtopk`) into `<out>/ablations/<row>/<name>`, and tabulates them against the row's RSAE
+and control in `report/ablations.md`. A teacher trained again (its weights were left behind) takes
+its row's upgrade and ablations with it, so that they all share one teacher. The default degrees are (5, 4) for ReLU teachers and (9, 8) for the others,
 so that family's `degrees_*` ablation repeats its RSAE; `control_batchtopk` applies to Matryoshka rows only.
 
 `--parallel N` runs N rows (a teacher, then its upgrade) at once: on a GPU where one small SAE's

@@ -10,7 +10,7 @@ from rsae.report.collect import Run, read_run
 from rsae.report.tables import fmt
 
 COLUMNS = ("mse", "l0", "fvu", "loss_recovered", "kl", "alive")
-HEADER = "| model | overrides | MSE | L0 | FVU | loss rec. | KL | alive | MSE vs RSAE | MSE vs control |"
+HEADER = "| run | overrides | MSE | L0 | FVU | loss rec. | KL | alive | MSE vs RSAE | MSE vs control |"
 
 
 def _pct(a: float | None, b: float | None) -> str:
