@@ -14,7 +14,7 @@ HEADER = "| run | overrides | MSE | L0 | FVU | loss rec. | KL | alive | MSE vs R
 
 
 def _pct(a: float | None, b: float | None) -> str:
-    return f"{100 * (a - b) / b:+.1f}%" if a is not None and b else ""
+    return f"{round(100 * (a - b) / b, 1) + 0.0:+.1f}%" if a is not None and b else ""  # + 0.0: no "-0.0%"
 
 
 def _line(label: str, overrides: str, values: dict, rsae: dict, control: dict) -> str:
