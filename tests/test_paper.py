@@ -125,7 +125,7 @@ def test_ablations_upgrade_the_rows_teacher_and_are_tabulated(tmp_path):
     lines = {line.split(" | ")[0].strip("| "): line for line in table.splitlines() if line.startswith("| ")}
     assert "`upgrade.gate_lr_scale=0`" in lines["gate_frozen: RSAE"]
     rsae, mse = row["rsae"]["mse"], frozen["rsae"]["mse"]
-    assert f"{100 * (mse - rsae) / rsae:+.1f}%" in lines["gate_frozen: RSAE"]  # MSE against the row's RSAE
+    assert f"{round(100 * (mse - rsae) / rsae, 1) + 0.0:+.1f}%" in lines["gate_frozen: RSAE"]  # MSE against the row's RSAE
     assert "finetune_x2: control" in lines and "`upgrade.steps=40`" in lines["finetune_x2: control"]
 
     stamp = (ablations / "gate_frozen" / "upgrade.json").stat().st_mtime_ns
