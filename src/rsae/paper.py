@@ -24,7 +24,8 @@ Presets (`--preset`) fix the scale; arguments given after them add to them:
 (`ABLATIONS` below: one setting of the upgrade changed; no control but for `finetune_x2` and
 `control_batchtopk`) into `<out>/ablations/<row>/<name>`, and tabulates them against the row's RSAE
 and control in `report/ablations.md`. A teacher trained again (its weights were left behind) takes
-its row's upgrade and ablations with it, so that they all share one teacher. The default degrees are (5, 4) for ReLU teachers and (9, 8) for the others,
+its row's upgrade and ablations with it (the old results move to `<out>/stale/`), so that they all
+share one teacher. `control_batchtopk` is skipped on rows that are not Matryoshka. The default degrees are (5, 4) for ReLU teachers and (9, 8) for the others,
 so that family's `degrees_*` ablation repeats its RSAE; `control_batchtopk` applies to Matryoshka rows only.
 
 `--parallel N` runs N rows (a teacher, then its upgrade) at once: on a GPU where one small SAE's
@@ -86,6 +87,7 @@ ABLATIONS: dict[str, list[str]] = {
     "control_batchtopk": ["upgrade.control_architecture=batchtopk"],
 }
 WITH_CONTROL = {"finetune_x2", "control_batchtopk"}
+MATRYOSHKA_ONLY = {"control_batchtopk"}
 PRESETS: dict[str, dict] = {
     "cpu-small": {
         "steps": 1000, "teachers": "relu,jumprelu,topk",
@@ -169,7 +171,7 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [n for n in names if n not in TEACHERS and n not in L0_LEVELS]
     if unknown:
         p.error(f"unknown teacher {unknown[0]!r}; choose from {sorted(TEACHERS) + sorted(L0_LEVELS)}")
-    ablations = [n for n in a.ablations.split(",") if n]
+    ablations = list(dict.fromkeys(n for n in a.ablations.split(",") if n))
     unknown = [n for n in ablations if n not in ABLATIONS]
     if unknown:
         p.error(f"unknown ablation {unknown[0]!r}; choose from {sorted(ABLATIONS)}")
@@ -190,8 +192,8 @@ def main(argv: list[str] | None = None) -> int:
     def ablation(name: str, which: str) -> bool:
         """One more upgrade of row `name`'s teacher with ablation `which`, skipped when done."""
         adir = out / "ablations" / name / which
-        args = ["sae=rational", f"teacher.path={out / 'teachers' / name / 'sae'}", *upgrade_extra,
-                *ablation_overrides(which), *every, "logger=csv", f"hydra.run.dir={adir}"]
+        args = ["sae=rational", f"teacher.path={out / 'teachers' / name / 'sae'}", *upgrade_extra, *every,
+                *ablation_overrides(which), "logger=csv", f"hydra.run.dir={adir}"]  # last: the ablation's own win
         if a.dry_run:
             print("python train.py " + " ".join(args))
             return True
@@ -214,13 +216,19 @@ def main(argv: list[str] | None = None) -> int:
             return True
         ok = True
         if not (done(tdir / "metrics.json") and (tdir / "sae" / WEIGHTS_FILE).is_file()):  # (a packed result has no weights)
+            aside = out / "stale" / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
             for stale in (tdir, udir, out / "ablations" / name):  # a teacher without weights, and what came from it
                 if stale.exists():
-                    say(f"  removing {stale}: the teacher is trained again")
-                    shutil.rmtree(stale)
+                    say(f"  moving {stale} to {aside}: the teacher is trained again")
+                    aside.mkdir(parents=True, exist_ok=True)
+                    shutil.move(str(stale), str(aside / f"{stale.parent.name}-{stale.name}"))
             ok = run(teacher, tdir / "run.log")
         if done(tdir / "metrics.json"):
-            later.extend(pool.submit(ablation, name, which) for which in ablations)
+            for which in ablations:
+                if which in MATRYOSHKA_ONLY and "sae=matryoshka" not in (TEACHERS.get(name) or L0_LEVELS[name]):
+                    say(f"  {which} skipped for {name}: it applies to Matryoshka rows only")
+                    continue
+                later.append(pool.submit(ablation, name, which))
             ok &= done(udir / "metrics.json") or run(upgrade, udir / "run.log")
         return ok
 
