@@ -4,6 +4,7 @@ upgrade with one setting changed, compared by held-out MSE with the row's RSAE a
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from rsae.report.collect import Run, read_run
@@ -15,6 +16,18 @@ HEADER = "| run | overrides | MSE | L0 | FVU | loss rec. | KL | alive | MSE vs R
 
 def _pct(a: float | None, b: float | None) -> str:
     return f"{round(100 * (a - b) / b, 1) + 0.0:+.1f}%" if a is not None and b else ""  # + 0.0: no "-0.0%"
+
+
+def _finished(run_dir: Path) -> bool:
+    """metrics.json says ok: an upgrade killed after writing upgrade.json has none."""
+    try:
+        return json.loads((run_dir / "metrics.json").read_text()).get("status") == "ok"
+    except (OSError, ValueError):
+        return False
+
+
+def _cell(text: str) -> str:
+    return str(text).replace("|", "\\|").replace("\n", " ")
 
 
 def _line(label: str, overrides: str, values: dict, rsae: dict, control: dict) -> str:
@@ -30,15 +43,19 @@ def row_table(row: Path, ablations: dict[str, list[str]]) -> str:
     teacher, rsae, control = (base.stages.get(s, {}) for s in ("teacher", "rsae", "teacher_ft"))
     lines = [f"### {row.name}\n", HEADER, "|---|---|" + "---:|" * (len(COLUMNS) + 2)]
     if base.status != "ok":
-        lines.append(f"| row | | {base.status}: {base.error} |" + " |" * (len(COLUMNS) + 1))
+        lines.append(f"| row | | {base.status}: {_cell(base.error)} |" + " |" * (len(COLUMNS) + 1))
     for label, values in (("teacher", teacher), ("RSAE (defaults)", rsae), ("control (defaults)", control)):
         if values:
             lines.append(_line(label, "", values, rsae, control))
-    for adir in sorted((row.parent.parent / "ablations" / row.name).glob("*/")):
+    root = row.parent.parent / "ablations" / row.name
+    for adir in sorted(d for d in root.iterdir() if d.is_dir()) if root.is_dir() else []:
         run = read_run(adir)
+        if run.status == "ok" and not _finished(adir):
+            run.status, run.error = "incomplete", "no metrics.json (stopped before the end)"
+
         overrides = " ".join(f"`{o}`" for o in ablations.get(adir.name, []))
         if run.status != "ok":
-            lines.append(f"| {adir.name} | {overrides} | {run.status}: {run.error} |" + " |" * (len(COLUMNS) + 1))
+            lines.append(f"| {adir.name} | {overrides} | {run.status}: {_cell(run.error)} |" + " |" * (len(COLUMNS) + 1))
             continue
         lines.append(_line(f"{adir.name}: RSAE", overrides, run.stages.get("rsae", {}), rsae, control))
         if run.stages.get("teacher_ft"):  # an ablation that trains its own control (e.g. a longer fine-tune)
@@ -48,7 +65,8 @@ def row_table(row: Path, ablations: dict[str, list[str]]) -> str:
 
 def write_ablations(out: Path, ablations: dict[str, list[str]], dest: Path) -> Path | None:
     """`dest` (markdown) with a table for every row of `out` that has ablations; None when none has."""
-    rows = sorted(p.name for p in (out / "ablations").glob("*/"))
+    root = out / "ablations"
+    rows = sorted(p.name for p in root.iterdir() if p.is_dir()) if root.is_dir() else []
     if not rows:
         return None
     text = ["# Ablations\n", "Each line below a row's defaults is one upgrade of the row's teacher with the "
