@@ -25,8 +25,9 @@ Presets (`--preset`) fix the scale; arguments given after them add to them:
 `control_batchtopk`) into `<out>/ablations/<row>/<name>`, and tabulates them against the row's RSAE
 and control in `report/ablations.md`. A teacher trained again (its weights were left behind) takes
 its row's upgrade and ablations with it (the old results move to `<out>/stale/`), so that they all
-share one teacher. `control_batchtopk` is skipped on rows that are not Matryoshka. The default degrees are (5, 4) for ReLU teachers and (9, 8) for the others,
-so that family's `degrees_*` ablation repeats its RSAE; `control_batchtopk` applies to Matryoshka rows only.
+share one teacher. `control_batchtopk` is skipped on rows that are not Matryoshka. The default
+degrees are (5, 4) for ReLU teachers and (9, 8) for the others, so that family's `degrees_*`
+ablation repeats its RSAE.
 
 `--parallel N` runs N rows (a teacher, then its upgrade) at once: on a GPU where one small SAE's
 steps leave it idle part of the time. `--dry-run` prints the commands without running them.

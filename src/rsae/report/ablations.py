@@ -8,7 +8,7 @@ import json
 from pathlib import Path
 
 from rsae.report.collect import Run, read_run
-from rsae.report.tables import fmt
+from rsae.report.tables import _md_escape, fmt
 
 COLUMNS = ("mse", "l0", "fvu", "loss_recovered", "kl", "alive")
 HEADER = "| run | overrides | MSE | L0 | FVU | loss rec. | KL | alive | MSE vs RSAE | MSE vs control |"
@@ -26,10 +26,6 @@ def _finished(run_dir: Path) -> bool:
         return False
 
 
-def _cell(text: str) -> str:
-    return str(text).replace("|", "\\|").replace("\n", " ")
-
-
 def _line(label: str, overrides: str, values: dict, rsae: dict, control: dict) -> str:
     cells = [fmt(values.get(c)) for c in COLUMNS]
     mse = values.get("mse")
@@ -43,7 +39,7 @@ def row_table(row: Path, ablations: dict[str, list[str]]) -> str:
     teacher, rsae, control = (base.stages.get(s, {}) for s in ("teacher", "rsae", "teacher_ft"))
     lines = [f"### {row.name}\n", HEADER, "|---|---|" + "---:|" * (len(COLUMNS) + 2)]
     if base.status != "ok":
-        lines.append(f"| row | | {base.status}: {_cell(base.error)} |" + " |" * (len(COLUMNS) + 1))
+        lines.append(f"| row | | {base.status}: {_md_escape(base.error)} |" + " |" * (len(COLUMNS) + 1))
     for label, values in (("teacher", teacher), ("RSAE (defaults)", rsae), ("control (defaults)", control)):
         if values:
             lines.append(_line(label, "", values, rsae, control))
@@ -55,7 +51,7 @@ def row_table(row: Path, ablations: dict[str, list[str]]) -> str:
 
         overrides = " ".join(f"`{o}`" for o in ablations.get(adir.name, []))
         if run.status != "ok":
-            lines.append(f"| {adir.name} | {overrides} | {run.status}: {_cell(run.error)} |" + " |" * (len(COLUMNS) + 1))
+            lines.append(f"| {adir.name} | {overrides} | {run.status}: {_md_escape(run.error)} |" + " |" * (len(COLUMNS) + 1))
             continue
         lines.append(_line(f"{adir.name}: RSAE", overrides, run.stages.get("rsae", {}), rsae, control))
         if run.stages.get("teacher_ft"):  # an ablation that trains its own control (e.g. a longer fine-tune)
